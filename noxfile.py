@@ -1,0 +1,106 @@
+"""The one task runner. `nox` runs the default sessions: lint, breaking, tests.
+
+`nox -s demo` runs the main job: the server on the embedded default model,
+streamed by the client SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = ("entity-llm-client", "entity-llm-server")
+# Exact pins: generated code checks its runtime, so these must match the
+# packages' [build-system] pins (a pipeline test compares them).
+GENERATORS = (
+    "grpcio-tools==1.85.1",
+    "mypy-protobuf==5.1.0",
+    "betterproto2-compiler==0.10.1",
+    "ruff==0.17.6",
+    "pyyaml==6.0.4",
+)
+BUF = "buf-bin==1.75.0"
+# torch==2.13.0 is the CPU build this machine keeps on local disk; any other
+# spec downloads multi-GB CUDA builds. Installed first, the packages' torch
+# floor is then satisfied without another download.
+TORCH = "torch==2.13.0"
+LINT = ("ruff==0.17.6", "mypy==2.4.1", "types-protobuf", "grpc-stubs==1.53.0.6", "pytest", "hypothesis")
+TEST = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "mypy==2.4.1", "build>=1.2", "virtualenv>=20")
+
+nox.options.sessions = ["lint", "breaking", "tests"]
+nox.options.error_on_missing_interpreters = True
+nox.options.default_venv_backend = "virtualenv"
+
+
+def _install_packages(session: nox.Session) -> None:
+    # A plain (non-editable) install runs each package's build hook, which
+    # regenerates its _gen/ from the proto tree: never stale, even with -R.
+    session.install(TORCH)
+    session.install(*(f"./packages/{name}" for name in PACKAGES))
+
+
+@nox.session(python="3.11")
+def codegen(session: nox.Session) -> None:
+    """Regenerate both packages' _gen/ from proto/ with the build hooks' code."""
+    session.install(*GENERATORS)
+    session.run("python", "packages/_build/entity_codegen.py", str(ROOT), *PACKAGES)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """buf lint + format check, ruff, and mypy --strict on hand-written code."""
+    session.install(BUF, *LINT)
+    session.run("buf", "lint")
+    session.run("buf", "format", "--diff", "--exit-code")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    _install_packages(session)
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def breaking(session: nox.Session) -> None:
+    """buf breaking against the seed's proto (the wire floor) and against main."""
+    session.install(BUF)
+    seed_rules = '{"version":"v2","modules":[{"path":"proto"}],"breaking":{"use":["PACKAGE"]}}'
+    session.run("buf", "breaking", "--against", "tests/pipeline/seed/seed.binpb", "--config", seed_rules)
+    has_main = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", "main"], cwd=ROOT, capture_output=True, check=False
+    )
+    if has_main.returncode == 0:
+        session.run("buf", "breaking", "--against", ".git#branch=main")
+    else:
+        session.log("no main branch: checked against the seed only")
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The test suite: unit, integration, model, e2e and pipeline tiers."""
+    session.install(BUF, *TEST, *GENERATORS)
+    _install_packages(session)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """Serve the embedded default model and stream a sample prompt through the client SDK."""
+    _install_packages(session)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{session.bin}{os.pathsep}{os.environ['PATH']}"}
+    session.run("python", "examples/clients/stream_demo.py", *session.posargs, env=env)
+
+
+@nox.session(python="3.11")
+def train(session: nox.Session) -> None:
+    """Retrain the embedded default model (reproducible from its seed)."""
+    session.install(TORCH, "transformers==5.24.0", "tokenizers==0.23.3", "safetensors==0.8.0")
+    session.run("python", "packages/entity-llm-server/scripts/train_demo_model.py", *session.posargs)
+
+
+if __name__ == "__main__":
+    sys.exit("run this file with nox")

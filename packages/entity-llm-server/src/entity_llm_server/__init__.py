@@ -1,0 +1,26 @@
+"""entity-llm-server: serve a Hugging Face causal LM over gRPC.
+
+Importing this package loads no model and imports no torch.
+"""
+
+from __future__ import annotations
+
+from .config import ServerConfig, parse_config
+from .engine import Engine, EngineRequest, FakeEngine, TransformersEngine
+from .resource import UnifiedLLMResource, default_model_path
+from .server import build_server, serve
+from .service import LLMService
+
+__all__ = [
+    "Engine",
+    "EngineRequest",
+    "FakeEngine",
+    "LLMService",
+    "ServerConfig",
+    "TransformersEngine",
+    "UnifiedLLMResource",
+    "build_server",
+    "default_model_path",
+    "parse_config",
+    "serve",
+]

@@ -1,0 +1,27 @@
+"""The `entity-llm-server` console script."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import parse_config
+from .server import serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, serve until a signal, return the exit code."""
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:  # a second Ctrl-C while draining
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

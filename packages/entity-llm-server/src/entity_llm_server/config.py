@@ -1,0 +1,97 @@
+"""Server configuration: command-line flags and ENTITY_LLM_* variables, in one place.
+
+Every flag `--some-flag` can also be set by `ENTITY_LLM_SOME_FLAG`; a flag
+given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .resource import DTYPES
+
+ENV_PREFIX = "ENTITY_LLM_"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything the server is configured by.
+
+    Attributes:
+        model: a model folder or hub id; None serves the embedded default model.
+        host: the interface to listen on.
+        port: the TCP port; 0 picks a free one (the server prints it).
+        device: torch device for the model.
+        dtype: model weights' dtype (`auto` or a torch dtype name).
+        max_new_tokens: the generation length when a request leaves it unset.
+        shutdown_grace: seconds in-flight streams get to finish on SIGTERM/SIGINT.
+        log_level: Python logging level name.
+    """
+
+    model: str | None = None
+    host: str = "[::]"
+    port: int = 50051
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_new_tokens: int = 128
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, not {value}")
+    return value
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The console script's argument parser, with defaults from `env`."""
+    env = os.environ if env is None else env
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="entity-llm-server",
+        description="Serve a Hugging Face causal LM over gRPC (entity.grpc.LLMService).",
+        epilog=f"Every flag can also be set by an environment variable: --max-new-tokens by {ENV_PREFIX}MAX_NEW_TOKENS",
+    )
+
+    def add(flag: str, *, type: Callable[[str], Any] = str, help: str, **kwargs: Any) -> None:
+        name = flag.removeprefix("--").replace("-", "_")
+        default = env.get(ENV_PREFIX + name.upper(), getattr(defaults, name))
+        parser.add_argument(flag, type=type, default=default, help=f"{help} (default: %(default)s)", **kwargs)
+
+    add("--model", help="model folder or hub id; unset serves the embedded default model")
+    add("--host", help="interface to listen on")
+    add("--port", type=_port, help="TCP port; 0 picks a free one")
+    add("--device", help="torch device: cpu, cuda, cuda:N, mps")
+    add("--dtype", choices=DTYPES, help="weights dtype")
+    add("--max-new-tokens", type=_positive_int, help="generation length when a request leaves it unset")
+    add("--shutdown-grace", type=_non_negative_float, help="seconds in-flight streams get to finish on SIGTERM")
+    add("--log-level", help="logging level")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse flags (and the environment) into a ServerConfig."""
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    # argparse applies `type` to string defaults taken from the environment too.
+    return ServerConfig(**vars(args))

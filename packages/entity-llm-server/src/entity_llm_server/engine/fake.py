@@ -1,0 +1,50 @@
+"""A deterministic engine for transport tests: no model, no torch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+
+from .base import EngineEvent, EngineRequest, Finished, FinishReason, TextDelta
+
+
+class FakeEngine:
+    """Streams fixed pieces of text at a configurable rate.
+
+    Args:
+        pieces: the text pieces to stream, cycled until `max_new_tokens`.
+        delay: seconds to wait before each piece (0 yields to the loop only).
+        default_max_new_tokens: used when a request leaves the length unset.
+    """
+
+    def __init__(
+        self,
+        pieces: Sequence[str] = ("Hello", ",", " world", "!"),
+        *,
+        delay: float = 0.0,
+        default_max_new_tokens: int | None = None,
+    ) -> None:
+        if not pieces:
+            raise ValueError("pieces must not be empty")
+        self.pieces = tuple(pieces)
+        self.delay = delay
+        self.default_max_new_tokens = default_max_new_tokens or len(self.pieces)
+        self.active = 0
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.started = False
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        limit = request.max_new_tokens or self.default_max_new_tokens
+        self.active += 1
+        try:
+            for i in range(limit):
+                await asyncio.sleep(self.delay)
+                yield TextDelta(self.pieces[i % len(self.pieces)], (i,))
+            yield Finished(FinishReason.MAX_TOKENS, len(request.prompt.split()), limit)
+        finally:
+            self.active -= 1

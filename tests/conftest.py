@@ -1,0 +1,88 @@
+"""Shared fixtures: real grpc.aio servers on 127.0.0.1:0, run in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from entity_llm_server import LLMService, build_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class ServerThread:
+    """A grpc.aio server with one LLMService, on its own event loop and thread.
+
+    Sync clients in the test's thread and async clients on other loops can all
+    reach it; `call()` runs a coroutine on the server's loop (to inspect the
+    engine, for example).
+    """
+
+    def __init__(self, service: LLMService) -> None:
+        self.service = service
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-grpc-server", daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._started.set()
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        server = build_server(self.service)
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self._stop = asyncio.Event()
+        self._started.set()
+        await self._stop.wait()
+        await server.stop(grace=1)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait(timeout=120)
+        if self._error is not None:
+            raise RuntimeError("test server failed to start") from self._error
+        return self
+
+    def call(self, coro: object, timeout: float = 30) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self._stop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture
+def serve() -> Iterator[type[ServerThread]]:
+    """Start ServerThreads on demand; all are stopped after the test."""
+    started: list[ServerThread] = []
+
+    class _Tracked(ServerThread):
+        def start(self) -> ServerThread:
+            started.append(self)
+            return super().start()
+
+    yield _Tracked
+    for server in started:
+        server.stop()

@@ -1,0 +1,79 @@
+"""The installed `entity-llm-server` and `python -m entity_llm_server`, as an operator runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from entity_llm_client import AsyncLLMClient, LLMClient
+
+from .conftest import RunningServer, console_script
+
+pytestmark = pytest.mark.e2e
+
+
+def test_console_script_streams_the_default_model_sync_and_async(console_server):
+    with LLMClient(console_server.target, timeout=60) as client:
+        text = "".join(c.text for c in client.generate("def fibonacci(n):"))
+    assert text.strip()
+
+    async def run() -> str:
+        async with AsyncLLMClient(console_server.target, timeout=60) as client:
+            return "".join([c.text async for c in client.generate("def fibonacci(n):")])
+
+    assert asyncio.run(run()) == text  # greedy: the same prompt gives the same text
+
+
+@pytest.mark.parametrize("command", [["-m", "entity_llm_server"], []])
+def test_help_documents_the_flags(command):
+    argv = [sys.executable, *command, "--help"] if command else [console_script("entity-llm-server"), "--help"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+    for flag in ("--model", "--host", "--port", "--device", "--dtype", "--max-new-tokens", "ENTITY_LLM_"):
+        assert flag in out
+
+
+def test_python_dash_m_serves_too():
+    server = subprocess.Popen(
+        [sys.executable, "-m", "entity_llm_server", "--host", "127.0.0.1", "--port", "0", "--max-new-tokens", "8"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()  # type: ignore[union-attr]
+        target = line.split("listening on ")[1].strip()
+        with LLMClient(target, timeout=60) as client:
+            assert "".join(c.text for c in client.generate("import os\n")).strip()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+
+
+def test_sigterm_mid_stream_lets_the_stream_finish_and_exits_zero():
+    server = RunningServer("--max-new-tokens", "96", "--shutdown-grace", "30")
+    with LLMClient(server.target, timeout=60) as client:
+        stream = client.generate("class Parser:")
+        first = next(stream)
+        # SIGTERM while the stream is open: it must still complete normally.
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        rest = [chunk.text for chunk in stream]
+        stopper.join(timeout=60)
+    assert first.text
+    assert server.process.returncode == 0
+    assert len(rest) > 0
+
+
+def test_a_model_that_does_not_exist_fails_with_a_clear_message(tmp_path):
+    out = subprocess.run(
+        [console_script("entity-llm-server"), "--port", "0", "--model", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "missing" in out.stderr

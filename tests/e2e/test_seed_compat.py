@@ -1,0 +1,117 @@
+"""The seed's users keep working: its snippet, its example and clients built from its proto."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from entity_llm_client import LLMClient
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED_PROTO = ROOT / "tests" / "pipeline" / "seed" / "llm.proto"
+
+pytestmark = pytest.mark.e2e
+
+# Verbatim from the seed's documentation (grpc_services, "The server leverages grpc.aio").
+SEED_SNIPPET = """\
+import asyncio
+import grpc
+
+from grpc_services import llm_pb2, llm_pb2_grpc
+from grpc_services.llm_service import LLMService
+
+async def serve() -> None:
+    server = grpc.aio.server()
+    llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMService(), server)
+    server.add_insecure_port("[::]:50051")
+    await server.start()
+    await server.wait_for_termination()
+
+if __name__ == "__main__":
+    asyncio.run(serve())
+"""
+
+SEED_CLIENT = """\
+import sys
+import grpc
+import llm_pb2, llm_pb2_grpc
+
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    stub = llm_pb2_grpc.LLMServiceStub(channel)
+    for response in stub.Generate(llm_pb2.GenerateRequest(prompt=sys.argv[2]), timeout=60):
+        sys.stdout.write(response.token)
+"""
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the snippet's server exited"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_the_seed_snippet_runs_unchanged(tmp_path):
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", 50051)) != 0, "port 50051 (the snippet's) is taken"
+    script = tmp_path / "seed_server.py"
+    script.write_text(SEED_SNIPPET)
+    process = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
+    try:
+        _wait_for_port(50051, process)
+        from grpc_services import llm_pb2, llm_pb2_grpc
+
+        with grpc.insecure_channel("127.0.0.1:50051") as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            tokens = [r.token for r in stub.Generate(llm_pb2.GenerateRequest(prompt="def f(x):"), timeout=120)]
+        assert "".join(tokens).strip()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+def test_the_seed_example_prints_tokens_and_exits_zero():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "servers" / "grpc_server.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("def fibonacci(n):")
+    assert len(out.stdout.strip()) > len("def fibonacci(n):")
+
+
+def test_a_client_compiled_from_the_seeds_proto_streams_from_the_server(tmp_path, console_server):
+    # The seed's own regeneration recipe: grpcio-tools, the proto at the top level.
+    shutil_proto = tmp_path / "llm.proto"
+    shutil_proto.write_text(SEED_PROTO.read_text())
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
+         f"--grpc_python_out={tmp_path}", str(shutil_proto)],
+        check=True,
+    )  # fmt: skip
+    (tmp_path / "seed_client.py").write_text(SEED_CLIENT)
+    prompt = "def fibonacci(n):"
+    out = subprocess.run(
+        [sys.executable, "seed_client.py", console_server.target, prompt],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    with LLMClient(console_server.target, timeout=60) as client:
+        expected = "".join(c.text for c in client.generate(prompt))
+    assert out.stdout == expected
+    assert expected.strip()

@@ -1,0 +1,141 @@
+"""The embedded default model through the real loading path, engine and server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+
+from entity_llm_client import InvalidArgumentError, LLMClient
+from entity_llm_server import EngineRequest, LLMService, TransformersEngine, UnifiedLLMResource, default_model_path
+from entity_llm_server.engine import Finished, FinishReason, TextDelta
+
+from .scripted import ScriptedLM
+
+pytestmark = pytest.mark.model
+
+UTF8_TEXT = "naïve café — 日本語 😀👍🏽"
+
+
+def _collect(engine: TransformersEngine, request: EngineRequest) -> list[object]:
+    async def run() -> list[object]:
+        await engine.start()
+        try:
+            return [event async for event in engine.generate(request)]
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+def test_default_model_is_small_and_loads_through_from_pretrained(demo_engine):
+    folder = default_model_path()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 15 * 1024 * 1024
+    assert demo_engine.model.config.model_type == "llama"
+    assert demo_engine.tokenizer.is_fast
+
+
+def test_greedy_stream_matches_transformers_generate(demo_engine):
+    prompt = "def fibonacci(n):"
+    events = _collect(demo_engine, EngineRequest(prompt=prompt, max_new_tokens=20))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    final = events[-1]
+    assert isinstance(final, Finished)
+    assert sum(isinstance(e, Finished) for e in events) == 1
+
+    tok, model = demo_engine.tokenizer, demo_engine.model
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        reference = model.generate(ids, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids))
+    expected_ids = reference[0, ids.shape[1] :].tolist()
+    assert list(final.token_ids) == expected_ids
+    expected_text = tok.decode([t for t in expected_ids if t not in demo_engine.eos_ids], skip_special_tokens=True)
+    assert "".join(d.text for d in deltas) == expected_text
+    assert expected_text.strip(), "the demo model should write something"
+
+
+def test_generation_stops_at_the_servers_default_length(demo_engine):
+    events = _collect(demo_engine, EngineRequest(prompt="import os\n"))
+    final = events[-1]
+    assert isinstance(final, Finished)
+    assert final.generated_tokens <= demo_engine.default_max_new_tokens
+    if final.reason is FinishReason.MAX_TOKENS:
+        assert final.generated_tokens == demo_engine.default_max_new_tokens
+
+
+def test_multibyte_text_is_never_split(demo_engine, serve):
+    tok = demo_engine.tokenizer
+    ids = tok(UTF8_TEXT, add_special_tokens=False)["input_ids"]
+    # The test means something only if some token is a partial UTF-8 sequence.
+    naive = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in piece for piece in naive)
+
+    eos = next(iter(demo_engine.eos_ids))
+    model = ScriptedLM([*ids, eos], vocab_size=len(tok), eos_id=eos)
+    server = serve(LLMService(engine=TransformersEngine(model, tok))).start()
+    with LLMClient(server.target, timeout=30) as client:
+        pieces = [chunk.text for chunk in client.generate("text:")]
+    assert "".join(pieces) == UTF8_TEXT
+    assert all(piece and "\ufffd" not in piece for piece in pieces)
+    assert len(pieces) > 1
+
+
+def test_eos_ends_the_stream_with_reason_eos(demo_engine):
+    tok = demo_engine.tokenizer
+    eos = next(iter(demo_engine.eos_ids))
+    ids = tok(" x = 1", add_special_tokens=False)["input_ids"]
+    engine = TransformersEngine(ScriptedLM([*ids, eos], len(tok), eos), tok, default_max_new_tokens=100)
+    events = _collect(engine, EngineRequest(prompt="a"))
+    final = events[-1]
+    assert isinstance(final, Finished)
+    assert final.reason is FinishReason.EOS
+    assert final.generated_tokens == len(ids) + 1
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == " x = 1"
+
+
+def test_a_prompt_longer_than_the_context_is_invalid_argument(serve):
+    resource = UnifiedLLMResource(default_max_new_tokens=4)
+    server = serve(LLMService(resource)).start()
+    with LLMClient(server.target, timeout=60) as client, pytest.raises(InvalidArgumentError) as caught:
+        list(client.generate("x = 1\n" * 5000))
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt" in caught.value.details
+    with LLMClient(server.target, timeout=60) as client:
+        assert "".join(c.text for c in client.generate("def f():"))
+
+
+def test_a_cancelled_stream_stops_decoding_and_frees_the_engine(demo_engine, serve):
+    tok = demo_engine.tokenizer
+    eos = next(iter(demo_engine.eos_ids))
+    token = tok(" x", add_special_tokens=False)["input_ids"][0]
+    # 10,000 steps of 20 ms: without cancellation each stream would hold the
+    # engine for minutes.
+    model = ScriptedLM([token] * 10_000, len(tok), eos, context=20_000, step_seconds=0.02)
+    engine = TransformersEngine(model, tok, default_max_new_tokens=10_000)
+    server = serve(LLMService(engine=engine)).start()
+    with LLMClient(server.target, timeout=60) as client:
+        for _ in range(5):
+            stream = client.generate("a")
+            assert next(stream).text == " x"
+            stream.close()
+        assert _wait_until(lambda: engine.in_flight == 0, timeout=20)
+
+    async def next_request() -> list[object]:
+        return [event async for event in engine.generate(EngineRequest(prompt="a", max_new_tokens=3))]
+
+    events = server.call(next_request())
+    assert [e.text for e in events if isinstance(e, TextDelta)] == [" x"] * 3
+    assert engine.in_flight == 0
+
+
+def _wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

@@ -1,0 +1,65 @@
+"""Both wheels install side by side in fresh venvs and import in one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+pytestmark = pytest.mark.pipeline
+
+TORCH = "torch==2.13.0"  # the CPU build on local disk (see the noxfile)
+
+
+def _venv(path) -> str:
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    return str(path / "bin" / "python")
+
+
+def _pip(python: str, *args: str) -> None:
+    subprocess.run([python, "-m", "pip", "install", "-q", *args], check=True, capture_output=True)
+
+
+def test_no_module_path_is_shipped_by_both_wheels(dist):
+    def modules(wheel) -> set[str]:
+        with zipfile.ZipFile(wheel) as archive:
+            return {n for n in archive.namelist() if ".dist-info/" not in n}
+
+    client, server = (modules(dist[n]["wheel"]) for n in ("entity-llm-client", "entity-llm-server"))
+    assert not client & server
+    assert {n.split("/")[0] for n in client} == {"entity_llm_client"}
+    assert {n.split("/")[0] for n in server} == {"entity_llm_server", "grpc_services"}
+
+
+def test_the_client_wheel_installs_without_torch(tmp_path, dist):
+    python = _venv(tmp_path / "venv")
+    _pip(python, str(dist["entity-llm-client"]["wheel"]))
+    code = (
+        "import importlib.util, entity_llm_client\n"
+        "assert importlib.util.find_spec('torch') is None, 'torch was installed'\n"
+        "assert importlib.util.find_spec('transformers') is None\n"
+        "from entity_llm_client._gen.entity.grpc import GenerateRequest\n"
+        "print(bytes(GenerateRequest(prompt='hé')).hex())\n"
+    )
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0a0368c3a9"  # field 1, length 3, UTF-8 "hé"
+
+
+def test_both_wheels_install_side_by_side_and_import_in_one_process(tmp_path, dist):
+    python = _venv(tmp_path / "venv")
+    _pip(python, TORCH)
+    _pip(python, str(dist["entity-llm-client"]["wheel"]), str(dist["entity-llm-server"]["wheel"]))
+    code = (
+        "import sys\n"
+        "import entity_llm_client, entity_llm_server\n"
+        "from grpc_services import llm_pb2\n"
+        "from entity_llm_client._gen.entity.grpc import GenerateRequest\n"
+        "wire = bytes(GenerateRequest(prompt='x'))\n"
+        "assert llm_pb2.GenerateRequest.FromString(wire).prompt == 'x'\n"
+        "assert 'torch' not in sys.modules, 'import pulled torch'\n"
+        "print(entity_llm_server.default_model_path().is_dir())\n"
+    )
+    out = subprocess.run([python, "-W", "error", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -1,0 +1,45 @@
+"""Flags and ENTITY_LLM_* variables configure the server from one place."""
+
+from __future__ import annotations
+
+import pytest
+
+from entity_llm_server import ServerConfig, parse_config
+
+
+def test_no_flags_serve_the_default_model_on_50051():
+    config = parse_config([], env={})
+    assert config == ServerConfig()
+    assert config.model is None
+    assert config.port == 50051
+
+
+def test_flags_set_every_field():
+    config = parse_config(
+        ["--model", "/m", "--host", "127.0.0.1", "--port", "0", "--device", "cuda:1", "--dtype", "bfloat16",
+         "--max-new-tokens", "7", "--shutdown-grace", "2.5", "--log-level", "DEBUG"],
+        env={},
+    )  # fmt: skip
+    assert config == ServerConfig("/m", "127.0.0.1", 0, "cuda:1", "bfloat16", 7, 2.5, "DEBUG")
+
+
+def test_environment_sets_defaults_and_flags_win():
+    env = {"ENTITY_LLM_PORT": "6000", "ENTITY_LLM_MAX_NEW_TOKENS": "9", "ENTITY_LLM_MODEL": "/env-model"}
+    assert parse_config([], env=env) == ServerConfig(model="/env-model", port=6000, max_new_tokens=9)
+    assert parse_config(["--port", "7000"], env=env).port == 7000
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--port", "70000"], {}, "--port"),
+        (["--max-new-tokens", "0"], {}, "--max-new-tokens"),
+        (["--dtype", "int3"], {}, "--dtype"),
+        ([], {"ENTITY_LLM_PORT": "-1"}, "--port"),
+    ],
+)
+def test_bad_values_name_the_flag(argv, env, needle, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_config(argv, env=env)
+    assert exited.value.code == 2
+    assert needle in capsys.readouterr().err
