@@ -38,24 +38,23 @@ def test_help_documents_the_flags(command):
 
 
 def test_python_dash_m_serves_too():
-    server = subprocess.Popen(
-        [sys.executable, "-m", "entity_llm_server", "--host", "127.0.0.1", "--port", "0", "--max-new-tokens", "8"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = server.stdout.readline()  # type: ignore[union-attr]
-        target = line.split("listening on ")[1].strip()
-        with LLMClient(target, timeout=60) as client:
-            assert "".join(c.text for c in client.generate("import os\n")).strip()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0
+    argv = [sys.executable, "-m", "entity_llm_server", "--host", "127.0.0.1", "--port", "0", "--max-new-tokens", "8"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as server:
+        try:
+            line = server.stdout.readline()  # type: ignore[union-attr]
+            target = line.split("listening on ")[1].strip()
+            with LLMClient(target, timeout=60) as client:
+                assert "".join(c.text for c in client.generate("import os\n")).strip()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=60) == 0
 
 
 def test_sigterm_mid_stream_lets_the_stream_finish_and_exits_zero():
-    server = RunningServer("--max-new-tokens", "96", "--shutdown-grace", "30")
-    with LLMClient(server.target, timeout=60) as client:
+    with (
+        RunningServer("--max-new-tokens", "96", "--shutdown-grace", "30") as server,
+        LLMClient(server.target, timeout=60) as client,
+    ):
         stream = client.generate("class Parser:")
         first = next(stream)
         # SIGTERM while the stream is open: it must still complete normally.
@@ -63,8 +62,8 @@ def test_sigterm_mid_stream_lets_the_stream_finish_and_exits_zero():
         stopper.start()
         rest = [chunk.text for chunk in stream]
         stopper.join(timeout=60)
+        assert server.process.returncode == 0, server.stderr()
     assert first.text
-    assert server.process.returncode == 0
     assert len(rest) > 0
 
 
@@ -75,5 +74,20 @@ def test_a_model_that_does_not_exist_fails_with_a_clear_message(tmp_path):
         text=True,
         timeout=120,
     )
-    assert out.returncode != 0
-    assert "missing" in out.stderr
+    assert out.returncode == 2
+    assert "cannot load model" in out.stderr
+    assert str(tmp_path / "missing") in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_port_in_use_fails_with_a_clear_message(console_server):
+    port = console_server.target.rsplit(":", 1)[1]
+    out = subprocess.run(
+        [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert f"127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -66,18 +66,18 @@ def test_the_seed_snippet_runs_unchanged(tmp_path):
         assert probe.connect_ex(("127.0.0.1", 50051)) != 0, "port 50051 (the snippet's) is taken"
     script = tmp_path / "seed_server.py"
     script.write_text(SEED_SNIPPET)
-    process = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
-    try:
-        _wait_for_port(50051, process)
-        from grpc_services import llm_pb2, llm_pb2_grpc
+    with subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL) as process:
+        try:
+            _wait_for_port(50051, process)
+            from grpc_services import llm_pb2, llm_pb2_grpc
 
-        with grpc.insecure_channel("127.0.0.1:50051") as channel:
-            stub = llm_pb2_grpc.LLMServiceStub(channel)
-            tokens = [r.token for r in stub.Generate(llm_pb2.GenerateRequest(prompt="def f(x):"), timeout=120)]
-        assert "".join(tokens).strip()
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+            with grpc.insecure_channel("127.0.0.1:50051") as channel:
+                stub = llm_pb2_grpc.LLMServiceStub(channel)
+                tokens = [r.token for r in stub.Generate(llm_pb2.GenerateRequest(prompt="def f(x):"), timeout=120)]
+            assert "".join(tokens).strip()
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
 
 
 def test_the_seed_example_prints_tokens_and_exits_zero():
@@ -94,11 +94,11 @@ def test_the_seed_example_prints_tokens_and_exits_zero():
 
 def test_a_client_compiled_from_the_seeds_proto_streams_from_the_server(tmp_path, console_server):
     # The seed's own regeneration recipe: grpcio-tools, the proto at the top level.
-    shutil_proto = tmp_path / "llm.proto"
-    shutil_proto.write_text(SEED_PROTO.read_text())
+    seed_proto = tmp_path / "llm.proto"
+    seed_proto.write_text(SEED_PROTO.read_text())
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", str(shutil_proto)],
+         f"--grpc_python_out={tmp_path}", str(seed_proto)],
         check=True,
     )  # fmt: skip
     (tmp_path / "seed_client.py").write_text(SEED_CLIENT)

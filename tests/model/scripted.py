@@ -28,9 +28,9 @@ class ScriptedLM(torch.nn.Module):
     def device(self) -> torch.device:
         return self.anchor.device
 
-    def forward(self, input_ids: torch.Tensor, past_key_values: int | None = None, use_cache: bool = True):
-        step = 0 if past_key_values is None else past_key_values
+    def forward(self, input_ids: torch.Tensor, cache: int | None = None, use_cache: bool = True):
+        step = 0 if cache is None else cache
         time.sleep(self.step_seconds)  # a slow decode step, for cancellation tests
         logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
         logits[0, -1, self.script[min(step, len(self.script) - 1)]] = 1.0
-        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+        return SimpleNamespace(logits=logits, cache=step + 1)

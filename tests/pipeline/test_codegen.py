@@ -80,9 +80,7 @@ def test_sdists_carry_the_proto_tree_but_no_generated_code(dist, name):
 
 def test_generators_are_pinned_alike_and_runtimes_floored_to_match(tmp_path):
     nox_pins = set(re.findall(r'"([\w-]+==[\d.]+)"', (ROOT / "noxfile.py").read_text()))
-    projects = {
-        name: tomllib.loads((ROOT / "packages" / name / "pyproject.toml").read_text()) for name in PACKAGES
-    }
+    projects = {name: tomllib.loads((ROOT / "packages" / name / "pyproject.toml").read_text()) for name in PACKAGES}
     for project in projects.values():
         for requirement in project["build-system"]["requires"]:
             assert "==" in requirement, f"build requirement {requirement} is not pinned"
@@ -90,14 +88,20 @@ def test_generators_are_pinned_alike_and_runtimes_floored_to_match(tmp_path):
                 assert requirement in nox_pins, f"{requirement} differs from the noxfile's pin"
 
     server_gen = _generate_into(tmp_path / "s", "entity-llm-server")
-    gencode = re.search(rb"Protobuf Python Version: ([\d.]+)", server_gen["entity_llm_server/_gen/entity/grpc/llm_pb2.py"])
-    grpc_gen = re.search(rb"GRPC_GENERATED_VERSION = '([\d.]+)'", server_gen["entity_llm_server/_gen/entity/grpc/llm_pb2_grpc.py"])
+    gencode = re.search(
+        rb"Protobuf Python Version: ([\d.]+)", server_gen["entity_llm_server/_gen/entity/grpc/llm_pb2.py"]
+    )
+    grpc_gen = re.search(
+        rb"GRPC_GENERATED_VERSION = '([\d.]+)'", server_gen["entity_llm_server/_gen/entity/grpc/llm_pb2_grpc.py"]
+    )
     server_deps = projects["entity-llm-server"]["project"]["dependencies"]
     assert f"protobuf>={gencode.group(1).decode()}" in server_deps
     assert f"grpcio>={grpc_gen.group(1).decode()}" in server_deps
 
     client_gen = _generate_into(tmp_path / "c", "entity-llm-client")
-    compiler = re.search(rb'_COMPILER_VERSION = "(\d+)\.(\d+)\.\d+"', client_gen["entity_llm_client/_gen/entity/grpc/__init__.py"])
+    compiler = re.search(
+        rb'_COMPILER_VERSION = "(\d+)\.(\d+)\.\d+"', client_gen["entity_llm_client/_gen/entity/grpc/__init__.py"]
+    )
     major, minor = (int(x) for x in compiler.groups())
     client_deps = projects["entity-llm-client"]["project"]["dependencies"]
     assert f"betterproto2>={major}.{minor}.0,<{major}.{minor + 1}" in client_deps

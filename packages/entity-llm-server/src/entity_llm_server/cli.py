@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import parse_config
+from .resource import ModelLoadError
 from .server import serve
 
 
@@ -19,6 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return asyncio.run(serve(config))
+    except ModelLoadError as exc:
+        print(f"entity-llm-server: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the address could not be bound
+        print(f"entity-llm-server: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # a second Ctrl-C while draining
         return 130
 

@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded."""
+
+
 def default_model_path() -> Path:
     """The embedded demo model shipped inside this package."""
     return Path(str(resources.files("entity_llm_server") / "models" / "demo"))
@@ -68,13 +72,19 @@ class UnifiedLLMResource:
     def load_engine(self) -> Engine:
         """Load the tokenizer and model (blocking) and return an unstarted engine."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a server logs; it does not draw bars
 
         log.info("loading model %s on %s (%s)", self.model_id, self.device, self.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+            model: Any = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
+            model.to(self.device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(f"{self.model_id}: a fast (Rust) tokenizer is required for streaming detokenization")
-        model: Any = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
-        model.to(self.device)
+            raise ModelLoadError(f"{self.model_id}: a fast (Rust) tokenizer is required for streaming detokenization")
         model.eval()
         return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
 

@@ -26,6 +26,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # gRPC sets SO_REUSEPORT by default, letting a second server silently share
+    # a port that is already serving; fail to bind instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -45,7 +48,10 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     await service.engine()  # load before accepting traffic
     server = build_server(service)
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"could not bind {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()

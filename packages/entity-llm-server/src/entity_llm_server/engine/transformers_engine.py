@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,10 @@ class TransformersEngine:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        # transformers 5.x renamed the KV-cache argument (and output) from
+        # past_key_values to cache; models written for either keep working.
+        forward = inspect.signature(model.forward).parameters
+        self._cache_name = "cache" if "cache" in forward else "past_key_values"
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight = 0  # requests submitted whose decode loop has not returned
         self._count_lock = threading.Lock()
@@ -129,10 +134,7 @@ class TransformersEngine:
                     emit(TextDelta(text, tuple(pending)))
                     pending = []
                 if len(generated) < max_new:
-                    out = self.model(
-                        input_ids=torch.tensor([[token]], device=device),
-                        past_key_values=out.past_key_values,
-                        use_cache=True,
-                    )
+                    cache = {self._cache_name: getattr(out, self._cache_name)}
+                    out = self.model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache)
         if not cancelled.is_set():
             emit(Finished(reason, len(ids), len(generated), tuple(generated)))
