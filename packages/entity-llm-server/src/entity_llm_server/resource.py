@@ -74,7 +74,8 @@ class UnifiedLLMResource:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # a server logs; it does not draw bars
+        # A server logs; it does not draw progress bars. (transformers leaves this unannotated.)
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         log.info("loading model %s on %s (%s)", self.model_id, self.device, self.dtype)
         try:
