@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from entity_llm_server import ServerConfig, parse_config
+from entity_llm_server import BatchingSettings, ServerConfig, parse_config
 
 
 def test_no_flags_serve_the_default_model_on_50051():
@@ -17,10 +17,17 @@ def test_no_flags_serve_the_default_model_on_50051():
 def test_flags_set_every_field():
     config = parse_config(
         ["--model", "/m", "--host", "127.0.0.1", "--port", "0", "--device", "cuda:1", "--dtype", "bfloat16",
-         "--max-new-tokens", "7", "--shutdown-grace", "2.5", "--log-level", "DEBUG"],
+         "--max-new-tokens", "7", "--shutdown-grace", "2.5", "--log-level", "DEBUG", "--engine", "sequential",
+         "--max-batch-size", "3", "--max-queue", "0", "--kv-cache-tokens", "4096", "--kv-block-size", "32",
+         "--max-batch-tokens", "512"],
         env={},
     )  # fmt: skip
-    assert config == ServerConfig("/m", "127.0.0.1", 0, "cuda:1", "bfloat16", 7, 2.5, "DEBUG")
+    assert config == ServerConfig(
+        "/m", "127.0.0.1", 0, "cuda:1", "bfloat16", 7, 2.5, "DEBUG", "sequential", 3, 0, 4096, 32, 512
+    )
+    assert config.batching() == BatchingSettings(
+        max_batch_size=3, max_queue=0, kv_block_size=32, kv_cache_tokens=4096, max_batch_tokens=512
+    )
 
 
 def test_environment_sets_defaults_and_flags_win():
@@ -35,6 +42,9 @@ def test_environment_sets_defaults_and_flags_win():
         (["--port", "70000"], {}, "--port"),
         (["--max-new-tokens", "0"], {}, "--max-new-tokens"),
         (["--dtype", "int3"], {}, "--dtype"),
+        (["--max-batch-size", "0"], {}, "--max-batch-size"),
+        (["--max-queue", "-1"], {}, "--max-queue"),
+        (["--engine", "vllm"], {}, "--engine"),
         ([], {"ENTITY_LLM_PORT": "-1"}, "--port"),
     ],
 )

@@ -28,6 +28,8 @@ def test_client_surface():
 
 def test_server_surface():
     assert sorted(entity_llm_server.__all__) == [
+        "BatchingEngine",
+        "BatchingSettings",
         "Engine",
         "EngineRequest",
         "FakeEngine",

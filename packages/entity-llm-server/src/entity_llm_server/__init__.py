@@ -6,12 +6,14 @@ Importing this package loads no model and imports no torch.
 from __future__ import annotations
 
 from .config import ServerConfig, parse_config
-from .engine import Engine, EngineRequest, FakeEngine, TransformersEngine
+from .engine import BatchingEngine, BatchingSettings, Engine, EngineRequest, FakeEngine, TransformersEngine
 from .resource import UnifiedLLMResource, default_model_path
 from .server import build_server, serve
 from .service import LLMService
 
 __all__ = [
+    "BatchingEngine",
+    "BatchingSettings",
     "Engine",
     "EngineRequest",
     "FakeEngine",

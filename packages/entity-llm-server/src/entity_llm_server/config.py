@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .resource import DTYPES
+from .engine import BatchingSettings
+from .resource import DTYPES, ENGINES
 
 ENV_PREFIX = "ENTITY_LLM_"
 
@@ -30,6 +31,13 @@ class ServerConfig:
         max_new_tokens: the generation length when a request leaves it unset.
         shutdown_grace: seconds in-flight streams get to finish on SIGTERM/SIGINT.
         log_level: Python logging level name.
+        engine: `batching` (continuous batching) or `sequential`.
+        max_batch_size: sequences decoded together in one step.
+        max_queue: admitted requests that may wait beyond those; more are
+            refused with RESOURCE_EXHAUSTED.
+        kv_cache_tokens: KV-cache capacity in tokens (0: sized from the batch).
+        kv_block_size: tokens per KV-cache block.
+        max_batch_tokens: tokens per forward pass (0: 256 on CPU, 2048 on GPU).
     """
 
     model: str | None = None
@@ -40,12 +48,35 @@ class ServerConfig:
     max_new_tokens: int = 128
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    engine: str = "batching"
+    max_batch_size: int = 32
+    max_queue: int = 64
+    kv_cache_tokens: int = 0
+    kv_block_size: int = 16
+    max_batch_tokens: int = 0
+
+    def batching(self) -> BatchingSettings:
+        """The batching engine's settings."""
+        return BatchingSettings(
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            kv_block_size=self.kv_block_size,
+            kv_cache_tokens=self.kv_cache_tokens,
+            max_batch_tokens=self.max_batch_tokens,
+        )
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, not {value}")
     return value
 
 
@@ -86,6 +117,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--max-new-tokens", type=_positive_int, help="generation length when a request leaves it unset")
     add("--shutdown-grace", type=_non_negative_float, help="seconds in-flight streams get to finish on SIGTERM")
     add("--log-level", help="logging level")
+    add("--engine", choices=ENGINES, help="batching: continuous batching; sequential: one request at a time")
+    add("--max-batch-size", type=_positive_int, help="sequences decoded together in one step")
+    add(
+        "--max-queue",
+        type=_non_negative_int,
+        help="requests that may wait beyond the batch; more get RESOURCE_EXHAUSTED",
+    )
+    add("--kv-cache-tokens", type=_non_negative_int, help="KV-cache capacity in tokens; 0 sizes it from the batch")
+    add("--kv-block-size", type=_positive_int, help="tokens per KV-cache block")
+    add("--max-batch-tokens", type=_non_negative_int, help="tokens per forward pass; 0: 256 on CPU, 2048 on GPU")
     return parser
 
 

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .engine import EngineError, InvalidRequestError
+from .engine import EngineError, EngineOverloadedError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map a domain exception to the status and message a client sees."""
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, EngineOverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, EngineError):
         return grpc.StatusCode.INTERNAL, str(exc)
     return grpc.StatusCode.INTERNAL, f"unexpected server error: {type(exc).__name__}"

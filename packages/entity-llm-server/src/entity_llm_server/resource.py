@@ -8,11 +8,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine, TransformersEngine
+from .engine import BatchingEngine, BatchingSettings, Engine, TransformersEngine
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ENGINES = ("batching", "sequential")
 
 
 class ModelLoadError(RuntimeError):
@@ -37,6 +38,10 @@ class UnifiedLLMResource:
         dtype: `auto` (the checkpoint's own dtype; float32 on CPU) or a
             torch floating dtype name.
         default_max_new_tokens: the length used when a request leaves it unset.
+        engine: `batching` (continuous batching, the default) or
+            `sequential` (one request at a time, for models continuous
+            batching cannot run).
+        batching: sizes of the batching engine's batch, queue and KV cache.
     """
 
     def __init__(
@@ -46,9 +51,15 @@ class UnifiedLLMResource:
         device: str = "cpu",
         dtype: str = "auto",
         default_max_new_tokens: int = 128,
+        engine: str = "batching",
+        batching: BatchingSettings | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        self.engine_kind = engine
+        self.batching = batching or BatchingSettings()
         self.model_id = str(model) if model is not None else str(default_model_path())
         self.device = device
         self.dtype = dtype
@@ -87,7 +98,11 @@ class UnifiedLLMResource:
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"{self.model_id}: a fast (Rust) tokenizer is required for streaming detokenization")
         model.eval()
-        return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
+        if self.engine_kind == "sequential":
+            return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
+        return BatchingEngine(
+            model, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
+        )
 
     async def engine(self) -> Engine:
         """The started engine, loading the model on first use (off the event loop)."""

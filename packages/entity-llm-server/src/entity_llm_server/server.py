@@ -42,7 +42,12 @@ def build_server(service: LLMService) -> grpc.aio.Server:
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain, and return an exit code."""
     resource = UnifiedLLMResource(
-        config.model, device=config.device, dtype=config.dtype, default_max_new_tokens=config.max_new_tokens
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        default_max_new_tokens=config.max_new_tokens,
+        engine=config.engine,
+        batching=config.batching(),
     )
     service = LLMService(resource)
     await service.engine()  # load before accepting traffic

@@ -6,19 +6,24 @@ from .base import (
     Engine,
     EngineError,
     EngineEvent,
+    EngineOverloadedError,
     EngineRequest,
     Finished,
     FinishReason,
     InvalidRequestError,
     TextDelta,
 )
+from .batching import BatchingEngine, BatchingSettings
 from .fake import FakeEngine
 from .transformers_engine import TransformersEngine
 
 __all__ = [
+    "BatchingEngine",
+    "BatchingSettings",
     "Engine",
     "EngineError",
     "EngineEvent",
+    "EngineOverloadedError",
     "EngineRequest",
     "FakeEngine",
     "FinishReason",

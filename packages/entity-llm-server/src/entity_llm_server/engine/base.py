@@ -61,6 +61,10 @@ class EngineError(Exception):
     """The engine failed; the request cannot complete."""
 
 
+class EngineOverloadedError(Exception):
+    """The engine holds as many requests as it may; this one is refused."""
+
+
 class InvalidRequestError(ValueError):
     """A request the engine cannot serve as given.
 
@@ -85,6 +89,11 @@ class Engine(Protocol):
 
     def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """Stream the events of one generation."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the engine can serve (started, and not failed)."""
         ...
 
     async def start(self) -> None:

@@ -32,6 +32,10 @@ class FakeEngine:
         self.active = 0
         self.started = False
 
+    @property
+    def healthy(self) -> bool:
+        return self.started
+
     async def start(self) -> None:
         self.started = True
 

@@ -1,10 +1,10 @@
-"""A transformers causal LM behind the Engine protocol.
+"""A transformers causal LM behind the Engine protocol, one request at a time.
 
 Requests are decoded one at a time on a single worker thread with the model's
 KV cache; the event loop never runs torch. The worker checks a per-request
 cancel flag before every decode step, so a client that leaves stops its
-generation within one step. (Continuous batching across requests replaces this
-loop in the engine issue; the protocol seam stays the same.)
+generation within one step. `BatchingEngine` is the default; this one serves
+models that transformers' continuous batching cannot run (`--engine sequential`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ class TransformersEngine:
     def in_flight(self) -> int:
         """Requests the engine still holds (queued or decoding)."""
         return self._in_flight
+
+    @property
+    def healthy(self) -> bool:
+        return self._executor is not None
 
     async def start(self) -> None:
         if self._executor is None:

@@ -1,0 +1,307 @@
+"""The transformers engine: many streams share one model through continuous batching.
+
+transformers' `ContinuousBatchingManager` runs the model on its own thread and
+schedules every admitted request into each decode step. This engine adds what a
+server needs around it:
+
+- admission: at most `max_batch_size + max_queue` requests are held; one more
+  is refused at once (`EngineOverloadedError`) instead of queueing forever;
+- validation before a request reaches the batching thread, because a bad
+  request there (an out-of-range token id, one longer than the KV cache) kills
+  the loop for every caller;
+- results: one pump thread drains the manager's output queue (a public API)
+  and hands each output to its request's asyncio queue; outputs of requests
+  that already left are dropped, so nothing accumulates;
+- cancellation: a stream closed early cancels its request, which the manager
+  drops at the next decode step and frees its KV blocks;
+- failure: if the batching thread dies (seen on GPUs: CUDA out of memory),
+  every waiting and later request fails with `EngineError` and `healthy`
+  turns False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from .base import (
+    EngineError,
+    EngineEvent,
+    EngineOverloadedError,
+    EngineRequest,
+    Finished,
+    FinishReason,
+    InvalidRequestError,
+    TextDelta,
+)
+
+log = logging.getLogger(__name__)
+
+_DEAD = object()  # delivered to every waiting request when the batching thread dies
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingSettings:
+    """How the continuous-batching engine is sized.
+
+    Attributes:
+        max_batch_size: sequences decoded together in one step.
+        max_queue: admitted requests that may wait beyond those.
+        kv_block_size: tokens per KV-cache block.
+        kv_cache_tokens: KV-cache capacity in tokens across all sequences;
+            0 sizes it for `max_batch_size` sequences of the model's context
+            (capped at 1024 tokens each, which keeps a CPU server small).
+        max_batch_tokens: tokens processed per forward pass (prefill chunks
+            plus decodes); 0 picks 256 on CPU and 2048 elsewhere.
+        cuda_graphs: capture CUDA graphs (None: on CUDA devices only).
+    """
+
+    max_batch_size: int = 32
+    max_queue: int = 64
+    kv_block_size: int = 16
+    kv_cache_tokens: int = 0
+    max_batch_tokens: int = 0
+    cuda_graphs: bool | None = None
+
+
+class BatchingEngine:
+    """Greedy generation for many concurrent requests with continuous batching.
+
+    Args:
+        model: a transformers causal LM on its device, in eval mode.
+        tokenizer: its fast tokenizer (the incremental detokenizer needs the
+            Rust backend).
+        settings: sizes of the batch, the queue and the KV cache.
+        default_max_new_tokens: the length used when a request leaves it unset.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        settings: BatchingSettings | None = None,
+        default_max_new_tokens: int = 128,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings or BatchingSettings()
+        self.default_max_new_tokens = default_max_new_tokens
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.vocab_size = int(model.config.vocab_size)
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self._manager: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._ids = itertools.count()
+        self._pump: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._failure: str | None = None
+
+    # -- sizing -------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Requests held at most: decoding plus queued."""
+        return self.settings.max_batch_size + self.settings.max_queue
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished, cancelled or failed."""
+        return len(self._queues)
+
+    def _cache_tokens(self) -> int:
+        s = self.settings
+        return s.kv_cache_tokens or s.max_batch_size * min(self.context_length, 1024)
+
+    def _cb_config(self) -> Any:
+        from transformers import ContinuousBatchingConfig
+
+        s = self.settings
+        on_cuda = self.model.device.type == "cuda"
+        blocks = -(-self._cache_tokens() // s.kv_block_size)
+        return ContinuousBatchingConfig(
+            page_size=s.kv_block_size,
+            num_blocks=blocks,
+            max_batch_tokens=s.max_batch_tokens or (2048 if on_cuda else 256),
+            max_requests_per_batch=s.max_batch_size,
+            use_cuda_graph=on_cuda if s.cuda_graphs is None else s.cuda_graphs,
+            allow_block_sharing=False,
+            scheduler_type="fifo",
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False once the batching thread has died (or before start)."""
+        return self._failure is None and self._manager is not None and self._manager.is_running()
+
+    async def start(self) -> None:
+        if self._manager is not None:
+            return
+        from transformers import GenerationConfig
+
+        self._loop = asyncio.get_running_loop()
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
+        generation = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
+            do_sample=False,
+            max_new_tokens=self.default_max_new_tokens,
+            eos_token_id=sorted(self.eos_ids) or -1,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        manager = self.model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=self._cb_config()
+        )
+        # warmup() allocates the KV cache here, so an impossible size fails
+        # now rather than killing the batching thread later.
+        await asyncio.to_thread(manager.warmup)
+        # A thread inherits daemon-ness from the thread that starts it: started
+        # from a daemon thread, the batching thread cannot keep a process that
+        # was interrupted (the seed snippet on Ctrl-C) from exiting.
+        starter = threading.Thread(target=manager.start, name="entity-llm-cb-start", daemon=True)
+        starter.start()
+        starter.join()
+        self._manager = manager
+        self._closing.clear()
+        self._pump = threading.Thread(target=self._pump_results, name="entity-llm-cb-results", daemon=True)
+        self._pump.start()
+
+    async def close(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is None:
+            return
+        self._closing.set()
+        await asyncio.to_thread(manager.stop, block=True, timeout=30, hard_stop=True)
+        if self._pump is not None:
+            await asyncio.to_thread(self._pump.join, 5)
+        self._fail_waiting()
+
+    # -- results ------------------------------------------------------------
+
+    def _pump_results(self) -> None:
+        manager, loop = self._manager, self._loop
+        assert manager is not None
+        assert loop is not None
+        while not self._closing.is_set():
+            output = manager.get_result(timeout=0.1)
+            if output is not None:
+                self._post(loop, self._deliver, output)
+            elif not manager.is_running() and not self._closing.is_set():
+                error = manager.background_thread_status.fatal_error
+                self._post(loop, self._on_death, f"the batching thread stopped: {error!r}")
+                return
+
+    @staticmethod
+    def _post(loop: asyncio.AbstractEventLoop, callback: Any, arg: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(callback, arg)
+
+    def _deliver(self, output: Any) -> None:
+        queue = self._queues.get(output.request_id)
+        if queue is not None:  # None: the request was cancelled; drop its stragglers
+            queue.put_nowait(output)
+
+    def _on_death(self, reason: str) -> None:
+        log.error("engine failed: %s", reason)
+        self._failure = reason
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(_DEAD)
+
+    # -- requests -----------------------------------------------------------
+
+    def _prepare(self, request: EngineRequest) -> tuple[list[int], int]:
+        ids: list[int] = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            start = self.tokenizer.bos_token_id
+            ids = [start if start is not None else min(self.eos_ids, default=0)]
+        if max(ids) >= self.vocab_size:
+            raise InvalidRequestError("prompt", "the tokenizer produced ids outside the model's vocabulary")
+        room = min(self.context_length, self._cache_tokens()) - len(ids)
+        if room <= 0:
+            raise InvalidRequestError(
+                "prompt",
+                f"{len(ids)} tokens leave no room in the model's {min(self.context_length, self._cache_tokens())}"
+                "-token context",
+            )
+        return ids, min(request.max_new_tokens or self.default_max_new_tokens, room)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        manager = self._manager
+        if manager is None:
+            raise EngineError("engine is not started")
+        if self._failure is not None:
+            raise EngineError(f"engine has failed: {self._failure}")
+        ids, max_new = self._prepare(request)
+        if self.in_flight >= self.capacity:
+            raise EngineOverloadedError(
+                f"server at capacity: {self.in_flight} requests in flight "
+                f"(max batch size {self.settings.max_batch_size} + max queue {self.settings.max_queue})"
+            )
+        request_id = f"req-{next(self._ids)}"
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[request_id] = queue
+        done = False
+        try:
+            if manager.add_request(ids, request_id=request_id, max_new_tokens=max_new, streaming=True) is None:
+                raise EngineError("the batching thread is not running")
+            async for event in self._events(queue, ids):
+                done = isinstance(event, Finished)
+                yield event
+        finally:
+            del self._queues[request_id]
+            if not done and self._manager is not None:
+                manager.cancel_request(request_id)
+
+    async def _events(self, queue: asyncio.Queue[Any], ids: list[int]) -> AsyncGenerator[EngineEvent, None]:
+        from tokenizers.decoders import DecodeStream
+
+        backend = self.tokenizer.backend_tokenizer
+        stream = DecodeStream(ids=list(ids), skip_special_tokens=True)
+        seen = 0
+        pending: list[int] = []
+        reason = FinishReason.MAX_TOKENS
+        while True:
+            output = await queue.get()
+            if output is _DEAD:
+                raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
+            if output.error is not None:
+                raise EngineError(f"generation failed: {output.error}")
+            tokens = output.generated_tokens
+            for token in tokens[seen:]:  # outputs carry every token so far
+                if token in self.eos_ids:
+                    reason = FinishReason.EOS
+                    break
+                pending.append(token)
+                if text := stream.step(backend, token):
+                    yield TextDelta(text, tuple(pending))
+                    pending = []
+            seen = len(tokens)
+            if output.is_finished():
+                yield Finished(reason, len(ids), len(tokens), tuple(tokens))
+                return
+
+    def held_requests(self) -> int:
+        """Requests the batching thread still holds (queued, waiting or decoding).
+
+        Diagnostics for tests and operators; it briefly pauses the batching
+        loop to read a consistent snapshot of the manager's internals.
+        """
+        manager = self._manager
+        if manager is None or not manager.is_running():
+            return 0
+        with manager.pause():
+            scheduler = manager.batch_processor.scheduler
+            return int(manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests))

@@ -1,0 +1,157 @@
+"""Continuous batching on the embedded model: correctness, cancellation, admission, failure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+
+from entity_llm_client import AsyncLLMClient, LLMClient, LLMError, OverloadedError
+from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
+from entity_llm_server.engine import BatchingEngine, BatchingSettings, Finished
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\n",
+    "class Parser:\n    def __init__(self",
+    "# Copyright",
+    "for i in range(",
+    'if __name__ == "__main__":\n',
+    "    return self.",
+    "x",
+]
+
+
+def _engine(max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 24) -> BatchingEngine:
+    settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
+    engine = UnifiedLLMResource(default_max_new_tokens=max_new_tokens, batching=settings).load_engine()
+    assert isinstance(engine, BatchingEngine)
+    return engine
+
+
+def _slow_down(engine: BatchingEngine, seconds: float, fail_after: int | None = None) -> None:
+    """Make every forward pass slow (and optionally raise) to hold requests in flight."""
+    model, forward, calls = engine.model, engine.model.forward, [0]
+
+    def slow_forward(*args, **kwargs):
+        calls[0] += 1
+        if fail_after is not None and calls[0] > fail_after:
+            raise RuntimeError("CUDA out of memory (injected)")
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward
+
+
+async def _run(engine: BatchingEngine, request: EngineRequest) -> Finished:
+    events = [event async for event in engine.generate(request)]
+    final = events[-1]
+    assert isinstance(final, Finished)
+    assert sum(isinstance(e, Finished) for e in events) == 1
+    return final
+
+
+def test_concurrent_greedy_streams_equal_each_prompt_served_alone():
+    engine = _engine()
+
+    async def main() -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        await engine.start()
+        try:
+            alone = [(await _run(engine, EngineRequest(p, max_new_tokens=24))).token_ids for p in PROMPTS]
+            together = await asyncio.gather(*(_run(engine, EngineRequest(p, max_new_tokens=24)) for p in PROMPTS))
+            return alone, [final.token_ids for final in together]
+        finally:
+            await engine.close()
+
+    alone, together = asyncio.run(main())
+    assert together == alone
+    assert all(alone)
+
+
+def test_a_hundred_cancelled_streams_leave_nothing_in_the_engine(serve):
+    engine = _engine(max_batch_size=16, max_queue=128, max_new_tokens=400)
+    # 20 ms a step: finishing instead of cancelling would take 100 x 400 / 16
+    # steps, over 40 s, far past the wait below.
+    _slow_down(engine, 0.02)
+    service = LLMService(engine=engine)
+    server = serve(service).start()
+
+    async def cancel_many() -> None:
+        async with AsyncLLMClient(server.target, timeout=120) as client:
+
+            async def one() -> None:
+                stream = client.generate("def f(x):")
+                async for _ in stream:
+                    break  # leave after the first piece
+                await stream.aclose()
+
+            await asyncio.gather(*(one() for _ in range(100)))
+
+    asyncio.run(cancel_many())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (engine.in_flight or server.call(_held(engine))):
+        time.sleep(0.05)
+    assert engine.in_flight == 0
+    assert server.call(_held(engine)) == 0
+    with LLMClient(server.target, timeout=60) as client:
+        assert "".join(c.text for c in client.generate("import os\n"))
+    assert engine.healthy
+
+
+async def _held(engine: BatchingEngine) -> int:
+    return engine.held_requests()
+
+
+def test_over_capacity_is_refused_at_once_with_resource_exhausted(serve):
+    engine = _engine(max_batch_size=2, max_queue=1, max_new_tokens=400)
+    _slow_down(engine, 0.02)  # 400 steps of 20 ms: the three streams stay in flight
+    server = serve(LLMService(engine=engine)).start()
+    with LLMClient(server.target, timeout=60) as client:
+        streams = [client.generate(p) for p in PROMPTS[:3]]
+        for stream in streams[:2]:
+            next(stream)  # two decode together
+        # the third waits in the queue: its first piece comes only when a slot frees
+        waiter = threading.Thread(target=next, args=(streams[2],), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while engine.in_flight < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.in_flight == 3
+        started = time.monotonic()
+        with pytest.raises(OverloadedError) as caught:
+            next(client.generate("one too many"))
+        assert time.monotonic() - started < 10  # refused, not queued behind 8 s of work
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "capacity" in caught.value.details
+        for stream in streams[:2]:
+            stream.close()
+        waiter.join(timeout=30)
+        streams[2].close()
+    deadline = time.monotonic() + 30
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.in_flight == 0
+
+
+def test_a_dead_batching_thread_fails_every_stream_with_internal_and_never_hangs(serve):
+    engine = _engine(max_batch_size=4, max_queue=4, max_new_tokens=400)
+    server = serve(LLMService(engine=engine)).start()
+    with LLMClient(server.target, timeout=60) as client:
+        assert "".join(c.text for c in client.generate("import os\n"))  # healthy first
+        _slow_down(engine, 0.005, fail_after=20)
+        streams = [client.generate(p) for p in PROMPTS[:4]]
+        for stream in streams:
+            with pytest.raises(LLMError) as caught:
+                list(stream)
+            assert caught.value.code is grpc.StatusCode.INTERNAL
+            assert "out of memory" in caught.value.details
+        assert not engine.healthy
+        with pytest.raises(LLMError) as later:
+            list(client.generate("after the failure"))
+        assert later.value.code is grpc.StatusCode.INTERNAL
+        assert "failed" in later.value.details
