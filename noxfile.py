@@ -1,6 +1,6 @@
 """The one task runner. `nox` runs the default sessions: lint, breaking, tests.
 
-`nox -s demo` runs the main job: the server on the embedded default model,
+`nox -s bench` runs the benchmarks; `nox -s demo` runs the main job: the server on the embedded default model,
 streamed by the client SDK.
 """
 
@@ -93,6 +93,15 @@ def demo(session: nox.Session) -> None:
     _install_packages(session)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{session.bin}{os.pathsep}{os.environ['PATH']}"}
     session.run("python", "examples/clients/stream_demo.py", *session.posargs, env=env)
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Side-by-side measurements (writes benchmarks/results/*.json); pass args to model_path.py."""
+    _install_packages(session)
+    env = {"HF_HUB_OFFLINE": "1"}
+    session.run("python", "benchmarks/transport.py", env=env)
+    session.run("python", "benchmarks/model_path.py", *session.posargs, env=env)
 
 
 @nox.session(python="3.11")
