@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator
 import grpc
 import pytest
 
-from entity_llm_client import AsyncLLMClient, Chunk, LLMClient, LLMError, UnavailableError
+from entity_llm_client import AsyncLLMClient, Chunk, FinishReason, LLMClient, LLMError, UnavailableError, Usage
 from entity_llm_server import FakeEngine, LLMService
 from entity_llm_server.engine import EngineError, EngineEvent, EngineRequest
 
@@ -21,8 +21,14 @@ def test_sync_client_streams_every_piece_in_order(serve):
     with LLMClient(server.target, timeout=10) as client:
         chunks = list(client.generate("def fibonacci(n):"))
     assert all(isinstance(chunk, Chunk) for chunk in chunks)
-    assert [chunk.text for chunk in chunks] == list(PIECES)
+    assert [chunk.text for chunk in chunks[:-1]] == list(PIECES)
     assert "".join(map(str, chunks)) == "".join(PIECES)
+    final = chunks[-1]
+    assert (final.text, final.finish_reason) == ("", FinishReason.MAX_TOKENS)
+    assert final.usage == Usage(input_tokens=2, generated_tokens=len(PIECES))
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert len({c.request_id for c in chunks}) == 1
+    assert chunks[0].request_id
 
 
 def test_async_client_streams_every_piece_in_order(serve):
@@ -30,9 +36,9 @@ def test_async_client_streams_every_piece_in_order(serve):
 
     async def run() -> list[str]:
         async with AsyncLLMClient(server.target, timeout=10) as client:
-            return [chunk.text async for chunk in client.generate("x")]
+            return [chunk.text async for chunk in client.generate("x", request_id="mine")]
 
-    assert asyncio.run(run()) == list(PIECES)
+    assert asyncio.run(run()) == [*PIECES, ""]
 
 
 def test_many_concurrent_async_streams_each_get_the_whole_stream(serve):
@@ -48,7 +54,7 @@ def test_many_concurrent_async_streams_each_get_the_whole_stream(serve):
             return await asyncio.gather(*(one() for _ in range(32)))
 
     results = asyncio.run(run())
-    expected = [PIECES[i % len(PIECES)] for i in range(50)]
+    expected = [*(PIECES[i % len(PIECES)] for i in range(50)), ""]
     assert results == [expected] * 32
 
 

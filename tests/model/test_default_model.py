@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+import entity_llm_client as sdk
 from entity_llm_client import InvalidArgumentError, LLMClient
 from entity_llm_server import EngineRequest, LLMService, TransformersEngine, UnifiedLLMResource, default_model_path
 from entity_llm_server.engine import Finished, FinishReason, TextDelta
@@ -78,10 +79,14 @@ def test_multibyte_text_is_never_split(demo_engine, serve):
     model = ScriptedLM([*ids, eos], vocab_size=len(tok), eos_id=eos)
     server = serve(LLMService(engine=TransformersEngine(model, tok))).start()
     with LLMClient(server.target, timeout=30) as client:
-        pieces = [chunk.text for chunk in client.generate("text:")]
+        chunks = list(client.generate("text:"))
+    pieces = [chunk.text for chunk in chunks[:-1]]
     assert "".join(pieces) == UTF8_TEXT
     assert all(piece and "\ufffd" not in piece for piece in pieces)
     assert len(pieces) > 1
+    # every generated id is accounted for: text pieces, then the EOS in the last message
+    assert [i for c in chunks for i in c.token_ids] == [*ids, eos]
+    assert chunks[-1].finish_reason is sdk.FinishReason.EOS
 
 
 def test_eos_ends_the_stream_with_reason_eos(demo_engine):

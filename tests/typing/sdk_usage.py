@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from entity_llm_client import AsyncLLMClient, Chunk, LLMClient, LLMError
+from entity_llm_client import AsyncLLMClient, Chunk, Completion, FinishReason, LLMClient, LLMError, ModelInfo, Tokens
 
 
 def stream_sync(target: str, prompt: str) -> str:
@@ -17,6 +17,15 @@ def stream_sync(target: str, prompt: str) -> str:
             chunk: Chunk = piece
             pieces.append(chunk.text)
     return "".join(pieces)
+
+
+def complete_with_limits(target: str) -> tuple[str, FinishReason, int]:
+    with LLMClient(target) as client:
+        done: Completion = client.complete("def f(x):", max_new_tokens=32, stop_sequences=["\n\n"], time_limit_ms=500)
+        tokens: Tokens = client.tokenize("def f(x):", truncate_input_tokens=4)
+        info: ModelInfo = client.model_info()
+        assert tokens.count <= 4 <= info.context_length
+        return done.text, done.finish_reason, done.usage.generated_tokens
 
 
 async def stream_async(target: str, prompt: str) -> str:

@@ -14,13 +14,18 @@ def test_client_surface():
         "AsyncLLMClient",
         "CancelledError",
         "Chunk",
+        "Completion",
         "DeadlineExceededError",
+        "FinishReason",
         "InvalidArgumentError",
         "LLMClient",
         "LLMError",
+        "ModelInfo",
         "OverloadedError",
+        "Tokens",
         "UnauthenticatedError",
         "UnavailableError",
+        "Usage",
     ]
     for name in entity_llm_client.__all__:
         assert getattr(entity_llm_client, name).__module__.startswith("entity_llm_client")

@@ -19,17 +19,22 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from ._types import Chunk
+from ._types import Chunk, Completion, FinishReason, ModelInfo, Tokens, Usage
 
 __all__ = [
     "AsyncLLMClient",
     "CancelledError",
     "Chunk",
+    "Completion",
     "DeadlineExceededError",
+    "FinishReason",
     "InvalidArgumentError",
     "LLMClient",
     "LLMError",
+    "ModelInfo",
     "OverloadedError",
+    "Tokens",
     "UnauthenticatedError",
     "UnavailableError",
+    "Usage",
 ]

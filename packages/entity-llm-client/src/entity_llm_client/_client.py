@@ -8,10 +8,10 @@ from typing import Any
 
 import grpc
 
-from . import _transport
+from . import _transport as t
 from ._errors import from_rpc_error
-from ._gen.entity.grpc import GenerateRequest
-from ._types import Chunk
+from ._gen.entity.grpc import GetModelInfoRequest
+from ._types import Chunk, Completion, ModelInfo, Tokens
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -21,7 +21,8 @@ class LLMClient:
 
     Args:
         target: the server address, `host:port`.
-        timeout: the default deadline of each call, in seconds (None: none).
+        timeout: the default deadline of each call, in seconds (None: none);
+            a call's own `timeout` overrides it.
         channel: an existing grpcio channel to use instead of opening one;
             the client does not close a channel it was given.
     """
@@ -30,28 +31,81 @@ class LLMClient:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.insecure_channel(target, options=_transport.CHANNEL_OPTIONS)
-        self._generate = _transport.generate_sync(self._channel)
+        self._channel = channel or grpc.insecure_channel(target, options=t.CHANNEL_OPTIONS)
+        self._methods = t.Methods(self._channel)
 
-    def generate(self, prompt: str, *, timeout: float | None = None, metadata: Metadata = ()) -> Iterator[Chunk]:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int | None = None,
+        stop_sequences: Sequence[str] = (),
+        include_stop_sequence: bool = False,
+        truncate_input_tokens: int | None = None,
+        time_limit_ms: int | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> Iterator[Chunk]:
         """Stream the continuation of `prompt`, one Chunk per decoded piece.
 
-        Stopping the iteration early (break, or closing the iterator) cancels
-        the call, which stops the generation on the server.
+        The last chunk carries the finish reason and token counts. Stopping
+        the iteration early (break, or closing the iterator) cancels the call,
+        which stops the generation on the server.
+
+        Args:
+            prompt: the text to continue.
+            max_new_tokens: the most tokens to generate (server default if None).
+            stop_sequences: texts that end generation (trimmed from the output).
+            include_stop_sequence: keep the matched stop text.
+            truncate_input_tokens: keep only the prompt's last N tokens.
+            time_limit_ms: end normally (TIME_LIMIT) after this long.
+            request_id: echoed in every chunk; the server makes one if empty.
+            timeout: this call's deadline in seconds.
+            metadata: extra gRPC metadata.
 
         Raises:
             LLMError: a subclass for the call's status code.
         """
-        call: Any = self._generate(
-            GenerateRequest(prompt=prompt), timeout=timeout or self.timeout, metadata=tuple(metadata)
+        request = t.generate_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            stop_sequences=stop_sequences,
+            include_stop_sequence=include_stop_sequence,
+            truncate_input_tokens=truncate_input_tokens,
+            time_limit_ms=time_limit_ms,
+            request_id=request_id,
         )
+        call: Any = self._methods.generate(request, timeout=timeout or self.timeout, metadata=tuple(metadata))
         try:
             for response in call:
-                yield Chunk(response.token)
+                yield t.to_chunk(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
             call.cancel()
+
+    def complete(self, prompt: str, **kwargs: Any) -> Completion:
+        """Generate to the end and return the whole completion (same arguments as `generate`)."""
+        return t.to_completion(list(self.generate(prompt, **kwargs)))
+
+    def tokenize(self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None) -> Tokens:
+        """The served model's tokens for `text`."""
+        try:
+            response = self._methods.tokenize(
+                t.tokenize_request(text, truncate_input_tokens), timeout=timeout or self.timeout
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return t.to_tokens(response)
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The served model and the server's limits."""
+        try:
+            response = self._methods.model_info(GetModelInfoRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return t.to_model_info(response)
 
     def close(self) -> None:
         """Close the channel (if this client opened it)."""
@@ -70,7 +124,8 @@ class AsyncLLMClient:
 
     Args:
         target: the server address, `host:port`.
-        timeout: the default deadline of each call, in seconds (None: none).
+        timeout: the default deadline of each call, in seconds (None: none);
+            a call's own `timeout` overrides it.
         channel: an existing grpc.aio channel to use instead of opening one;
             the client does not close a channel it was given.
     """
@@ -79,13 +134,23 @@ class AsyncLLMClient:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target, options=_transport.CHANNEL_OPTIONS)
-        self._generate = _transport.generate_aio(self._channel)
+        self._channel = channel or grpc.aio.insecure_channel(target, options=t.CHANNEL_OPTIONS)
+        self._methods = t.Methods(self._channel)
 
     async def generate(
-        self, prompt: str, *, timeout: float | None = None, metadata: Metadata = ()
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int | None = None,
+        stop_sequences: Sequence[str] = (),
+        include_stop_sequence: bool = False,
+        truncate_input_tokens: int | None = None,
+        time_limit_ms: int | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
     ) -> AsyncIterator[Chunk]:
-        """Stream the continuation of `prompt`, one Chunk per decoded piece.
+        """Stream the continuation of `prompt`; see `LLMClient.generate` for the arguments.
 
         Leaving the `async for` early cancels the call, which stops the
         generation on the server.
@@ -93,16 +158,47 @@ class AsyncLLMClient:
         Raises:
             LLMError: a subclass for the call's status code.
         """
-        call: Any = self._generate(
-            GenerateRequest(prompt=prompt), timeout=timeout or self.timeout, metadata=tuple(metadata)
+        request = t.generate_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            stop_sequences=stop_sequences,
+            include_stop_sequence=include_stop_sequence,
+            truncate_input_tokens=truncate_input_tokens,
+            time_limit_ms=time_limit_ms,
+            request_id=request_id,
         )
+        call: Any = self._methods.generate(request, timeout=timeout or self.timeout, metadata=tuple(metadata))
         try:
             async for response in call:
-                yield Chunk(response.token)
+                yield t.to_chunk(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
             call.cancel()
+
+    async def complete(self, prompt: str, **kwargs: Any) -> Completion:
+        """Generate to the end and return the whole completion (same arguments as `generate`)."""
+        return t.to_completion([chunk async for chunk in self.generate(prompt, **kwargs)])
+
+    async def tokenize(
+        self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None
+    ) -> Tokens:
+        """The served model's tokens for `text`."""
+        try:
+            response = await self._methods.tokenize(
+                t.tokenize_request(text, truncate_input_tokens), timeout=timeout or self.timeout
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return t.to_tokens(response)
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The served model and the server's limits."""
+        try:
+            response = await self._methods.model_info(GetModelInfoRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return t.to_model_info(response)
 
     async def close(self) -> None:
         """Close the channel (if this client opened it)."""

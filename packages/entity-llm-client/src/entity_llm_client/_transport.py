@@ -1,15 +1,24 @@
-"""Method handles: betterproto2 messages on grpcio channels (sync and aio)."""
+"""Method handles and message conversion: betterproto2 messages on grpcio channels."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-import grpc
-
-from ._gen.entity.grpc import GenerateRequest, GenerateResponse
+from ._gen.entity.grpc import (
+    FinishReason as WireFinishReason,
+)
+from ._gen.entity.grpc import (
+    GenerateRequest,
+    GenerateResponse,
+    GetModelInfoRequest,
+    GetModelInfoResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from ._types import Chunk, Completion, FinishReason, ModelInfo, Tokens, Usage
 
 SERVICE = "entity.grpc.LLMService"
-GENERATE = f"/{SERVICE}/Generate"
 
 # Clients keep long quiet streams alive with pings the server is set to accept.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -18,20 +27,93 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 ]
 
+_FINISH = {
+    WireFinishReason.MAX_TOKENS: FinishReason.MAX_TOKENS,
+    WireFinishReason.EOS: FinishReason.EOS,
+    WireFinishReason.STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+    WireFinishReason.TIME_LIMIT: FinishReason.TIME_LIMIT,
+    WireFinishReason.TOKEN_LIMIT: FinishReason.TOKEN_LIMIT,
+}
 
-def generate_sync(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[GenerateRequest, GenerateResponse]:
-    return channel.unary_stream(
-        GENERATE,
-        request_serializer=GenerateRequest.SerializeToString,
-        response_deserializer=GenerateResponse.FromString,
+
+class Methods:
+    """The service's method handles on one channel (sync or aio: same calls)."""
+
+    def __init__(self, channel: Any) -> None:
+        def handle(kind: str, name: str, request: Any, response: Any) -> Any:
+            return getattr(channel, kind)(
+                f"/{SERVICE}/{name}",
+                request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
+            )
+
+        self.generate = handle("unary_stream", "Generate", GenerateRequest, GenerateResponse)
+        self.tokenize = handle("unary_unary", "Tokenize", TokenizeRequest, TokenizeResponse)
+        self.model_info = handle("unary_unary", "GetModelInfo", GetModelInfoRequest, GetModelInfoResponse)
+
+
+def generate_request(
+    prompt: str,
+    *,
+    max_new_tokens: int | None,
+    stop_sequences: Iterable[str],
+    include_stop_sequence: bool,
+    truncate_input_tokens: int | None,
+    time_limit_ms: int | None,
+    request_id: str,
+) -> GenerateRequest:
+    return GenerateRequest(
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        stop_sequences=list(stop_sequences),
+        include_stop_sequence=include_stop_sequence,
+        truncate_input_tokens=truncate_input_tokens,
+        time_limit_ms=time_limit_ms,
+        request_id=request_id,
     )
 
 
-def generate_aio(
-    channel: grpc.aio.Channel,
-) -> grpc.aio.UnaryStreamMultiCallable[GenerateRequest, GenerateResponse]:
-    return channel.unary_stream(
-        GENERATE,
-        request_serializer=GenerateRequest.SerializeToString,
-        response_deserializer=GenerateResponse.FromString,
+def to_chunk(response: GenerateResponse) -> Chunk:
+    reason = _FINISH.get(response.finish_reason)
+    return Chunk(
+        text=response.token,
+        token_ids=tuple(response.token_ids),
+        request_id=response.request_id,
+        finish_reason=reason,
+        stop_sequence=response.stop_sequence,
+        usage=None if reason is None else Usage(response.input_token_count, response.generated_token_count),
+    )
+
+
+def to_completion(chunks: list[Chunk]) -> Completion:
+    last = chunks[-1] if chunks else None
+    if last is None or last.finish_reason is None or last.usage is None:
+        raise RuntimeError("the stream ended without a final message")
+    return Completion(
+        text="".join(c.text for c in chunks),
+        token_ids=tuple(t for c in chunks for t in c.token_ids),
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        stop_sequence=last.stop_sequence,
+        request_id=last.request_id,
+    )
+
+
+def tokenize_request(text: str, truncate_input_tokens: int | None) -> TokenizeRequest:
+    return TokenizeRequest(text=text, truncate_input_tokens=truncate_input_tokens)
+
+
+def to_tokens(response: TokenizeResponse) -> Tokens:
+    return Tokens(tuple(response.token_ids), tuple(response.pieces))
+
+
+def to_model_info(response: GetModelInfoResponse) -> ModelInfo:
+    return ModelInfo(
+        model_id=response.model_id,
+        context_length=response.context_length,
+        vocab_size=response.vocab_size,
+        default_max_new_tokens=response.default_max_new_tokens,
+        max_max_new_tokens=response.max_max_new_tokens,
+        eos_token_ids=tuple(response.eos_token_ids),
+        has_chat_template=response.has_chat_template,
     )

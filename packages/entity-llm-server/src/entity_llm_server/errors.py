@@ -1,51 +1,89 @@
-"""The one boundary where exceptions become gRPC status codes."""
+"""The one boundary where exceptions become gRPC status codes.
+
+INVALID_ARGUMENT carries a `google.rpc.BadRequest` with one field violation per
+broken limit (in the `grpc-status-details-bin` trailer, via grpcio-status), and
+its message names each field too, for clients that read only the message.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from .engine import EngineError, EngineOverloadedError, InvalidRequestError
+from .validation import RequestValidationError
 
 log = logging.getLogger(__name__)
 
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
-
-StreamHandler = Callable[[Any, _Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Response]]
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map a domain exception to the status and message a client sees."""
+Trailers = tuple[tuple[str, str | bytes], ...]
+
+
+def _bad_request(violations: list[tuple[str, str]], message: str) -> tuple[grpc.StatusCode, str, Trailers]:
+    details = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in violations
+        ]
+    )
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
+    status.details.add().Pack(details)
+    rich = rpc_status.to_status(status)
+    return rich.code, rich.details, tuple(rich.trailing_metadata)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, Trailers]:
+    """Map a domain exception to what a client sees: code, message, and trailers with details."""
+    if isinstance(exc, RequestValidationError):
+        return _bad_request(exc.violations, f"invalid request: {exc}")
     if isinstance(exc, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return _bad_request([(exc.field, exc.description)], f"invalid request: {exc}")
     if isinstance(exc, EngineOverloadedError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
     if isinstance(exc, EngineError):
-        return grpc.StatusCode.INTERNAL, str(exc)
-    return grpc.StatusCode.INTERNAL, f"unexpected server error: {type(exc).__name__}"
+        return grpc.StatusCode.INTERNAL, str(exc), ()
+    return grpc.StatusCode.INTERNAL, f"unexpected server error: {type(exc).__name__}", ()
 
 
-def translate_errors(handler: StreamHandler[_Request, _Response]) -> StreamHandler[_Request, _Response]:
-    """Wrap a server-streaming handler so domain errors end the call with a status."""
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    code, message, trailers = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("request failed")
+    await context.abort(code, message, trailers)
+
+
+def translate_errors(handler: Handler) -> Handler:
+    """Wrap a servicer method (unary or server-streaming) so errors end the call with a status."""
+    if inspect.isasyncgenfunction(handler):
+
+        @wraps(handler)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                async for response in handler(self, request, context):
+                    yield response
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return stream  # type: ignore[return-value]
 
     @wraps(handler)
-    async def wrapper(
-        self: Any, request: _Request, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[_Response]:
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            async for response in handler(self, request, context):
-                yield response
-        except (grpc.aio.AbortError, GeneratorExit):
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            code, message = status_for(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("request failed")
-            await context.abort(code, message)
+            await _abort(context, exc)
 
-    return wrapper
+    return unary  # type: ignore[return-value]

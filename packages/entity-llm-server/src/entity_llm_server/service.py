@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -9,9 +10,35 @@ from typing import Any
 import grpc
 
 from ._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from .engine import Engine, EngineRequest, TextDelta
+from .engine import Engine, EngineRequest, Finished, FinishReason
 from .errors import translate_errors
 from .resource import UnifiedLLMResource
+from .validation import validate_generate, validate_tokenize
+
+_FINISH_REASONS = {
+    FinishReason.MAX_TOKENS: llm_pb2.FINISH_REASON_MAX_TOKENS,
+    FinishReason.EOS: llm_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: llm_pb2.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.TIME_LIMIT: llm_pb2.FINISH_REASON_TIME_LIMIT,
+    FinishReason.TOKEN_LIMIT: llm_pb2.FINISH_REASON_TOKEN_LIMIT,
+}
+
+
+def _optional(message: Any, field: str) -> Any:
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineRequest:
+    """The engine's view of a GenerateRequest."""
+    return EngineRequest(
+        prompt=request.prompt,
+        max_new_tokens=_optional(request, "max_new_tokens"),
+        request_id=request_id,
+        stop_sequences=tuple(request.stop_sequences),
+        include_stop_sequence=request.include_stop_sequence,
+        truncate_input_tokens=_optional(request, "truncate_input_tokens"),
+        time_limit_ms=_optional(request, "time_limit_ms"),
+    )
 
 
 class LLMService(llm_pb2_grpc.LLMServiceServicer):
@@ -43,9 +70,44 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
     async def Generate(  # noqa: N802  # the RPC's name in the protocol
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        validate_generate(request)
         engine = await self.engine()
+        request_id = request.request_id or uuid.uuid4().hex
         # aclosing: a client that leaves closes the engine's stream at once.
-        async with aclosing(engine.generate(EngineRequest(prompt=request.prompt))) as events:
+        async with aclosing(engine.generate(engine_request(request, request_id))) as events:
             async for event in events:
-                if isinstance(event, TextDelta):
-                    yield llm_pb2.GenerateResponse(token=event.text)
+                if isinstance(event, Finished):
+                    yield llm_pb2.GenerateResponse(
+                        token_ids=event.tail_ids,
+                        finish_reason=_FINISH_REASONS[event.reason],
+                        stop_sequence=event.stop_sequence,
+                        input_token_count=event.input_tokens,
+                        generated_token_count=event.generated_tokens,
+                        request_id=request_id,
+                    )
+                else:
+                    yield llm_pb2.GenerateResponse(token=event.text, token_ids=event.token_ids, request_id=request_id)
+
+    @translate_errors
+    async def Tokenize(  # noqa: N802  # the RPC's name in the protocol
+        self, request: llm_pb2.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> llm_pb2.TokenizeResponse:
+        validate_tokenize(request)
+        engine = await self.engine()
+        tokens = engine.tokenize(request.text, _optional(request, "truncate_input_tokens"))
+        return llm_pb2.TokenizeResponse(token_ids=tokens.ids, pieces=tokens.pieces, token_count=len(tokens.ids))
+
+    @translate_errors
+    async def GetModelInfo(  # noqa: N802  # the RPC's name in the protocol
+        self, request: llm_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> llm_pb2.GetModelInfoResponse:
+        info = (await self.engine()).info()
+        return llm_pb2.GetModelInfoResponse(
+            model_id=info.model_id,
+            context_length=info.context_length,
+            vocab_size=info.vocab_size,
+            default_max_new_tokens=info.default_max_new_tokens,
+            max_max_new_tokens=info.max_max_new_tokens,
+            eos_token_ids=info.eos_token_ids,
+            has_chat_template=info.has_chat_template,
+        )

@@ -11,7 +11,9 @@ from .base import (
     Finished,
     FinishReason,
     InvalidRequestError,
+    ModelInfo,
     TextDelta,
+    Tokens,
 )
 from .batching import BatchingEngine, BatchingSettings
 from .fake import FakeEngine
@@ -29,6 +31,8 @@ __all__ = [
     "FinishReason",
     "Finished",
     "InvalidRequestError",
+    "ModelInfo",
     "TextDelta",
+    "Tokens",
     "TransformersEngine",
 ]

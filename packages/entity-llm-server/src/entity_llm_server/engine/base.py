@@ -13,6 +13,9 @@ class FinishReason(enum.Enum):
 
     MAX_TOKENS = "max_tokens"
     EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    TIME_LIMIT = "time_limit"
+    TOKEN_LIMIT = "token_limit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +27,19 @@ class EngineRequest:
         max_new_tokens: the most tokens to generate; None takes the engine's
             default.
         request_id: an identifier for logs and cancellation.
+        stop_sequences: texts that end generation where they appear.
+        include_stop_sequence: keep the matched stop text in the output.
+        truncate_input_tokens: keep only the last N prompt tokens.
+        time_limit_ms: end normally (TIME_LIMIT) after this long.
     """
 
     prompt: str
     max_new_tokens: int | None = None
     request_id: str = ""
+    stop_sequences: tuple[str, ...] = ()
+    include_stop_sequence: bool = False
+    truncate_input_tokens: int | None = None
+    time_limit_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +57,48 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The last event of every successful generation."""
+    """The last event of every successful generation.
+
+    Attributes:
+        reason: why generation ended.
+        input_tokens: prompt tokens the model saw (after truncation).
+        generated_tokens: tokens the model produced (an EOS included).
+        token_ids: every id generated, in order.
+        stop_sequence: the stop sequence that matched, if one did.
+        tail_ids: ids no TextDelta carried (an EOS, bytes of an unfinished
+            character, text trimmed with a stop sequence).
+    """
 
     reason: FinishReason
     input_tokens: int
     generated_tokens: int
     token_ids: tuple[int, ...] = field(default=())
+    stop_sequence: str = ""
+    tail_ids: tuple[int, ...] = ()
 
 
 EngineEvent = TextDelta | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the engine serves and its limits (GetModelInfo)."""
+
+    model_id: str
+    context_length: int
+    vocab_size: int
+    default_max_new_tokens: int
+    max_max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    has_chat_template: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """A text's tokens (Tokenize)."""
+
+    ids: tuple[int, ...]
+    pieces: tuple[str, ...]
 
 
 class EngineError(Exception):
@@ -94,6 +138,14 @@ class Engine(Protocol):
     @property
     def healthy(self) -> bool:
         """Whether the engine can serve (started, and not failed)."""
+        ...
+
+    def info(self) -> ModelInfo:
+        """The served model and the engine's limits."""
+        ...
+
+    def tokenize(self, text: str, truncate: int | None = None) -> Tokens:
+        """The model's tokens for `text`, keeping the last `truncate` when given."""
         ...
 
     async def start(self) -> None:

@@ -27,19 +27,12 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from .base import (
-    EngineError,
-    EngineEvent,
-    EngineOverloadedError,
-    EngineRequest,
-    Finished,
-    FinishReason,
-    InvalidRequestError,
-    TextDelta,
-)
+from .base import EngineError, EngineEvent, EngineOverloadedError, EngineRequest
+from .tokens import Prepared, TokenStreamEngine
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +63,7 @@ class BatchingSettings:
     cuda_graphs: bool | None = None
 
 
-class BatchingEngine:
+class BatchingEngine(TokenStreamEngine):
     """Greedy generation for many concurrent requests with continuous batching.
 
     Args:
@@ -89,16 +82,8 @@ class BatchingEngine:
         settings: BatchingSettings | None = None,
         default_max_new_tokens: int = 128,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
+        super().__init__(model, tokenizer, default_max_new_tokens=default_max_new_tokens)
         self.settings = settings or BatchingSettings()
-        self.default_max_new_tokens = default_max_new_tokens
-        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        self.vocab_size = int(model.config.vocab_size)
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self._manager: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue[Any]] = {}
@@ -122,6 +107,11 @@ class BatchingEngine:
     def _cache_tokens(self) -> int:
         s = self.settings
         return s.kv_cache_tokens or s.max_batch_size * min(self.context_length, 1024)
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        # A sequence longer than the whole KV cache can never be scheduled.
+        return min(self.context_length, self._cache_tokens())
 
     def _cb_config(self) -> Any:
         from transformers import ContinuousBatchingConfig
@@ -222,76 +212,51 @@ class BatchingEngine:
 
     # -- requests -----------------------------------------------------------
 
-    def _prepare(self, request: EngineRequest) -> tuple[list[int], int]:
-        ids: list[int] = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            start = self.tokenizer.bos_token_id
-            ids = [start if start is not None else min(self.eos_ids, default=0)]
-        if max(ids) >= self.vocab_size:
-            raise InvalidRequestError("prompt", "the tokenizer produced ids outside the model's vocabulary")
-        room = min(self.context_length, self._cache_tokens()) - len(ids)
-        if room <= 0:
-            raise InvalidRequestError(
-                "prompt",
-                f"{len(ids)} tokens leave no room in the model's {min(self.context_length, self._cache_tokens())}"
-                "-token context",
-            )
-        return ids, min(request.max_new_tokens or self.default_max_new_tokens, room)
-
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
-        manager = self._manager
-        if manager is None:
+        # Refuse before any work: a failed engine or a full house.
+        if self._manager is None:
             raise EngineError("engine is not started")
         if self._failure is not None:
             raise EngineError(f"engine has failed: {self._failure}")
-        ids, max_new = self._prepare(request)
         if self.in_flight >= self.capacity:
             raise EngineOverloadedError(
                 f"server at capacity: {self.in_flight} requests in flight "
                 f"(max batch size {self.settings.max_batch_size} + max queue {self.settings.max_queue})"
             )
+        async with aclosing(super().generate(request)) as events:
+            async for event in events:
+                yield event
+
+    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
+        manager = self._manager
+        if manager is None:
+            raise EngineError("engine is not started")
         request_id = f"req-{next(self._ids)}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = queue
         done = False
         try:
-            if manager.add_request(ids, request_id=request_id, max_new_tokens=max_new, streaming=True) is None:
+            added = manager.add_request(
+                prepared.ids, request_id=request_id, max_new_tokens=prepared.max_new_tokens, streaming=True
+            )
+            if added is None:
                 raise EngineError("the batching thread is not running")
-            async for event in self._events(queue, ids):
-                done = isinstance(event, Finished)
-                yield event
+            seen = 0
+            while not done:
+                output = await queue.get()
+                if output is _DEAD:
+                    raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
+                if output.error is not None:
+                    raise EngineError(f"generation failed: {output.error}")
+                tokens = output.generated_tokens  # every token so far, not only the new ones
+                done = output.is_finished()
+                if len(tokens) > seen:
+                    yield list(tokens[seen:])
+                    seen = len(tokens)
         finally:
             del self._queues[request_id]
             if not done and self._manager is not None:
                 manager.cancel_request(request_id)
-
-    async def _events(self, queue: asyncio.Queue[Any], ids: list[int]) -> AsyncGenerator[EngineEvent, None]:
-        from tokenizers.decoders import DecodeStream
-
-        backend = self.tokenizer.backend_tokenizer
-        stream = DecodeStream(ids=list(ids), skip_special_tokens=True)
-        seen = 0
-        pending: list[int] = []
-        reason = FinishReason.MAX_TOKENS
-        while True:
-            output = await queue.get()
-            if output is _DEAD:
-                raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
-            if output.error is not None:
-                raise EngineError(f"generation failed: {output.error}")
-            tokens = output.generated_tokens
-            for token in tokens[seen:]:  # outputs carry every token so far
-                if token in self.eos_ids:
-                    reason = FinishReason.EOS
-                    break
-                pending.append(token)
-                if text := stream.step(backend, token):
-                    yield TextDelta(text, tuple(pending))
-                    pending = []
-            seen = len(tokens)
-            if output.is_finished():
-                yield Finished(reason, len(ids), len(tokens), tuple(tokens))
-                return
 
     def held_requests(self) -> int:
         """Requests the batching thread still holds (queued, waiting or decoding).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
-from .base import EngineEvent, EngineRequest, Finished, FinishReason, TextDelta
+from .base import EngineEvent, EngineRequest, Finished, FinishReason, ModelInfo, TextDelta, Tokens
 
 
 class FakeEngine:
@@ -36,6 +36,14 @@ class FakeEngine:
     def healthy(self) -> bool:
         return self.started
 
+    def info(self) -> ModelInfo:
+        return ModelInfo("fake", 4096, len(self.pieces), self.default_max_new_tokens, 4095, (), False)
+
+    def tokenize(self, text: str, truncate: int | None = None) -> Tokens:
+        words = text.split()
+        words = words[-truncate:] if truncate else words
+        return Tokens(tuple(range(len(words))), tuple(words))
+
     async def start(self) -> None:
         self.started = True
 
@@ -49,6 +57,6 @@ class FakeEngine:
             for i in range(limit):
                 await asyncio.sleep(self.delay)
                 yield TextDelta(self.pieces[i % len(self.pieces)], (i,))
-            yield Finished(FinishReason.MAX_TOKENS, len(request.prompt.split()), limit)
+            yield Finished(FinishReason.MAX_TOKENS, len(request.prompt.split()), limit, tuple(range(limit)))
         finally:
             self.active -= 1

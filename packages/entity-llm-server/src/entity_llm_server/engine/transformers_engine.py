@@ -17,30 +17,23 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .base import EngineError, EngineEvent, EngineRequest, Finished, FinishReason, InvalidRequestError, TextDelta
+from .base import EngineError, EngineRequest
+from .tokens import Prepared, TokenStreamEngine
 
 _DONE = object()
 
 
-class TransformersEngine:
-    """Greedy generation from a loaded model and fast tokenizer.
+class TransformersEngine(TokenStreamEngine):
+    """Greedy generation, one request at a time, on a worker thread.
 
     Args:
         model: a transformers causal LM, already on its device and in eval mode.
-        tokenizer: its fast tokenizer (the incremental detokenizer needs the
-            Rust backend).
+        tokenizer: its fast tokenizer.
         default_max_new_tokens: the length used when a request leaves it unset.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, default_max_new_tokens: int = 128) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.default_max_new_tokens = default_max_new_tokens
-        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        super().__init__(model, tokenizer, default_max_new_tokens=default_max_new_tokens)
         # transformers 5.x renamed the KV-cache argument (and output) from
         # past_key_values to cache; models written for either keep working.
         forward = inspect.signature(model.forward).parameters
@@ -67,22 +60,9 @@ class TransformersEngine:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    def _encode(self, request: EngineRequest) -> tuple[list[int], int]:
-        ids: list[int] = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            start = self.tokenizer.bos_token_id
-            ids = [start if start is not None else next(iter(self.eos_ids))]
-        if len(ids) >= self.context_length:
-            raise InvalidRequestError(
-                "prompt", f"{len(ids)} tokens leave no room in the model's {self.context_length}-token context"
-            )
-        wanted = request.max_new_tokens or self.default_max_new_tokens
-        return ids, min(wanted, self.context_length - len(ids))
-
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
         if self._executor is None:
             raise EngineError("engine is not started")
-        ids, max_new = self._encode(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
@@ -95,7 +75,7 @@ class TransformersEngine:
         def work() -> None:
             try:
                 if not cancelled.is_set():
-                    self._decode(ids, max_new, emit, cancelled)
+                    self._decode(prepared, emit, cancelled)
             except BaseException as exc:  # handed to the awaiting coroutine
                 emit(exc)
             finally:
@@ -110,35 +90,22 @@ class TransformersEngine:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise EngineError(f"generation failed: {item}") from item
-                yield item  # type: ignore[misc]  # the worker emits only events
+                yield [item]  # type: ignore[list-item]  # the worker emits token ids
         finally:
             cancelled.set()
 
-    def _decode(self, ids: list[int], max_new: int, emit: Callable[[object], None], cancelled: threading.Event) -> None:
+    def _decode(self, prepared: Prepared, emit: Callable[[object], None], cancelled: threading.Event) -> None:
         import torch  # deferred: nothing imports torch before a model is served
-        from tokenizers.decoders import DecodeStream
 
-        backend = self.tokenizer.backend_tokenizer
-        stream = DecodeStream(ids=list(ids), skip_special_tokens=True)
         device = self.model.device
-        pending: list[int] = []
-        generated: list[int] = []
-        reason = FinishReason.MAX_TOKENS
+        count = 0
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-            while len(generated) < max_new and not cancelled.is_set():
+            out = self.model(input_ids=torch.tensor([prepared.ids], device=device), use_cache=True)
+            while count < prepared.max_new_tokens and not cancelled.is_set():
                 token = int(out.logits[0, -1].argmax())
-                generated.append(token)
-                if token in self.eos_ids:
-                    reason = FinishReason.EOS
+                emit(token)
+                count += 1
+                if token in self.eos_ids or count == prepared.max_new_tokens:
                     break
-                pending.append(token)
-                text = stream.step(backend, token)
-                if text:
-                    emit(TextDelta(text, tuple(pending)))
-                    pending = []
-                if len(generated) < max_new:
-                    cache = {self._cache_name: getattr(out, self._cache_name)}
-                    out = self.model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache)
-        if not cancelled.is_set():
-            emit(Finished(reason, len(ids), len(generated), tuple(generated)))
+                cache = {self._cache_name: getattr(out, self._cache_name)}
+                out = self.model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache)

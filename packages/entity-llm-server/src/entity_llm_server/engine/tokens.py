@@ -1,0 +1,201 @@
+"""What every transformers engine shares: prompts in, text events out.
+
+An engine subclass only produces token ids (`_token_ids`); this layer turns a
+request into prompt ids (truncation, context limits), and ids into events:
+incremental detokenization that never splits a UTF-8 character, stop
+sequences matched on text across token boundaries, the time limit, and the one
+`Finished` event that ends every successful stream.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from .base import EngineEvent, EngineRequest, Finished, FinishReason, InvalidRequestError, ModelInfo, TextDelta, Tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request turned into model input.
+
+    Attributes:
+        ids: the prompt's token ids, after truncation.
+        max_new_tokens: the tokens to generate, after clipping to the context.
+        clipped: whether the context, not the request, set `max_new_tokens`.
+    """
+
+    ids: list[int]
+    max_new_tokens: int
+    clipped: bool
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, holding back possible beginnings.
+
+    Text that could be the start of a stop sequence is held until the next
+    piece shows whether it is; a match trims the text at the stop (or after
+    it, when the stop is to be included).
+    """
+
+    def __init__(self, stops: Iterable[str], include: bool) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.include = include
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Add text; return (text safe to emit now, the matched stop or None)."""
+        self.held += text
+        if not self.stops:
+            out, self.held = self.held, ""
+            return out, None
+        found = [(i, s) for s in self.stops if (i := self.held.find(s)) >= 0]
+        if found:
+            index, stop = min(found)
+            end = index + len(stop) if self.include else index
+            out, self.held = self.held[:end], ""
+            return out, stop
+        keep = max((n for s in self.stops for n in range(1, len(s)) if self.held.endswith(s[:n])), default=0)
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out, None
+
+    def flush(self) -> str:
+        """Release held text at the end of the stream."""
+        out, self.held = self.held, ""
+        return out
+
+
+class TokenStreamEngine(abc.ABC):
+    """Base of the engines that serve a transformers model and its fast tokenizer.
+
+    Args:
+        model: a transformers causal LM on its device, in eval mode.
+        tokenizer: its fast tokenizer (the incremental detokenizer needs the
+            Rust backend).
+        default_max_new_tokens: the length used when a request leaves it unset.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, default_max_new_tokens: int = 128) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.default_max_new_tokens = default_max_new_tokens
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens (prompt + generated) one sequence may hold."""
+        return self.context_length
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model_id=str(getattr(self.model, "name_or_path", "") or ""),
+            context_length=self.max_sequence_tokens,
+            vocab_size=self.vocab_size,
+            default_max_new_tokens=self.default_max_new_tokens,
+            max_max_new_tokens=self.max_sequence_tokens - 1,
+            eos_token_ids=tuple(sorted(self.eos_ids)),
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+        )
+
+    def tokenize(self, text: str, truncate: int | None = None) -> Tokens:
+        ids = self.encode(text, truncate)
+        return Tokens(tuple(ids), tuple(self.tokenizer.convert_ids_to_tokens(ids)))
+
+    def encode(self, text: str, truncate: int | None = None) -> list[int]:
+        """The token ids of `text`, keeping the last `truncate` when given."""
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[-truncate:] if truncate else ids
+
+    def prepare(self, request: EngineRequest) -> Prepared:
+        """Validate a request against the model and turn it into input ids."""
+        ids = self.encode(request.prompt, request.truncate_input_tokens)
+        if not ids:
+            start = self.tokenizer.bos_token_id
+            ids = [start if start is not None else min(self.eos_ids, default=0)]
+        if max(ids) >= self.vocab_size:
+            raise InvalidRequestError("prompt", "the tokenizer produced ids outside the model's vocabulary")
+        limit = self.max_sequence_tokens
+        room = limit - len(ids)
+        if room <= 0:
+            raise InvalidRequestError(
+                "prompt",
+                f"{len(ids)} tokens leave no room in the model's {limit}-token context; "
+                "set truncate_input_tokens to keep only the last ones",
+            )
+        if request.max_new_tokens is not None and request.max_new_tokens > limit - 1:
+            raise InvalidRequestError(
+                "max_new_tokens", f"{request.max_new_tokens} is more than this model's context allows ({limit - 1})"
+            )
+        wanted = request.max_new_tokens or min(self.default_max_new_tokens, limit - 1)
+        return Prepared(ids, min(wanted, room), clipped=wanted > room)
+
+    @abc.abstractmethod
+    def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
+        """Yield newly generated ids until generation ends; closing it cancels the request."""
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        prepared = self.prepare(request)
+        decoder = _Decoder(self.tokenizer, prepared.ids)
+        stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)
+        deadline = None if request.time_limit_ms is None else time.monotonic() + request.time_limit_ms / 1000
+        generated: list[int] = []
+        pending: list[int] = []
+        reason = FinishReason.TOKEN_LIMIT if prepared.clipped else FinishReason.MAX_TOKENS
+        stop: str | None = None
+        async with aclosing(self._token_ids(prepared, request)) as batches:
+            while stop is None:
+                try:
+                    timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+                    batch = await asyncio.wait_for(anext(batches), timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    reason = FinishReason.TIME_LIMIT
+                    break
+                for token in batch:
+                    generated.append(token)
+                    if token in self.eos_ids:
+                        reason = FinishReason.EOS
+                        break
+                    pending.append(token)
+                    out, stop = stops.feed(decoder.step(token))
+                    if out:
+                        yield TextDelta(out, tuple(pending))
+                        pending = []
+                    if stop is not None:
+                        reason = FinishReason.STOP_SEQUENCE
+                        break
+                if reason is FinishReason.EOS:
+                    break
+        if (rest := stops.flush()) and stop is None:
+            yield TextDelta(rest, tuple(pending))
+            pending = []
+        if reason is FinishReason.EOS:
+            pending.append(generated[-1])
+        yield Finished(reason, len(prepared.ids), len(generated), tuple(generated), stop or "", tuple(pending))
+
+
+class _Decoder:
+    """Incremental detokenization with the tokenizer's Rust DecodeStream."""
+
+    def __init__(self, tokenizer: Any, prompt: list[int]) -> None:
+        from tokenizers.decoders import DecodeStream  # deferred: no tokenizers work at import
+
+        self._backend = tokenizer.backend_tokenizer
+        # Seeded with the prompt so the first piece decodes in context (a
+        # leading space, a character begun by the prompt's last bytes).
+        self._stream = DecodeStream(ids=list(prompt), skip_special_tokens=True)
+
+    def step(self, token: int) -> str:
+        return self._stream.step(self._backend, token) or ""
