@@ -88,6 +88,6 @@ def test_a_port_in_use_fails_with_a_clear_message(console_server):
         text=True,
         timeout=120,
     )
-    assert out.returncode == 2
+    assert out.returncode == 2, out.stderr
     assert f"127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr

@@ -50,15 +50,20 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         batching=config.batching(),
     )
     service = LLMService(resource)
-    await service.engine()  # load before accepting traffic
     server = build_server(service)
     address = f"{config.host}:{config.port}"
+    # Bind first: a taken port fails in a moment, not after loading a model.
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"could not bind {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"could not bind {address}")
+    try:
+        await service.engine()  # load before accepting traffic
+    except BaseException:
+        await resource.close()  # stop any engine thread before the process exits
+        raise
     await server.start()
     host = config.host.strip("[]")
     # The one line scripts and tests read to find the port.

@@ -22,6 +22,7 @@ server needs around it:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import logging
@@ -162,14 +163,24 @@ class BatchingEngine(TokenStreamEngine):
         starter.start()
         starter.join()
         self._manager = manager
+        # A process that exits without close() (Ctrl-C on the seed snippet)
+        # must still stop the batching thread, or the C++ runtime aborts it.
+        atexit.register(self._stop_at_exit)
         self._closing.clear()
         self._pump = threading.Thread(target=self._pump_results, name="entity-llm-cb-results", daemon=True)
         self._pump.start()
+
+    def _stop_at_exit(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            self._closing.set()
+            manager.stop(block=True, timeout=10, hard_stop=True)
 
     async def close(self) -> None:
         manager, self._manager = self._manager, None
         if manager is None:
             return
+        atexit.unregister(self._stop_at_exit)
         self._closing.set()
         await asyncio.to_thread(manager.stop, block=True, timeout=30, hard_stop=True)
         if self._pump is not None:
