@@ -78,8 +78,10 @@ class LLMClient:
         )
         call: Any = self._methods.generate(request, timeout=timeout or self.timeout, metadata=tuple(metadata))
         try:
+            request_id = ""  # the server sends it on the first and last message
             for response in call:
-                yield t.to_chunk(response)
+                request_id = request_id or response.request_id
+                yield t.to_chunk(response, request_id)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
@@ -169,8 +171,10 @@ class AsyncLLMClient:
         )
         call: Any = self._methods.generate(request, timeout=timeout or self.timeout, metadata=tuple(metadata))
         try:
+            request_id = ""  # the server sends it on the first and last message
             async for response in call:
-                yield t.to_chunk(response)
+                request_id = request_id or response.request_id
+                yield t.to_chunk(response, request_id)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:

@@ -73,12 +73,12 @@ def generate_request(
     )
 
 
-def to_chunk(response: GenerateResponse) -> Chunk:
+def to_chunk(response: GenerateResponse, request_id: str) -> Chunk:
     reason = _FINISH.get(response.finish_reason)
     return Chunk(
         text=response.token,
         token_ids=tuple(response.token_ids),
-        request_id=response.request_id,
+        request_id=request_id,
         finish_reason=reason,
         stop_sequence=response.stop_sequence,
         usage=None if reason is None else Usage(response.input_token_count, response.generated_token_count),

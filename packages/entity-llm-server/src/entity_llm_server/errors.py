@@ -7,11 +7,10 @@ its message names each field too, for clients that read only the message.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -21,9 +20,6 @@ from .engine import EngineError, EngineOverloadedError, InvalidRequestError
 from .validation import RequestValidationError
 
 log = logging.getLogger(__name__)
-
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
 
 Trailers = tuple[tuple[str, str | bytes], ...]
 
@@ -61,29 +57,16 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) ->
     await context.abort(code, message, trailers)
 
 
-def translate_errors(handler: Handler) -> Handler:
-    """Wrap a servicer method (unary or server-streaming) so errors end the call with a status."""
-    if inspect.isasyncgenfunction(handler):
+@contextlib.asynccontextmanager
+async def error_boundary(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    """Wrap a servicer method's body: domain errors end the call with their status.
 
-        @wraps(handler)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                async for response in handler(self, request, context):
-                    yield response
-            except (grpc.aio.AbortError, GeneratorExit):
-                raise
-            except Exception as exc:
-                await _abort(context, exc)
-
-        return stream  # type: ignore[return-value]
-
-    @wraps(handler)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await handler(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
-
-    return unary  # type: ignore[return-value]
+    A context manager rather than a wrapping generator, so a streamed message
+    passes through no extra generator layer on the per-token path.
+    """
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await _abort(context, exc)

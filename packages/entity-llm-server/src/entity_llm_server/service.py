@@ -11,7 +11,7 @@ import grpc
 
 from ._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from .engine import Engine, EngineRequest, Finished, FinishReason
-from .errors import translate_errors
+from .errors import error_boundary
 from .resource import UnifiedLLMResource
 from .validation import validate_generate, validate_tokenize
 
@@ -66,42 +66,48 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
         await self._engine.start()
         return self._engine
 
-    @translate_errors
     async def Generate(  # noqa: N802  # the RPC's name in the protocol
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[llm_pb2.GenerateResponse]:
-        validate_generate(request)
-        engine = await self.engine()
-        request_id = request.request_id or uuid.uuid4().hex
-        # aclosing: a client that leaves closes the engine's stream at once.
-        async with aclosing(engine.generate(engine_request(request, request_id))) as events:
-            async for event in events:
-                if isinstance(event, Finished):
-                    yield llm_pb2.GenerateResponse(
-                        token_ids=event.tail_ids,
-                        finish_reason=_FINISH_REASONS[event.reason],
-                        stop_sequence=event.stop_sequence,
-                        input_token_count=event.input_tokens,
-                        generated_token_count=event.generated_tokens,
-                        request_id=request_id,
-                    )
-                else:
-                    yield llm_pb2.GenerateResponse(token=event.text, token_ids=event.token_ids, request_id=request_id)
+        async with error_boundary(context):
+            validate_generate(request)
+            engine = await self.engine()
+            request_id = request.request_id or uuid.uuid4().hex
+            # aclosing: a client that leaves closes the engine's stream at once.
+            first = True
+            async with aclosing(engine.generate(engine_request(request, request_id))) as events:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        yield llm_pb2.GenerateResponse(
+                            token_ids=event.tail_ids,
+                            finish_reason=_FINISH_REASONS[event.reason],
+                            stop_sequence=event.stop_sequence,
+                            input_token_count=event.input_tokens,
+                            generated_token_count=event.generated_tokens,
+                            request_id=request_id,
+                        )
+                    else:
+                        # The id rides on the first and the last message only:
+                        # repeating it on every token costs throughput.
+                        yield llm_pb2.GenerateResponse(
+                            token=event.text, token_ids=event.token_ids, request_id=request_id if first else ""
+                        )
+                        first = False
 
-    @translate_errors
     async def Tokenize(  # noqa: N802  # the RPC's name in the protocol
         self, request: llm_pb2.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llm_pb2.TokenizeResponse:
-        validate_tokenize(request)
-        engine = await self.engine()
-        tokens = engine.tokenize(request.text, _optional(request, "truncate_input_tokens"))
+        async with error_boundary(context):
+            validate_tokenize(request)
+            engine = await self.engine()
+            tokens = engine.tokenize(request.text, _optional(request, "truncate_input_tokens"))
         return llm_pb2.TokenizeResponse(token_ids=tokens.ids, pieces=tokens.pieces, token_count=len(tokens.ids))
 
-    @translate_errors
     async def GetModelInfo(  # noqa: N802  # the RPC's name in the protocol
         self, request: llm_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llm_pb2.GetModelInfoResponse:
-        info = (await self.engine()).info()
+        async with error_boundary(context):
+            info = (await self.engine()).info()
         return llm_pb2.GetModelInfoResponse(
             model_id=info.model_id,
             context_length=info.context_length,
