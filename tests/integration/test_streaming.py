@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator
 
 import grpc
@@ -12,6 +11,8 @@ import pytest
 from entity_llm_client import AsyncLLMClient, Chunk, FinishReason, LLMClient, LLMError, UnavailableError, Usage
 from entity_llm_server import FakeEngine, LLMService
 from entity_llm_server.engine import EngineError, EngineEvent, EngineRequest
+
+from ..conftest import wait_until
 
 PIECES = ("def", " fib", "(n", "):", "\n", "    return", " n")
 
@@ -58,15 +59,6 @@ def test_many_concurrent_async_streams_each_get_the_whole_stream(serve):
     assert results == [expected] * 32
 
 
-def _wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 def test_leaving_a_sync_stream_early_frees_the_engine(serve):
     engine = FakeEngine(PIECES, delay=0.01, default_max_new_tokens=10_000)
     server = serve(LLMService(engine=engine)).start()
@@ -75,7 +67,7 @@ def test_leaving_a_sync_stream_early_frees_the_engine(serve):
         assert next(stream).text == PIECES[0]
         assert engine.active == 1
         stream.close()  # what a `break` out of the for loop does
-        assert _wait_until(lambda: engine.active == 0)
+        assert wait_until(lambda: engine.active == 0)
 
 
 def test_leaving_an_async_stream_early_frees_the_engine(serve):
@@ -90,7 +82,7 @@ def test_leaving_an_async_stream_early_frees_the_engine(serve):
             await stream.aclose()
 
     asyncio.run(run())
-    assert _wait_until(lambda: engine.active == 0)
+    assert wait_until(lambda: engine.active == 0)
 
 
 class _FailingEngine(FakeEngine):
@@ -120,4 +112,4 @@ def test_a_deadline_is_translated_and_frees_the_engine(serve):
     with LLMClient(server.target, timeout=0.3) as client, pytest.raises(LLMError) as caught:
         list(client.generate("x"))
     assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_until(lambda: engine.active == 0)
+    assert wait_until(lambda: engine.active == 0)

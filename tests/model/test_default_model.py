@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from entity_llm_client import InvalidArgumentError, LLMClient
 from entity_llm_server import EngineRequest, LLMService, TransformersEngine, UnifiedLLMResource, default_model_path
 from entity_llm_server.engine import Finished, FinishReason, TextDelta
 
+from ..conftest import wait_until
 from .scripted import ScriptedLM
 
 pytestmark = pytest.mark.model
@@ -127,7 +127,7 @@ def test_a_cancelled_stream_stops_decoding_and_frees_the_engine(demo_engine, ser
             stream = client.generate("a")
             assert next(stream).text == " x"
             stream.close()
-        assert _wait_until(lambda: engine.in_flight == 0, timeout=20)
+        assert wait_until(lambda: engine.in_flight == 0, timeout=20)
 
     async def next_request() -> list[object]:
         return [event async for event in engine.generate(EngineRequest(prompt="a", max_new_tokens=3))]
@@ -135,12 +135,3 @@ def test_a_cancelled_stream_stops_decoding_and_frees_the_engine(demo_engine, ser
     events = server.call(next_request())
     assert [e.text for e in events if isinstance(e, TextDelta)] == [" x"] * 3
     assert engine.in_flight == 0
-
-
-def _wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()

@@ -66,32 +66,23 @@ class ServerConfig:
         )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
-    return value
+def _bounded(kind: Callable[[str], float], low: float, high: float = float("inf")) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` within [low, high], or a message saying the range."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not low <= value <= high:
+            upper = "" if high == float("inf") else f" and ≤ {high:g}"
+            raise argparse.ArgumentTypeError(f"must be ≥ {low:g}{upper}, not {value:g}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, not {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), not {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, not {value}")
-    return value
+_positive_int = _bounded(int, 1)
+_non_negative_int = _bounded(int, 0)
+_port = _bounded(int, 0, 65535)
+_non_negative_float = _bounded(float, 0)
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
