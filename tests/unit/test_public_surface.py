@@ -60,6 +60,13 @@ def test_seed_compat_surface():
     assert llm_pb2.DESCRIPTOR.package == "entity.grpc"
     assert callable(llm_pb2_grpc.add_LLMServiceServicer_to_server)
     assert issubclass(LLMService, llm_pb2_grpc.LLMServiceServicer)
+    # the generated modules themselves, importable under the seed's dotted names too
+    import grpc_services.llm_pb2
+    import grpc_services.llm_pb2_grpc
+    from entity_llm_server._gen.entity.grpc import llm_pb2 as generated
+
+    assert grpc_services.llm_pb2 is llm_pb2 is generated
+    assert grpc_services.llm_pb2_grpc is llm_pb2_grpc
 
 
 def test_importing_both_packages_loads_no_torch_and_no_model():
