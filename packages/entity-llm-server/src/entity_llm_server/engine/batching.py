@@ -28,11 +28,10 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from .base import EngineError, EngineEvent, EngineOverloadedError, EngineRequest
+from .base import EngineError, EngineOverloadedError, EngineRequest
 from .tokens import Prepared, TokenStreamEngine
 
 log = logging.getLogger(__name__)
@@ -163,26 +162,25 @@ class BatchingEngine(TokenStreamEngine):
         starter.start()
         starter.join()
         self._manager = manager
-        # A process that exits without close() (Ctrl-C on the seed snippet)
-        # must still stop the batching thread, or the C++ runtime aborts it.
-        atexit.register(self._stop_at_exit)
+        atexit.register(self._stop)
         self._closing.clear()
         self._pump = threading.Thread(target=self._pump_results, name="entity-llm-cb-results", daemon=True)
         self._pump.start()
 
-    def _stop_at_exit(self) -> None:
+    def _stop(self) -> None:
+        """Stop the batching thread (blocking); also the atexit hook for a process
+        that exits without close() (Ctrl-C on the seed snippet), where a running
+        batching thread would make the C++ runtime abort."""
         manager, self._manager = self._manager, None
         if manager is not None:
             self._closing.set()
-            manager.stop(block=True, timeout=10, hard_stop=True)
+            manager.stop(block=True, timeout=30, hard_stop=True)
 
     async def close(self) -> None:
-        manager, self._manager = self._manager, None
-        if manager is None:
+        if self._manager is None:
             return
-        atexit.unregister(self._stop_at_exit)
-        self._closing.set()
-        await asyncio.to_thread(manager.stop, block=True, timeout=30, hard_stop=True)
+        atexit.unregister(self._stop)
+        await asyncio.to_thread(self._stop)
         if self._pump is not None:
             await asyncio.to_thread(self._pump.join, 5)
         self._fail_waiting()
@@ -223,8 +221,7 @@ class BatchingEngine(TokenStreamEngine):
 
     # -- requests -----------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
-        # Refuse before any work: a failed engine or a full house.
+    def _admit(self) -> None:
         if self._manager is None:
             raise EngineError("engine is not started")
         if self._failure is not None:
@@ -234,14 +231,10 @@ class BatchingEngine(TokenStreamEngine):
                 f"server at capacity: {self.in_flight} requests in flight "
                 f"(max batch size {self.settings.max_batch_size} + max queue {self.settings.max_queue})"
             )
-        async with aclosing(super().generate(request)) as events:
-            async for event in events:
-                yield event
 
     async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
         manager = self._manager
-        if manager is None:
-            raise EngineError("engine is not started")
+        assert manager is not None  # _admit checked
         request_id = f"req-{next(self._ids)}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = queue

@@ -141,10 +141,15 @@ class TokenStreamEngine(abc.ABC):
         return Prepared(ids, min(wanted, room), clipped=wanted > room)
 
     @abc.abstractmethod
+    def _admit(self) -> None:
+        """Refuse a request before any work: an unstarted or failed engine, a full house."""
+
+    @abc.abstractmethod
     def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
         """Yield newly generated ids until generation ends; closing it cancels the request."""
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        self._admit()
         prepared = self.prepare(request)
         decoder = _Decoder(self.tokenizer, prepared.ids)
         stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)

@@ -60,9 +60,12 @@ class TransformersEngine(TokenStreamEngine):
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
+    def _admit(self) -> None:
         if self._executor is None:
             raise EngineError("engine is not started")
+
+    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
+        assert self._executor is not None  # _admit checked
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
