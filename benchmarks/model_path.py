@@ -101,13 +101,20 @@ def cb_settings(streams: int, new_tokens: int, prompt_tokens: int) -> dict[str, 
     }
 
 
-def run_cb(model: Any, tokenizer: Any, batch: list[list[int]], new_tokens: int, prompt_tokens: int) -> Row:
+def run_cb(
+    model: Any,
+    tokenizer: Any,
+    batch: list[list[int]],
+    new_tokens: int,
+    prompt_tokens: int,
+    cuda_graphs: bool | None = None,
+) -> Row:
     """The same requests straight through transformers' ContinuousBatchingManager."""
     from transformers import GenerationConfig
 
     from entity_llm_server.engine import BatchingEngine, BatchingSettings
 
-    settings = BatchingSettings(**cb_settings(len(batch), new_tokens, prompt_tokens))
+    settings = BatchingSettings(**cb_settings(len(batch), new_tokens, prompt_tokens), cuda_graphs=cuda_graphs)
     sized = BatchingEngine(model, tokenizer, settings=settings)  # only to size the manager identically
     generation = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=sorted(sized.eos_ids))
     manager = model.init_continuous_batching(
@@ -138,7 +145,7 @@ def run_cb(model: Any, tokenizer: Any, batch: list[list[int]], new_tokens: int, 
     per_request = [counts[f"r{i}"] for i in range(len(batch))]
     return Row(
         "model",
-        "cb (raw, in process)",
+        "cb (raw, in process)" if cuda_graphs is None else f"cb (cuda_graphs={cuda_graphs})",
         len(batch),
         sum(per_request),
         seconds,
@@ -147,8 +154,16 @@ def run_cb(model: Any, tokenizer: Any, batch: list[list[int]], new_tokens: int, 
     )
 
 
-def run_sequential(model: Any, batch: list[list[int]], new_tokens: int) -> Row:
+def run_sequential(model: Any, batch: list[list[int]], new_tokens: int, limit: int = 0) -> Row:
+    """One `generate` per request, one after another.
+
+    With `limit`, only the first `limit` requests are run: one-at-a-time
+    throughput does not depend on how many wait behind, so the tokens/s stands
+    for the whole batch, while TTFT is reported for the requests that ran.
+    """
     import torch
+
+    measured = batch[:limit] if limit else batch
     from transformers.generation.streamers import BaseStreamer
 
     class FirstToken(BaseStreamer):  # type: ignore[misc]
@@ -167,7 +182,7 @@ def run_sequential(model: Any, batch: list[list[int]], new_tokens: int) -> Row:
     ttft: list[float] = []
     total = 0
     started = time.perf_counter()
-    for prompt in batch:
+    for prompt in measured:
         ids = torch.tensor([prompt], device=model.device)
         streamer = FirstToken()
         with torch.inference_mode():
@@ -177,7 +192,8 @@ def run_sequential(model: Any, batch: list[list[int]], new_tokens: int) -> Row:
         total += out.shape[1] - ids.shape[1]
         if streamer.at is not None:
             ttft.append((streamer.at - started) * 1000)
-    return Row("model", "sequential generate", len(batch), total, time.perf_counter() - started, ttft)
+    extra = {"requests_run": len(measured)}
+    return Row("model", "sequential generate", len(batch), total, time.perf_counter() - started, ttft, extra)
 
 
 async def run_grpc(target: str, tokenizer: Any, batch: list[list[int]], new_tokens: int, expected: int) -> Row:
@@ -232,10 +248,21 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> tuple[lis
         ) as server:
             grpc_row = asyncio.run(run_grpc(server.target, tokenizer, batch, args.new_tokens, cb.tokens))
             grpc_row.extra["server_startup_s"] = round(server.startup_s, 2)
-        seq = run_sequential(model, batch, args.new_tokens)
-        for row in (grpc_row, cb, seq):
+        seq = run_sequential(model, batch, args.new_tokens, args.sequential_limit)
+        extra_rows = []
+        if args.compare_no_graphs and args.device.startswith("cuda"):
+            plain = run_cb(model, tokenizer, batch, args.new_tokens, args.prompt_tokens, cuda_graphs=False)
+            extra_rows.append(plain)
+            ratios.append(
+                {
+                    "name": f"{name} cb with / without CUDA graphs at {streams}",
+                    "value": cb.tokens_per_s / plain.tokens_per_s,
+                    "target": 0.0,
+                }
+            )
+        for row in (grpc_row, cb, seq, *extra_rows):
             row.bench = name
-        rows += [grpc_row, cb, seq]
+        rows += [grpc_row, cb, seq, *extra_rows]
         # The issue's targets are set at 32 streams; below that the ratios are reported only.
         big = streams >= 32
         ratios.append(
@@ -263,6 +290,15 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--sequential-limit",
+        type=int,
+        default=0,
+        help="run at most this many requests sequentially (0: all); tokens/s does not depend on the count",
+    )
+    parser.add_argument(
+        "--compare-no-graphs", action="store_true", help="on CUDA, also run raw CB without CUDA graphs"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
