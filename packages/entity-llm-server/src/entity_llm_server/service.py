@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from ._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from .engine import Engine, EngineRequest, Finished, FinishReason
+from .engine import Engine, EngineRequest, Finished, FinishReason, Sampling, TokenLogprob
 from .errors import error_boundary
 from .resource import UnifiedLLMResource
 from .validation import validate_generate, validate_tokenize
@@ -28,8 +28,22 @@ def _optional(message: Any, field: str) -> Any:
     return getattr(message, field) if message.HasField(field) else None
 
 
+def _set(message: Any, field: str, default: Any) -> Any:
+    return getattr(message, field) if message.HasField(field) else default
+
+
 def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineRequest:
-    """The engine's view of a GenerateRequest."""
+    """The engine's view of a GenerateRequest (validated already)."""
+    sampling = Sampling(
+        temperature=_set(request, "temperature", 0.0),
+        top_p=_set(request, "top_p", 1.0),
+        top_k=_set(request, "top_k", 0),
+        repetition_penalty=_set(request, "repetition_penalty", 1.0),
+        min_new_tokens=_set(request, "min_new_tokens", 0),
+        seed=_set(request, "seed", 0),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+    )
     return EngineRequest(
         prompt=request.prompt,
         max_new_tokens=_optional(request, "max_new_tokens"),
@@ -38,7 +52,24 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         include_stop_sequence=request.include_stop_sequence,
         truncate_input_tokens=_optional(request, "truncate_input_tokens"),
         time_limit_ms=_optional(request, "time_limit_ms"),
+        sampling=sampling,
+        seed_set=request.HasField("seed"),
+        messages=tuple((m.role, m.content) for m in request.messages),
     )
+
+
+def _logprobs(entries: tuple[TokenLogprob, ...]) -> list[llm_pb2.TokenLogprobs]:
+    return [
+        llm_pb2.TokenLogprobs(
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top_logprobs=[
+                llm_pb2.TopLogprob(token_id=token, logprob=logprob, text=text)
+                for (token, logprob), text in zip(e.top, e.top_text or [""] * len(e.top), strict=True)
+            ],
+        )
+        for e in entries
+    ]
 
 
 class LLMService(llm_pb2_grpc.LLMServiceServicer):
@@ -85,12 +116,17 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                             input_token_count=event.input_tokens,
                             generated_token_count=event.generated_tokens,
                             request_id=request_id,
+                            logprobs=_logprobs(event.tail_logprobs) if event.tail_logprobs else None,
+                            seed=event.seed,
                         )
                     else:
                         # The id rides on the first and the last message only:
                         # repeating it on every token costs throughput.
                         yield llm_pb2.GenerateResponse(
-                            token=event.text, token_ids=event.token_ids, request_id=request_id if first else ""
+                            token=event.text,
+                            token_ids=event.token_ids,
+                            request_id=request_id if first else "",
+                            logprobs=_logprobs(event.logprobs) if event.logprobs else None,
                         )
                         first = False
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
+
+from .engine.sampling import MAX_TOP_LOGPROBS
 
 if TYPE_CHECKING:
     from ._gen.entity.grpc import llm_pb2
@@ -10,6 +13,9 @@ if TYPE_CHECKING:
 MAX_STOP_SEQUENCES = 6
 MAX_STOP_SEQUENCE_BYTES = 240
 MAX_REQUEST_ID_CHARS = 128
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
+MAX_MESSAGES = 256
 
 
 class RequestValidationError(ValueError):
@@ -44,8 +50,50 @@ def validate_generate(request: llm_pb2.GenerateRequest) -> None:
             problems.append((f"stop_sequences[{i}]", f"longer than {MAX_STOP_SEQUENCE_BYTES} bytes"))
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         problems.append(("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters"))
+    problems += _sampling(request)
+    problems += _input(request)
     if problems:
         raise RequestValidationError(problems)
+
+
+def _sampling(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if request.HasField("temperature"):
+        t = request.temperature
+        if not (math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE):
+            problems.append(("temperature", f"must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {t:g}"))
+    if request.HasField("top_p") and not (0 < request.top_p <= 1):  # NaN fails too
+        problems.append(("top_p", f"must be in (0, 1], got {request.top_p:g}"))
+    if request.HasField("repetition_penalty"):
+        r = request.repetition_penalty
+        if not (0 < r <= MAX_REPETITION_PENALTY):
+            problems.append(("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {r:g}"))
+    if (
+        request.HasField("min_new_tokens")
+        and request.HasField("max_new_tokens")
+        and request.min_new_tokens > request.max_new_tokens
+    ):
+        problems.append(
+            (
+                "min_new_tokens",
+                f"{request.min_new_tokens} is more than max_new_tokens ({request.max_new_tokens})",
+            )
+        )
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        problems.append(("top_logprobs", f"at most {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"))
+    return problems
+
+
+def _input(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if request.messages and request.prompt:
+        problems.append(("messages", "send either prompt or messages, not both"))
+    if len(request.messages) > MAX_MESSAGES:
+        problems.append(("messages", f"at most {MAX_MESSAGES}, got {len(request.messages)}"))
+    for i, message in enumerate(request.messages):
+        if not message.role:
+            problems.append((f"messages[{i}].role", "must not be empty"))
+    return problems
 
 
 def validate_tokenize(request: llm_pb2.TokenizeRequest) -> None:

@@ -17,6 +17,7 @@ from .base import (
 )
 from .batching import BatchingEngine, BatchingSettings
 from .fake import FakeEngine
+from .sampling import Sampling, TokenLogprob
 from .transformers_engine import TransformersEngine
 
 __all__ = [
@@ -32,7 +33,9 @@ __all__ = [
     "Finished",
     "InvalidRequestError",
     "ModelInfo",
+    "Sampling",
     "TextDelta",
+    "TokenLogprob",
     "Tokens",
     "TransformersEngine",
 ]

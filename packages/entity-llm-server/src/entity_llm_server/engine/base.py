@@ -7,6 +7,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from .sampling import GREEDY, Sampling, TokenLogprob
+
 
 class FinishReason(enum.Enum):
     """Why a generation ended normally."""
@@ -31,6 +33,11 @@ class EngineRequest:
         include_stop_sequence: keep the matched stop text in the output.
         truncate_input_tokens: keep only the last N prompt tokens.
         time_limit_ms: end normally (TIME_LIMIT) after this long.
+        sampling: how tokens are chosen (greedy by default). Its seed is
+            used only when `seed_set`; otherwise the engine picks one.
+        seed_set: whether the request chose the seed.
+        messages: a conversation ((role, content) pairs) to render with the
+            chat template, instead of `prompt`.
     """
 
     prompt: str
@@ -40,6 +47,9 @@ class EngineRequest:
     include_stop_sequence: bool = False
     truncate_input_tokens: int | None = None
     time_limit_ms: int | None = None
+    sampling: Sampling = GREEDY
+    seed_set: bool = False
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,7 @@ class TextDelta:
 
     text: str
     token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +78,8 @@ class Finished:
         stop_sequence: the stop sequence that matched, if one did.
         tail_ids: ids no TextDelta carried (an EOS, bytes of an unfinished
             character, text trimmed with a stop sequence).
+        tail_logprobs: their logprobs, when the request asked for logprobs.
+        seed: the sampler's seed, for a sampled request.
     """
 
     reason: FinishReason
@@ -75,6 +88,8 @@ class Finished:
     token_ids: tuple[int, ...] = field(default=())
     stop_sequence: str = ""
     tail_ids: tuple[int, ...] = ()
+    tail_logprobs: tuple[TokenLogprob, ...] = ()
+    seed: int | None = None
 
 
 EngineEvent = TextDelta | Finished

@@ -16,7 +16,11 @@ server needs around it:
   drops at the next decode step and frees its KV blocks;
 - failure: if the batching thread dies (seen on GPUs: CUDA out of memory),
   every waiting and later request fails with `EngineError` and `healthy`
-  turns False.
+  turns False;
+- sampling: each request's temperature, top-k/top-p, repetition penalty,
+  min_new_tokens, seed and logprobs are applied per row by
+  `cb_sampling.SamplingProcessors`, in the manager's own logits-processing
+  hook (see `sampling` for how seeds stay per request).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import EngineError, EngineOverloadedError, EngineRequest
-from .tokens import Prepared, TokenStreamEngine
+from .base import EngineError, EngineOverloadedError, EngineRequest, InvalidRequestError
+from .sampling import Sampling
+from .tokens import Prepared, Step, TokenStreamEngine
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class BatchingSettings:
 
 
 class BatchingEngine(TokenStreamEngine):
-    """Greedy generation for many concurrent requests with continuous batching.
+    """Generation for many concurrent requests with continuous batching.
 
     Args:
         model: a transformers causal LM on its device, in eval mode.
@@ -91,6 +96,7 @@ class BatchingEngine(TokenStreamEngine):
         self._pump: threading.Thread | None = None
         self._closing = threading.Event()
         self._failure: str | None = None
+        self._sampling: Any = None  # the manager's SamplingProcessors, once started
 
     # -- sizing -------------------------------------------------------------
 
@@ -109,6 +115,27 @@ class BatchingEngine(TokenStreamEngine):
         return s.kv_cache_tokens or s.max_batch_size * min(self.context_length, 1024)
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether the manager captures CUDA graphs."""
+        graphs = self.settings.cuda_graphs
+        return self.model.device.type == "cuda" if graphs is None else graphs
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        # A captured graph replays fixed tensor work: no per-sequence token
+        # sets (repetition penalty), no host-side logprob records.
+        if not self.cuda_graphs:
+            return
+        for name, used in (
+            ("repetition_penalty", sampling.penalised),
+            ("logprobs", sampling.logprobs),
+            ("top_logprobs", sampling.top_logprobs > 0),
+        ):
+            if used:
+                raise InvalidRequestError(
+                    name, "not available while the server captures CUDA graphs (start it with --cuda-graphs off)"
+                )
+
+    @property
     def max_sequence_tokens(self) -> int:
         # A sequence longer than the whole KV cache can never be scheduled.
         return min(self.context_length, self._cache_tokens())
@@ -124,7 +151,7 @@ class BatchingEngine(TokenStreamEngine):
             num_blocks=blocks,
             max_batch_tokens=s.max_batch_tokens or (2048 if on_cuda else 256),
             max_requests_per_batch=s.max_batch_size,
-            use_cuda_graph=on_cuda if s.cuda_graphs is None else s.cuda_graphs,
+            use_cuda_graph=self.cuda_graphs,
             allow_block_sharing=False,
             scheduler_type="fifo",
         )
@@ -152,6 +179,13 @@ class BatchingEngine(TokenStreamEngine):
         manager = self.model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=self._cb_config()
         )
+        from .cb_sampling import SamplingProcessors  # deferred: imports torch and transformers
+
+        # Replaced before warmup() builds the batch processor that uses it.
+        self._sampling = SamplingProcessors(
+            int(self.model.config.vocab_size), self.eos_ids, self.model.device, eager=not self.cuda_graphs
+        )
+        manager.logit_processor = self._sampling
         # warmup() allocates the KV cache here, so an impossible size fails
         # now rather than killing the batching thread later.
         await asyncio.to_thread(manager.warmup)
@@ -194,7 +228,12 @@ class BatchingEngine(TokenStreamEngine):
         while not self._closing.is_set():
             output = manager.get_result(timeout=0.1)
             if output is not None:
-                self._post(loop, self._deliver, output)
+                # One wake-up of the event loop for everything ready now (a
+                # decode step delivers one output per sequence at once).
+                outputs = [output]
+                while (more := manager.get_result(timeout=0)) is not None:
+                    outputs.append(more)
+                self._post(loop, self._deliver, outputs)
             elif not manager.is_running() and not self._closing.is_set():
                 error = manager.background_thread_status.fatal_error
                 self._post(loop, self._on_death, f"the batching thread stopped: {error!r}")
@@ -205,10 +244,11 @@ class BatchingEngine(TokenStreamEngine):
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             loop.call_soon_threadsafe(callback, arg)
 
-    def _deliver(self, output: Any) -> None:
-        queue = self._queues.get(output.request_id)
-        if queue is not None:  # None: the request was cancelled; drop its stragglers
-            queue.put_nowait(output)
+    def _deliver(self, outputs: list[Any]) -> None:
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:  # None: the request was cancelled; drop its stragglers
+                queue.put_nowait(output)
 
     def _on_death(self, reason: str) -> None:
         log.error("engine failed: %s", reason)
@@ -232,22 +272,35 @@ class BatchingEngine(TokenStreamEngine):
                 f"(max batch size {self.settings.max_batch_size} + max queue {self.settings.max_queue})"
             )
 
-    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
+    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
         manager = self._manager
         assert manager is not None  # _admit checked
         request_id = f"req-{next(self._ids)}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = queue
+        records = self._sampling.logprobs
+        wants_logprobs = prepared.sampling.wants_logprobs
+        if wants_logprobs:
+            records[request_id] = []
         done = False
         try:
             added = manager.add_request(
-                prepared.ids, request_id=request_id, max_new_tokens=prepared.max_new_tokens, streaming=True
+                prepared.ids,
+                request_id=request_id,
+                max_new_tokens=prepared.max_new_tokens,
+                streaming=True,
+                sampling=prepared.sampling,
+                prompt_len=len(prepared.ids),
             )
             if added is None:
                 raise EngineError("the batching thread is not running")
             seen = 0
             while not done:
                 output = await queue.get()
+                # A stream that fell behind finds several outputs waiting; the
+                # latest holds every token so far: take them in one step.
+                while output is not _DEAD and not queue.empty():
+                    output = queue.get_nowait()
                 if output is _DEAD:
                     raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
                 if output.error is not None:
@@ -255,10 +308,14 @@ class BatchingEngine(TokenStreamEngine):
                 tokens = output.generated_tokens  # every token so far, not only the new ones
                 done = output.is_finished()
                 if len(tokens) > seen:
-                    yield list(tokens[seen:])
+                    # The processors record a token's logprob before the manager
+                    # delivers it, so the record is never behind the output.
+                    logprobs = records[request_id][seen : len(tokens)] if wants_logprobs else None
+                    yield list(tokens[seen:]), logprobs
                     seen = len(tokens)
         finally:
             del self._queues[request_id]
+            records.pop(request_id, None)
             if not done and self._manager is not None:
                 manager.cancel_request(request_id)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
+import secrets
 import time
 from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
@@ -18,6 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import EngineEvent, EngineRequest, Finished, FinishReason, InvalidRequestError, ModelInfo, TextDelta, Tokens
+from .sampling import GREEDY, Sampling, TokenLogprob
+
+# What an engine's `_token_ids` yields: new token ids and, when the request
+# asked for them, their logprobs (one per id).
+Step = tuple[list[int], list[TokenLogprob] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +35,13 @@ class Prepared:
         ids: the prompt's token ids, after truncation.
         max_new_tokens: the tokens to generate, after clipping to the context.
         clipped: whether the context, not the request, set `max_new_tokens`.
+        sampling: the request's sampling, its seed chosen when it had none.
     """
 
     ids: list[int]
     max_new_tokens: int
     clipped: bool
+    sampling: Sampling = GREEDY
 
 
 class StopMatcher:
@@ -91,6 +100,7 @@ class TokenStreamEngine(abc.ABC):
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self._piece_names: dict[int, str] = {}  # token id -> its text alone (top_logprobs)
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -117,9 +127,29 @@ class TokenStreamEngine(abc.ABC):
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[-truncate:] if truncate else ids
 
+    def render(self, messages: tuple[tuple[str, str], ...]) -> str:
+        """A conversation as prompt text: the chat template with a generation prompt."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as exc:  # the template's own checks (jinja raise_exception) name the problem
+            raise InvalidRequestError("messages", f"the chat template rejected them: {exc}") from exc
+        return str(text)
+
+    def check_sampling(self, sampling: Sampling) -> None:  # noqa: B027  # a hook: engines refuse what they cannot do
+        """Refuse sampling features this engine cannot apply (raise InvalidRequestError)."""
+
     def prepare(self, request: EngineRequest) -> Prepared:
         """Validate a request against the model and turn it into input ids."""
-        ids = self.encode(request.prompt, request.truncate_input_tokens)
+        self.check_sampling(request.sampling)
+        # The template writes its own special tokens (BOS): encode its text as is.
+        prompt = self.render(request.messages) if request.messages else request.prompt
+        ids = self.encode(prompt, request.truncate_input_tokens)
         if not ids:
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else min(self.eos_ids, default=0)]
@@ -138,15 +168,18 @@ class TokenStreamEngine(abc.ABC):
                 "max_new_tokens", f"{request.max_new_tokens} is more than this model's context allows ({limit - 1})"
             )
         wanted = request.max_new_tokens or min(self.default_max_new_tokens, limit - 1)
-        return Prepared(ids, min(wanted, room), clipped=wanted > room)
+        sampling = request.sampling
+        if sampling.sampled and not request.seed_set:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        return Prepared(ids, min(wanted, room), clipped=wanted > room, sampling=sampling)
 
     @abc.abstractmethod
     def _admit(self) -> None:
         """Refuse a request before any work: an unstarted or failed engine, a full house."""
 
     @abc.abstractmethod
-    def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
-        """Yield newly generated ids until generation ends; closing it cancels the request."""
+    def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
+        """Yield newly generated ids (and logprobs) until generation ends; closing it cancels the request."""
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         self._admit()
@@ -155,40 +188,73 @@ class TokenStreamEngine(abc.ABC):
         stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)
         deadline = None if request.time_limit_ms is None else time.monotonic() + request.time_limit_ms / 1000
         generated: list[int] = []
+        # Ids (and logprobs) of tokens whose text is not out yet.
         pending: list[int] = []
+        pending_lp: list[TokenLogprob] = []
         reason = FinishReason.TOKEN_LIMIT if prepared.clipped else FinishReason.MAX_TOKENS
         stop: str | None = None
-        async with aclosing(self._token_ids(prepared, request)) as batches:
-            while stop is None:
+        async with aclosing(self._token_ids(prepared, request)) as steps:
+            while stop is None and reason is not FinishReason.EOS:
                 try:
                     timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-                    batch = await asyncio.wait_for(anext(batches), timeout)
+                    ids, logprobs = await asyncio.wait_for(anext(steps), timeout)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
                     reason = FinishReason.TIME_LIMIT
                     break
-                for token in batch:
-                    generated.append(token)
+                # Everything this step brought goes out as one event: a stream
+                # that fell behind catches up in fewer, larger messages.
+                text: list[str] = []
+                out_ids: list[int] = []
+                out_lp: list[TokenLogprob] = []
+                if logprobs is not None and prepared.sampling.top_logprobs:
+                    logprobs = [self._named(entry) for entry in logprobs]
+                generated += ids
+                for index, token in enumerate(ids):
+                    pending.append(token)
+                    if logprobs is not None:
+                        pending_lp.append(logprobs[index])
                     if token in self.eos_ids:
                         reason = FinishReason.EOS
+                        del generated[len(generated) - len(ids) + index + 1 :]
                         break
-                    pending.append(token)
                     out, stop = stops.feed(decoder.step(token))
                     if out:
-                        yield TextDelta(out, tuple(pending))
-                        pending = []
+                        text.append(out)
+                        out_ids += pending
+                        out_lp += pending_lp
+                        pending, pending_lp = [], []
                     if stop is not None:
                         reason = FinishReason.STOP_SEQUENCE
+                        del generated[len(generated) - len(ids) + index + 1 :]
                         break
-                if reason is FinishReason.EOS:
-                    break
+                if text:
+                    yield TextDelta("".join(text), tuple(out_ids), tuple(out_lp))
         if (rest := stops.flush()) and stop is None:
-            yield TextDelta(rest, tuple(pending))
-            pending = []
-        if reason is FinishReason.EOS:
-            pending.append(generated[-1])
-        yield Finished(reason, len(prepared.ids), len(generated), tuple(generated), stop or "", tuple(pending))
+            tail = [] if reason is not FinishReason.EOS else pending[-1:]
+            keep = len(pending) - len(tail)
+            yield TextDelta(rest, tuple(pending[:keep]), tuple(pending_lp[:keep]))
+            pending, pending_lp = tail, pending_lp[keep:]
+        yield Finished(
+            reason,
+            len(prepared.ids),
+            len(generated),
+            tuple(generated),
+            stop or "",
+            tuple(pending),
+            tuple(pending_lp),
+            prepared.sampling.seed if prepared.sampling.sampled else None,
+        )
+
+    def _named(self, entry: TokenLogprob) -> TokenLogprob:
+        names = self._piece_names
+        for token, _ in entry.top:
+            if token not in names:
+                if len(names) > 65536:
+                    names.clear()
+                names[token] = self.tokenizer.decode([token])
+        return dataclasses.replace(entry, top_text=tuple(names[token] for token, _ in entry.top))
 
 
 class _Decoder:

@@ -15,16 +15,21 @@ import inspect
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
+from . import sampling as s
 from .base import EngineError, EngineRequest
-from .tokens import Prepared, TokenStreamEngine
+from .sampling import TokenLogprob
+from .tokens import Prepared, Step, TokenStreamEngine
 
 _DONE = object()
 
 
 class TransformersEngine(TokenStreamEngine):
-    """Greedy generation, one request at a time, on a worker thread.
+    """Generation one request at a time, on a worker thread.
+
+    Tokens are chosen by `sampling.warp`/`choose`, the same code the batching
+    engine runs per row, so a seed gives the same text on either engine.
 
     Args:
         model: a transformers causal LM, already on its device and in eval mode.
@@ -64,7 +69,7 @@ class TransformersEngine(TokenStreamEngine):
         if self._executor is None:
             raise EngineError("engine is not started")
 
-    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[list[int], None]:
+    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
         assert self._executor is not None  # _admit checked
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -93,7 +98,8 @@ class TransformersEngine(TokenStreamEngine):
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise EngineError(f"generation failed: {item}") from item
-                yield [item]  # type: ignore[list-item]  # the worker emits token ids
+                token, logprob = cast("tuple[int, TokenLogprob | None]", item)  # what the worker emits
+                yield [token], None if logprob is None else [logprob]
         finally:
             cancelled.set()
 
@@ -101,14 +107,29 @@ class TransformersEngine(TokenStreamEngine):
         import torch  # deferred: nothing imports torch before a model is served
 
         device = self.model.device
+        sampling = prepared.sampling
+        sequence = list(prepared.ids)
         count = 0
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([prepared.ids], device=device), use_cache=True)
+            logits = out.logits[:, -1]
+            vocab = logits.shape[-1]
+            eos_mask = s.eos_mask(self.eos_ids, vocab, device)
             while count < prepared.max_new_tokens and not cancelled.is_set():
-                token = int(out.logits[0, -1].argmax())
-                emit(token)
+                rows = s.rows_for(
+                    [s.row_values(sampling, count, vocab)], [sequence if sampling.penalised else None], vocab, device
+                )
+                logprobs = s.warp(logits, rows, eos_mask, sort=sampling.top_k > 0 or sampling.top_p < 1)
+                chosen = s.choose(logprobs, rows)
+                token = int(chosen[0])
+                entry = None
+                if sampling.wants_logprobs:
+                    entry = s.logprob_entries(logprobs, chosen, [sampling.top_logprobs])[0]
+                emit((token, entry))
+                sequence.append(token)
                 count += 1
                 if token in self.eos_ids or count == prepared.max_new_tokens:
                     break
                 cache = {self._cache_name: getattr(out, self._cache_name)}
                 out = self.model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache)
+                logits = out.logits[:, -1]

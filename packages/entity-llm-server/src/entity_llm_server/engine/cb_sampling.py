@@ -1,0 +1,130 @@
+"""Per-request sampling inside transformers' continuous batching.
+
+transformers lets a `ContinuousBatchingLogitsProcessorList` turn each step's
+logits into scores, with per-request arguments copied into a static tensor
+before the step (so the processing can run inside a captured CUDA graph); the
+manager then takes the argmax. `SamplingProcessors` is such a list: it applies
+`sampling.warp` with each request's parameters and adds the request's seeded
+Gumbel noise (`sampling.choose`), so the manager's argmax *is* the request's
+sample: greedy rows are untouched argmax, sampled rows an exact, seeded draw.
+
+Eager mode (no CUDA graphs: every CPU server) also records, for requests that
+ask, each chosen token's logprob and top alternatives, and applies repetition
+penalties, which need each sequence's tokens; a captured graph can do
+neither, so the engine refuses those parameters when graphs are on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessorList,
+)
+
+from . import sampling as s
+
+# The rows of the manager's int32 argument tensor (floats travel as their bits).
+_TEMPERATURE, _TOP_K, _TOP_P, _PENALTY, _KEY, _FLAGS = range(6)
+_FLOAT_ROWS = (_TEMPERATURE, _TOP_P, _PENALTY)
+
+
+def _bits(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(torch.int32)
+
+
+class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
+    """The manager's logits processing: every request's warpers and sampler.
+
+    Args:
+        vocab_size: the model's vocabulary (the logits' last dimension).
+        eos_ids: the ids that min_new_tokens keeps from being chosen.
+        device: the model's device.
+        eager: no CUDA graphs; enables logprobs and repetition penalties.
+
+    Requests carry `sampling=Sampling(...)` and `prompt_len=N` as
+    `add_request` keyword arguments. A request that wants logprobs registers
+    `logprobs[request_id] = []` first; its TokenLogprob entries are appended
+    there in token order until it removes the entry.
+    """
+
+    def __init__(self, vocab_size: int, eos_ids: frozenset[int], device: Any, *, eager: bool) -> None:
+        super().__init__(LogitsProcessorList())
+        self.tensors_required = 6
+        self.do_processing = True
+        self.supported_keys = {"sampling": s.Sampling, "prompt_len": int}
+        self.ignored_keys = set()
+        self.vocab_size = vocab_size
+        self.eos_ids = eos_ids
+        self.eager = eager
+        self.eos_mask = s.eos_mask(eos_ids, vocab_size, device)
+        self.logprobs: dict[str, list[s.TokenLogprob]] = {}
+        # Eager mode only: what the step being prepared needs.
+        self._sort = True
+        self._noise = True
+        self._seen: list[list[int] | None] = []
+        self._wanted: list[tuple[str, int] | None] = []
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor[_TEMPERATURE] = _bits([1.0])
+        int32_tensor[_TOP_K] = self.vocab_size
+        int32_tensor[_TOP_P] = _bits([1.0])
+        int32_tensor[_PENALTY] = _bits([1.0])
+        int32_tensor[_KEY] = 0
+        int32_tensor[_FLAGS] = 0
+
+    def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
+        rows = [r for r in requests_in_batch if r.has_new_token]  # the logits' rows, in order
+        columns: list[list[float | int]] = [[] for _ in range(6)]
+        seen: list[list[int] | None] = []
+        wanted: list[tuple[str, int] | None] = []
+        for future in rows:
+            state = future.state
+            kwargs = state.logit_processor_kwargs
+            sampling: s.Sampling = kwargs.get("sampling", s.GREEDY)
+            # position_offset already counts this step's input: the new token's index follows.
+            step = state.position_offset - kwargs.get("prompt_len", len(state.initial_tokens))
+            for column, value in zip(columns, s.row_values(sampling, step, self.vocab_size), strict=True):
+                column.append(value)
+            seen.append(state.initial_tokens + state.generated_tokens if sampling.penalised else None)
+            wanted.append((state.request_id, sampling.top_logprobs) if sampling.wants_logprobs else None)
+        if rows:
+            for index, column in enumerate(columns):
+                if index in _FLOAT_ROWS:
+                    values = _bits([float(v) for v in column])
+                else:
+                    values = torch.tensor(column, dtype=torch.int32)
+                arg_storage[index, : len(rows)] = values.to(arg_storage.device)
+        if self.eager:
+            self._seen, self._wanted = seen, wanted
+            self._sort = any(v < self.vocab_size for v in columns[_TOP_K]) or any(v < 1 for v in columns[_TOP_P])
+            self._noise = any(int(v) & s.SAMPLED for v in columns[_FLAGS])
+        return arg_storage
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor) -> Any:
+        n = scores.shape[0]
+        args = logits_processor_args[:, :n]
+        rows = s.Rows(
+            temperature=args[_TEMPERATURE].view(torch.float32),
+            top_k=args[_TOP_K],
+            top_p=args[_TOP_P].view(torch.float32),
+            penalty=args[_PENALTY].view(torch.float32),
+            key=args[_KEY],
+            flags=args[_FLAGS],
+        )
+        if not self.eager:  # one static computation for a captured graph
+            return s.noisy(s.warp(scores, rows, self.eos_mask), rows)
+        if any(x is not None for x in self._seen):
+            rows.seen = s.seen_mask(self._seen, scores.shape[-1], scores.device)
+        logprobs = s.warp(scores, rows, self.eos_mask, sort=self._sort)
+        final = s.noisy(logprobs, rows) if self._noise else logprobs
+        if any(w is not None for w in self._wanted):
+            chosen = torch.argmax(final, dim=-1)
+            entries = s.logprob_entries(logprobs, chosen, [w[1] if w else None for w in self._wanted])
+            for want, entry in zip(self._wanted, entries, strict=True):
+                # Only requests still registered: one that left is not recreated.
+                if want is not None and entry is not None and (log := self.logprobs.get(want[0])) is not None:
+                    log.append(entry)
+        return final

@@ -1,0 +1,276 @@
+"""Choosing the next token: greedy or seeded sampling, the logit warpers, logprobs.
+
+Both engines choose tokens with `choose()`, one row of logits per sequence, so
+a request gives the same tokens whichever engine serves it and whatever else
+shares its batch.
+
+Seeded sampling without a random-number generator
+--------------------------------------------------
+transformers' continuous batching has one sampler seed for the whole manager:
+a request's draws would depend on which other requests share its steps. A
+per-request `torch.Generator` would fix that in eager code, but a generator
+cannot be stepped row by row inside a captured CUDA graph. Instead each draw
+is a pure function of the request's seed, its step and the token id: a
+counter-based hash gives every (seed, step, token) a uniform number, turned
+into Gumbel noise, and the token with the largest `logprob + noise` is chosen.
+That is the Gumbel-max trick: an exact sample from the softmax, reproducible
+from the seed alone, made of elementwise tensor operations (so it runs inside
+a CUDA graph), and independent of batch composition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_TOP_LOGPROBS = 10
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How one request chooses its tokens (the defaults are greedy, no warpers).
+
+    Attributes:
+        temperature: 0 for greedy; otherwise the softmax temperature.
+        top_p: nucleus mass kept (1: all); sampling only.
+        top_k: most likely tokens kept (0: all); sampling only.
+        repetition_penalty: 1 for none; >1 discourages tokens already seen.
+        min_new_tokens: EOS is masked until this many tokens were generated.
+        seed: the sampler's seed (ignored when greedy).
+        logprobs: report each chosen token's logprob.
+        top_logprobs: also report this many alternatives per token.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    seed: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A chosen token's logprob and the most likely alternatives.
+
+    Attributes:
+        token_id: the chosen token.
+        logprob: its log-probability.
+        top: the most likely (id, logprob) pairs, most likely first.
+        top_text: each alternative's text decoded alone (filled by the
+            engine's event loop side, not on the model's thread).
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    top_text: tuple[str, ...] = ()
+
+
+def step_key(seed: int, step: int) -> int:
+    """A 31-bit key for the `step`-th draw of a request seeded with `seed` (splitmix64)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    x ^= x >> 31
+    return x & 0x7FFFFFFF
+
+
+def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise [rows, vocab] that depends only on each row's key and the token id.
+
+    A 32-bit integer hash (xorshift-multiply; every product stays below 2**63,
+    so int64 arithmetic never overflows) of key and token id, turned into a
+    uniform number in (0, 1), then into -log(-log(u)).
+    """
+    import torch
+
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    x = (keys.to(torch.int64)[:, None] ^ ((ids * 0x27D4EB2F) & _M32)[None, :]) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 16)
+    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return -torch.log(-torch.log(u))
+
+
+@dataclass(slots=True)
+class Rows:
+    """Per-row parameters of one decode step, as tensors on the logits' device.
+
+    Attributes:
+        temperature: float [rows]; 1 for greedy rows.
+        top_k: int [rows]; the vocabulary size when off.
+        top_p: float [rows]; 1 when off.
+        penalty: float [rows]; 1 when off.
+        key: int [rows]; the step key of sampled rows.
+        flags: int [rows]; bit 0 sampled, bit 1 EOS masked.
+        seen: bool [rows, vocab] of tokens already in each sequence, or None
+            when no row has a repetition penalty.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    penalty: torch.Tensor
+    key: torch.Tensor
+    flags: torch.Tensor
+    seen: torch.Tensor | None = None
+
+
+SAMPLED = 1
+NO_EOS = 2
+
+
+def row_values(sampling: Sampling, step: int, vocab: int) -> tuple[float, int, float, float, int, int]:
+    """One row's (temperature, top_k, top_p, penalty, key, flags) at generation step `step`."""
+    sampled = sampling.sampled
+    flags = (SAMPLED if sampled else 0) | (NO_EOS if step < sampling.min_new_tokens else 0)
+    return (
+        sampling.temperature if sampled else 1.0,
+        sampling.top_k if sampled and sampling.top_k else vocab,
+        sampling.top_p if sampled else 1.0,
+        sampling.repetition_penalty,
+        step_key(sampling.seed, step) if sampled else 0,
+        flags,
+    )
+
+
+def warp(logits: torch.Tensor, rows: Rows, eos_mask: torch.Tensor, *, sort: bool = True) -> torch.Tensor:
+    """Log-probabilities [rows, vocab] of the distribution each row chooses from.
+
+    Repetition penalty, EOS masking (min_new_tokens), temperature, top-k and
+    top-p, in that order (transformers' order); then log-softmax. `sort=False`
+    skips top-k/top-p (the caller knows no row uses them).
+    """
+    import torch
+
+    scores = logits.float()
+    if rows.seen is not None:
+        penalty = rows.penalty[:, None]
+        punished = torch.where(scores > 0, scores / penalty, scores * penalty)
+        scores = torch.where(rows.seen, punished, scores)
+    no_eos = (rows.flags & NO_EOS).bool()
+    scores = scores.masked_fill(no_eos[:, None] & eos_mask[None, :], -math.inf)
+    scores = scores / rows.temperature[:, None]
+    if sort:
+        vocab = scores.shape[-1]
+        ordered = scores.sort(dim=-1, descending=True).values
+        k = rows.top_k.clamp(1, vocab).to(torch.int64)
+        ranks = torch.arange(vocab, device=scores.device)[None, :]
+        ordered = ordered.masked_fill(ranks >= k[:, None], -math.inf)
+        probs = ordered.softmax(dim=-1)
+        # Keep a token while the mass before it is under top_p (the first always).
+        keep = ((probs.cumsum(dim=-1) - probs) < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
+        keep &= ranks < k[:, None]
+        last = (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+        threshold = ordered.gather(1, last)
+        scores = scores.masked_fill(scores < threshold, -math.inf)
+    return scores.log_softmax(dim=-1)
+
+
+def noisy(logprobs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Scores whose argmax is each row's choice: sampled rows get their seeded Gumbel noise."""
+    sampled = (rows.flags & SAMPLED).bool()
+    return logprobs + gumbel(rows.key, logprobs.shape[-1]).masked_fill(~sampled[:, None], 0.0)
+
+
+def choose(logprobs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The chosen token of each row: argmax for greedy rows, Gumbel-max for sampled rows."""
+    import torch
+
+    return torch.argmax(noisy(logprobs, rows), dim=-1)
+
+
+def eos_mask(eos_ids: frozenset[int], vocab: int, device: Any) -> torch.Tensor:
+    """A bool [vocab] mask of the EOS ids."""
+    import torch
+
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    ids = [i for i in eos_ids if 0 <= i < vocab]
+    if ids:
+        mask[ids] = True
+    return mask
+
+
+def seen_mask(sequences: list[list[int] | None], vocab: int, device: Any) -> torch.Tensor:
+    """A bool [rows, vocab] mask of the tokens in each row's sequence (None: no row)."""
+    import torch
+
+    seen = torch.zeros((len(sequences), vocab), dtype=torch.bool, device=device)
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, ids in enumerate(sequences):
+        if ids:
+            rows += [row] * len(ids)
+            cols += ids
+    if rows:
+        seen[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+    return seen
+
+
+def logprob_entries(
+    logprobs: torch.Tensor, chosen: torch.Tensor, wanted: list[int | None]
+) -> list[TokenLogprob | None]:
+    """TokenLogprob for each row that wants one (`wanted[row]` = its top_logprobs), else None."""
+    import torch
+
+    picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    top_n = max((n for n in wanted if n), default=0)
+    top_values: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if top_n:
+        values, ids = torch.topk(logprobs, top_n, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    ids_chosen = chosen.tolist()
+    out: list[TokenLogprob | None] = []
+    for row, n in enumerate(wanted):
+        if n is None:
+            out.append(None)
+            continue
+        top = tuple(zip(top_ids[row][:n], top_values[row][:n], strict=True)) if n else ()
+        out.append(TokenLogprob(int(ids_chosen[row]), float(picked[row]), top))
+    return out
+
+
+def rows_for(
+    params: list[tuple[float, int, float, float, int, int]], sequences: list[list[int] | None], vocab: int, device: Any
+) -> Rows:
+    """Rows from per-row values (row_values) and, where penalised, the row's token ids."""
+    import torch
+
+    temperature, top_k, top_p, penalty, key, flags = (list(column) for column in zip(*params, strict=True))
+    return Rows(
+        temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
+        top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+        top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+        penalty=torch.tensor(penalty, dtype=torch.float32, device=device),
+        key=torch.tensor(key, dtype=torch.int64, device=device),
+        flags=torch.tensor(flags, dtype=torch.int64, device=device),
+        seen=seen_mask(sequences, vocab, device) if any(s is not None for s in sequences) else None,
+    )

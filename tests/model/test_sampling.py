@@ -1,0 +1,297 @@
+"""Sampling, seeds, logprobs, min_new_tokens, repetition penalty and chat, on the embedded model.
+
+The same `choose()` runs in both engines: these tests check what it promises
+(a seed reproduces a text alone or among concurrent requests, on either
+engine; logprobs are the model's own) against real model outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+import pytest
+import torch
+
+from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
+from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
+from entity_llm_server.engine import BatchingEngine, BatchingSettings, Finished, Sampling, TextDelta
+from entity_llm_server.engine import sampling as s
+
+pytestmark = pytest.mark.model
+
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def batching() -> BatchingEngine:
+    engine = UnifiedLLMResource(batching=BatchingSettings(max_batch_size=8, max_queue=8)).load_engine()
+    assert isinstance(engine, BatchingEngine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def sequential():
+    return UnifiedLLMResource(engine="sequential").load_engine()
+
+
+def sampled(seed: int | None, **kw) -> EngineRequest:
+    params = {"temperature": 1.0, "seed": seed or 0, **kw}
+    return EngineRequest(PROMPT, max_new_tokens=24, sampling=Sampling(**params), seed_set=seed is not None)
+
+
+async def run(engine, request: EngineRequest) -> tuple[str, Finished, list[TextDelta]]:
+    events = [event async for event in engine.generate(request)]
+    final = events[-1]
+    assert isinstance(final, Finished)
+    deltas = [e for e in events[:-1] if isinstance(e, TextDelta)]
+    return "".join(d.text for d in deltas), final, deltas
+
+
+def with_engine(engine, coro_fn):
+    async def main():
+        await engine.start()
+        try:
+            return await coro_fn()
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def test_a_seed_gives_the_same_text_alone_among_others_and_on_both_engines(batching, sequential):
+    async def on_batching():
+        alone = [(await run(batching, sampled(seed)))[1].token_ids for seed in (1, 2)]
+        crowd = [sampled(seed) for seed in (1, 2)] + [sampled(None) for _ in range(6)]
+        together = await asyncio.gather(*(run(batching, r) for r in crowd))
+        return alone, [final.token_ids for _, final, _ in together[:2]], [f.seed for _, f, _ in together]
+
+    alone, together, seeds = with_engine(batching, on_batching)
+    assert alone == together
+    assert alone[0] != alone[1]  # different seeds, different samples
+    assert seeds[:2] == [1, 2]
+    assert len(set(seeds[2:])) == 6  # unseeded requests got seeds of their own, reported back
+
+    async def on_sequential():
+        return [(await run(sequential, sampled(seed)))[1].token_ids for seed in (1, 2)]
+
+    assert with_engine(sequential, on_sequential) == alone
+
+
+def test_a_reported_seed_reproduces_the_text(batching):
+    async def main():
+        _, first, _ = await run(batching, sampled(None))
+        _, again, _ = await run(batching, sampled(first.seed))
+        return first, again
+
+    first, again = with_engine(batching, main)
+    assert first.seed is not None
+    assert again.token_ids == first.token_ids
+
+
+def test_greedy_logprobs_are_the_models_log_softmax(batching):
+    async def main():
+        request = EngineRequest(
+            PROMPT, max_new_tokens=6, sampling=Sampling(logprobs=True, top_logprobs=3), seed_set=False
+        )
+        return await run(batching, request)
+
+    _, final, deltas = with_engine(batching, main)
+    entries = [e for d in deltas for e in d.logprobs] + list(final.tail_logprobs)
+    assert [e.token_id for e in entries] == list(final.token_ids)
+    assert final.seed is None  # greedy: no sampler seed
+    # The reference: the model's own next-token distribution, step by step.
+    model, tokenizer = batching.model, batching.tokenizer
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        for entry in entries:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            reference = logits.log_softmax(-1)
+            assert entry.token_id == int(reference.argmax())
+            assert math.isclose(entry.logprob, float(reference[entry.token_id]), abs_tol=1e-3)
+            best = reference.topk(3)
+            assert [t for t, _ in entry.top] == best.indices.tolist()
+            pairs = zip(entry.top, best.values.tolist(), strict=True)
+            assert all(math.isclose(a, b, abs_tol=1e-3) for (_, a), b in pairs)
+            assert entry.top_text == tuple(tokenizer.decode([t]) for t, _ in entry.top)
+            ids.append(entry.token_id)
+
+
+def test_sampling_follows_the_temperature(batching):
+    """Low temperature concentrates on the greedy choice; high temperature spreads out."""
+
+    async def main(temperature: float):
+        requests = [
+            EngineRequest(
+                PROMPT, max_new_tokens=1, sampling=Sampling(temperature=temperature, seed=seed), seed_set=True
+            )
+            for seed in range(16)  # the engine's capacity
+        ]
+        results = await asyncio.gather(*(run(batching, r) for r in requests))
+        return [final.token_ids[0] for _, final, _ in results]
+
+    greedy = with_engine(batching, lambda: run(batching, EngineRequest(PROMPT, max_new_tokens=1)))[1].token_ids[0]
+    cold = with_engine(batching, lambda: main(0.05))
+    hot = with_engine(batching, lambda: main(5.0))
+    assert cold.count(greedy) >= 15
+    assert len(set(hot)) >= 6
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(batching):
+    async def main():
+        greedy = (await run(batching, EngineRequest(PROMPT, max_new_tokens=16)))[1].token_ids
+        k1 = (await run(batching, sampled(5, top_k=1, temperature=3.0)))[1].token_ids[:16]
+        p0 = (await run(batching, sampled(6, top_p=1e-6, temperature=3.0)))[1].token_ids[:16]
+        return greedy, k1, p0
+
+    greedy, k1, p0 = with_engine(batching, main)
+    assert k1 == greedy
+    assert p0 == greedy
+
+
+def test_top_k_restricts_sampling_to_the_k_most_likely(batching):
+    async def main():
+        request = EngineRequest(
+            PROMPT,
+            max_new_tokens=12,
+            sampling=Sampling(temperature=4.0, top_k=3, seed=11, logprobs=True, top_logprobs=3),
+            seed_set=True,
+        )
+        return await run(batching, request)
+
+    _, final, deltas = with_engine(batching, main)
+    entries = [e for d in deltas for e in d.logprobs] + list(final.tail_logprobs)
+    assert len(entries) == 12
+    for entry in entries:
+        # The distribution sampled from holds three tokens, and the choice is one of them.
+        assert entry.token_id in [t for t, _ in entry.top]
+        assert math.isclose(sum(math.exp(lp) for _, lp in entry.top), 1.0, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["batching", "sequential"])
+def test_min_new_tokens_holds_off_eos(kind):
+    engine = UnifiedLLMResource(engine=kind, batching=BatchingSettings(max_batch_size=4, max_queue=4)).load_engine()
+    eos = min(engine.eos_ids)
+    model, forward = engine.model, engine.model.forward
+
+    def eager_to_stop(*args, **kwargs):  # the model now wants to end at every step
+        out = forward(*args, **kwargs)
+        out.logits[..., eos] += 1000.0
+        return out
+
+    model.forward = eager_to_stop
+
+    async def main():
+        plain = (await run(engine, EngineRequest(PROMPT, max_new_tokens=32)))[1]
+        held = EngineRequest(PROMPT, max_new_tokens=32, sampling=Sampling(min_new_tokens=7, logprobs=True))
+        return plain, await run(engine, held)
+
+    plain, (_, held, deltas) = with_engine(engine, main)
+    assert (plain.reason.value, plain.token_ids) == ("eos", (eos,))
+    assert held.reason.value == "eos"
+    assert held.generated_tokens == 8  # seven tokens, then the EOS it held off
+    assert eos not in held.token_ids[:7]
+    assert held.token_ids[7] == eos
+    # The EOS was masked out of the distribution the first seven came from.
+    entries = [e for d in deltas for e in d.logprobs] + list(held.tail_logprobs)
+    assert entries[-1].token_id == eos
+    assert entries[-1].logprob > -1e-3
+
+
+def test_repetition_penalty_discourages_repeats(batching):
+    async def main():
+        plain = (await run(batching, EngineRequest("a a a a a a a a", max_new_tokens=32)))[1].token_ids
+        request = EngineRequest("a a a a a a a a", max_new_tokens=32, sampling=Sampling(repetition_penalty=3.0))
+        penalised = (await run(batching, request))[1].token_ids
+        return plain, penalised
+
+    plain, penalised = with_engine(batching, main)
+    assert penalised != plain
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_step_keys_and_noise_depend_only_on_seed_step_and_token():
+    keys = torch.tensor([s.step_key(7, 0), s.step_key(7, 1), s.step_key(7, 0)])
+    noise = s.gumbel(keys, 4096)
+    assert torch.equal(noise[0], noise[2])
+    assert not torch.equal(noise[0], noise[1])
+    # Gumbel(0, 1): mean ~0.5772, variance pi^2/6.
+    sample = s.gumbel(torch.tensor([s.step_key(seed, 3) for seed in range(64)]), 4096).flatten()
+    assert abs(float(sample.mean()) - 0.5772) < 0.02
+    assert abs(float(sample.var()) - math.pi**2 / 6) < 0.05
+
+
+def test_chat_messages_render_with_the_template(serve):
+    server = serve(LLMService()).start()
+    engine = server.call(server.service.engine())
+    messages = [("system", "You write Python."), ("user", "Print hello.")]
+    rendered = engine.tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
+    )
+
+    async def both():
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            chat = llm_pb2.GenerateRequest(
+                messages=[llm_pb2.ChatMessage(role=r, content=c) for r, c in messages], max_new_tokens=12
+            )
+            plain = llm_pb2.GenerateRequest(prompt=rendered, max_new_tokens=12)
+            return [[m async for m in stub.Generate(r)] for r in (chat, plain)]
+
+    chat, plain = server.call(both())
+    assert [m.token for m in chat] == [m.token for m in plain]
+    assert chat[-1].input_token_count == len(engine.encode(rendered))
+    assert chat[-1].input_token_count > len(engine.encode("You write Python.Print hello."))
+
+
+def test_wire_fields_reach_the_engine_and_come_back(serve):
+    server = serve(LLMService()).start()
+
+    async def call(**fields):
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            return [m async for m in stub.Generate(llm_pb2.GenerateRequest(prompt=PROMPT, **fields))]
+
+    sampled_a = server.call(call(temperature=1.0, seed=42, max_new_tokens=10, top_logprobs=2))
+    sampled_b = server.call(call(temperature=1.0, seed=42, max_new_tokens=10))
+    assert "".join(m.token for m in sampled_a) == "".join(m.token for m in sampled_b)
+    last = sampled_a[-1]
+    assert last.HasField("seed")
+    assert last.seed == 42
+    ids = [i for m in sampled_a for i in m.token_ids]
+    entries = [e for m in sampled_a for e in m.logprobs]
+    assert [e.token_id for e in entries] == ids
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    greedy = server.call(call(max_new_tokens=4))
+    assert not greedy[-1].HasField("seed")
+    assert all(not m.logprobs for m in greedy)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"min_new_tokens": 9, "max_new_tokens": 4}, "min_new_tokens"),
+        ({"top_logprobs": 11}, "top_logprobs"),
+        ({"messages": [llm_pb2.ChatMessage(role="user", content="hi")]}, "messages"),  # with a prompt
+        ({"prompt": "", "messages": [llm_pb2.ChatMessage(role="", content="hi")]}, "messages[0].role"),
+    ],
+)
+def test_bad_sampling_fields_are_invalid_argument_naming_the_field(serve, fields, field):
+    server = serve(LLMService()).start()
+
+    async def call():
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            request = llm_pb2.GenerateRequest(**{"prompt": PROMPT, **fields})
+            return [m async for m in stub.Generate(request)]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        server.call(call())
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{field}:" in caught.value.details()
