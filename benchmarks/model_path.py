@@ -108,6 +108,7 @@ def run_cb(
     new_tokens: int,
     prompt_tokens: int,
     cuda_graphs: bool | None = None,
+    sampling_processors: bool = False,
 ) -> Row:
     """The same requests straight through transformers' ContinuousBatchingManager."""
     from transformers import GenerationConfig
@@ -120,6 +121,12 @@ def run_cb(
     manager = model.init_continuous_batching(
         generation_config=generation, continuous_batching_config=sized._cb_config()
     )
+    if sampling_processors:  # what the server installs: per-request sampling in the logits hook
+        from entity_llm_server.engine.cb_sampling import SamplingProcessors
+
+        manager.logit_processor = SamplingProcessors(
+            int(model.config.vocab_size), sized.eos_ids, model.device, eager=not sized.cuda_graphs
+        )
     manager.warmup()
     manager.start()
     try:
@@ -145,7 +152,9 @@ def run_cb(
     per_request = [counts[f"r{i}"] for i in range(len(batch))]
     return Row(
         "model",
-        "cb (raw, in process)" if cuda_graphs is None else f"cb (cuda_graphs={cuda_graphs})",
+        ("cb + sampling hook" if sampling_processors else "cb (raw, in process)")
+        if cuda_graphs is None
+        else f"cb (cuda_graphs={cuda_graphs})",
         len(batch),
         sum(per_request),
         seconds,
@@ -260,6 +269,16 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> tuple[lis
                     "target": 0.0,
                 }
             )
+        if args.compare_sampling:
+            hooked = run_cb(model, tokenizer, batch, args.new_tokens, args.prompt_tokens, sampling_processors=True)
+            extra_rows.append(hooked)
+            ratios.append(
+                {
+                    "name": f"{name} cb with / without the sampling hook at {streams}",
+                    "value": hooked.tokens_per_s / cb.tokens_per_s,
+                    "target": 0.0,
+                }
+            )
         for row in (grpc_row, cb, seq, *extra_rows):
             row.bench = name
         rows += [grpc_row, cb, seq, *extra_rows]
@@ -296,8 +315,9 @@ def main() -> None:
         default=0,
         help="run at most this many requests sequentially (0: all); tokens/s does not depend on the count",
     )
+    parser.add_argument("--compare-no-graphs", action="store_true", help="on CUDA, also run raw CB without CUDA graphs")
     parser.add_argument(
-        "--compare-no-graphs", action="store_true", help="on CUDA, also run raw CB without CUDA graphs"
+        "--compare-sampling", action="store_true", help="also run raw CB with the server's sampling hook installed"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()

@@ -16,7 +16,14 @@ import torch
 
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from entity_llm_server.engine import BatchingEngine, BatchingSettings, Finished, Sampling, TextDelta
+from entity_llm_server.engine import (
+    BatchingEngine,
+    BatchingSettings,
+    Finished,
+    InvalidRequestError,
+    Sampling,
+    TextDelta,
+)
 from entity_llm_server.engine import sampling as s
 
 pytestmark = pytest.mark.model
@@ -295,3 +302,18 @@ def test_bad_sampling_fields_are_invalid_argument_naming_the_field(serve, fields
         server.call(call())
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert f"{field}:" in caught.value.details()
+
+
+def test_graph_mode_refuses_what_a_captured_graph_cannot_do(batching):
+    graphs = BatchingEngine(batching.model, batching.tokenizer, settings=BatchingSettings(cuda_graphs=True))
+    for sampling, field in (
+        (Sampling(logprobs=True), "logprobs"),
+        (Sampling(top_logprobs=2), "top_logprobs"),
+        (Sampling(repetition_penalty=1.2), "repetition_penalty"),
+    ):
+        with pytest.raises(InvalidRequestError) as caught:
+            graphs.prepare(EngineRequest(PROMPT, sampling=sampling))
+        assert caught.value.field == field
+        assert "--cuda-graphs off" in str(caught.value)
+    # Sampling itself runs inside the graph.
+    assert graphs.prepare(EngineRequest(PROMPT, sampling=Sampling(temperature=0.7, top_k=5, top_p=0.9))).ids

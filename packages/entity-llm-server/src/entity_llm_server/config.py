@@ -38,6 +38,8 @@ class ServerConfig:
         kv_cache_tokens: KV-cache capacity in tokens (0: sized from the batch).
         kv_block_size: tokens per KV-cache block.
         max_batch_tokens: tokens per forward pass (0: 256 on CPU, 2048 on GPU).
+        cuda_graphs: `auto` (on CUDA devices), `on` or `off`. Graphs multiply
+            GPU throughput; without them logprobs and repetition_penalty work too.
     """
 
     model: str | None = None
@@ -54,6 +56,7 @@ class ServerConfig:
     kv_cache_tokens: int = 0
     kv_block_size: int = 16
     max_batch_tokens: int = 0
+    cuda_graphs: str = "auto"
 
     def batching(self) -> BatchingSettings:
         """The batching engine's settings."""
@@ -63,6 +66,7 @@ class ServerConfig:
             kv_block_size=self.kv_block_size,
             kv_cache_tokens=self.kv_cache_tokens,
             max_batch_tokens=self.max_batch_tokens,
+            cuda_graphs=None if self.cuda_graphs == "auto" else self.cuda_graphs == "on",
         )
 
 
@@ -118,6 +122,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--kv-cache-tokens", type=_non_negative_int, help="KV-cache capacity in tokens; 0 sizes it from the batch")
     add("--kv-block-size", type=_positive_int, help="tokens per KV-cache block")
     add("--max-batch-tokens", type=_non_negative_int, help="tokens per forward pass; 0: 256 on CPU, 2048 on GPU")
+    add(
+        "--cuda-graphs",
+        choices=("auto", "on", "off"),
+        help="capture CUDA graphs (auto: on CUDA devices); off enables logprobs and repetition_penalty there",
+    )
     return parser
 
 
