@@ -1,7 +1,7 @@
 """The one task runner. `nox` runs the default sessions: lint, breaking, tests.
 
-`nox -s bench` runs the benchmarks; `nox -s demo` runs the main job: the server on the embedded default model,
-streamed by the client SDK.
+`nox -s bench` runs the benchmarks; `nox -s soak` the reliability suite's long mode; `nox -s demo` runs the
+main job: the server on the embedded default model, streamed by the client SDK.
 """
 
 from __future__ import annotations
@@ -104,6 +104,16 @@ def bench(session: nox.Session) -> None:
     env = {"HF_HUB_OFFLINE": "1"}
     session.run("python", "benchmarks/transport.py", env=env)
     session.run("python", "benchmarks/model_path.py", *session.posargs, env=env)
+
+
+@nox.session(python="3.11")
+def soak(session: nox.Session) -> None:
+    """The reliability suite's long mode: ≥10,000 fuzzed requests, 10,000-request soak; prints its figures."""
+    session.install(*TEST)
+    _install_packages(session)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ENTITY_LLM_RELIABILITY": "long"}
+    args = ("tests/reliability", "-p", "no:cacheprovider", "-o", "timeout=3600", *session.posargs)
+    session.run("pytest", *args, env=env)
 
 
 @nox.session(python="3.11")

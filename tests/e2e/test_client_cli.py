@@ -9,7 +9,7 @@ import pytest
 
 from entity_llm_client import LLMClient
 
-from .conftest import console_script
+from ..conftest import console_script
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import pytest
 
 from entity_llm_client import AsyncLLMClient, LLMClient
 
-from .conftest import RunningServer, console_script
+from ..conftest import RunningServer, console_script
 
 pytestmark = pytest.mark.e2e
 

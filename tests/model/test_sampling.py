@@ -317,3 +317,16 @@ def test_graph_mode_refuses_what_a_captured_graph_cannot_do(batching):
         assert "--cuda-graphs off" in str(caught.value)
     # Sampling itself runs inside the graph.
     assert graphs.prepare(EngineRequest(PROMPT, sampling=Sampling(temperature=0.7, top_k=5, top_p=0.9))).ids
+
+
+def test_a_top_k_beyond_the_vocabulary_means_no_limit(batching):
+    """Found by the fuzzer: a top_k over 2**31 once overflowed the manager's int32 arguments and killed its loop."""
+
+    async def main():
+        huge = (await run(batching, sampled(9, top_k=2**32 - 1)))[1].token_ids
+        none = (await run(batching, sampled(9, top_k=0)))[1].token_ids
+        return huge, none, batching.healthy
+
+    huge, none, healthy = with_engine(batching, main)
+    assert huge == none
+    assert healthy

@@ -153,7 +153,7 @@ def row_values(sampling: Sampling, step: int, vocab: int) -> tuple[float, int, f
     flags = (SAMPLED if sampled else 0) | (NO_EOS if step < sampling.min_new_tokens else 0)
     return (
         sampling.temperature if sampled else 1.0,
-        sampling.top_k if sampled and sampling.top_k else vocab,
+        min(sampling.top_k, vocab) if sampled and sampling.top_k else vocab,  # fits the int32 argument row
         sampling.top_p if sampled else 1.0,
         sampling.repetition_penalty,
         step_key(sampling.seed, step) if sampled else 0,

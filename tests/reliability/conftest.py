@@ -1,0 +1,52 @@
+"""The reliability suite: bad input, load, faults and a soak, in a quick mode (CI) and a long one.
+
+`ENTITY_LLM_RELIABILITY=long` (what `nox -s soak` sets) selects the long
+sizes. Each test records its figures; the run prints them at the end and
+writes them to benchmarks/results/reliability.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..conftest import ROOT
+
+pytestmark = pytest.mark.reliability
+
+LONG = os.environ.get("ENTITY_LLM_RELIABILITY", "quick") == "long"
+FIGURES: dict[str, Any] = {}
+
+
+def size(quick: int, long: int) -> int:
+    """The quick or the long size of a run."""
+    return long if LONG else quick
+
+
+def record(name: str, value: Any) -> None:
+    """Keep a figure for the end-of-run report."""
+    FIGURES[name] = value
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident set size, in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section(f"reliability figures ({'long' if LONG else 'quick'} mode)")
+    for name, value in FIGURES.items():
+        terminalreporter.write_line(f"{name}: {value}")
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    mode = "long" if LONG else "quick"
+    (results / f"reliability_{mode}.json").write_text(json.dumps(FIGURES, indent=2) + "\n")

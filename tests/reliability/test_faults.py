@@ -1,0 +1,161 @@
+"""Faults: clients that cancel, clients killed mid-stream, an engine that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+
+import grpc
+import pytest
+
+from entity_llm_server import LLMService, UnifiedLLMResource
+from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
+from entity_llm_server.engine import BatchingEngine, BatchingSettings
+
+from ..conftest import ROOT, ServerThread, wait_until
+from .conftest import record, size
+
+
+def engine(max_batch_size: int = 16, max_queue: int = 48, step_seconds: float = 0.0) -> BatchingEngine:
+    settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
+    built = UnifiedLLMResource(default_max_new_tokens=256, batching=settings).load_engine()
+    assert isinstance(built, BatchingEngine)
+    if step_seconds:
+        forward = built.model.forward
+
+        def slow(*args, **kwargs):
+            time.sleep(step_seconds)
+            return forward(*args, **kwargs)
+
+        built.model.forward = slow
+    return built
+
+
+@pytest.fixture
+def served():
+    started: list[ServerThread] = []
+
+    def start(built: BatchingEngine) -> ServerThread:
+        server = ServerThread(LLMService(engine=built)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_mid_stream_cancels_leave_nothing_in_the_engine(served):
+    built = engine()
+    server = served(built)
+    total = size(300, 1_000)
+
+    async def cancel_after_first_message(stub: llm_pb2_grpc.LLMServiceStub, i: int) -> None:
+        call = stub.Generate(llm_pb2.GenerateRequest(prompt=f"class C{i}:", max_new_tokens=256), timeout=60)
+        async for _ in call:
+            call.cancel()
+            break
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            for start in range(0, total, 32):
+                await asyncio.gather(*(cancel_after_first_message(stub, i) for i in range(start, start + 32)))
+
+    started = time.perf_counter()
+    asyncio.run(main())
+    assert wait_until(lambda: built.in_flight == 0, timeout=30)
+    assert wait_until(lambda: built.held_requests() == 0, timeout=30)
+    record("faults: mid-stream cancels", total)
+    record("faults: cancels/s", round(total / (time.perf_counter() - started), 1))
+    record("faults: requests left in the engine after cancels", built.held_requests())
+
+    async def normal() -> list[llm_pb2.GenerateResponse]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            return [m async for m in stub.Generate(llm_pb2.GenerateRequest(prompt="x", max_new_tokens=8))]
+
+    assert asyncio.run(normal())[-1].generated_token_count == 8
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys
+    import grpc
+    sys.path.insert(0, {src!r})
+    from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
+
+    channel = grpc.insecure_channel({target!r})
+    stub = llm_pb2_grpc.LLMServiceStub(channel)
+    for message in stub.Generate(llm_pb2.GenerateRequest(prompt="def main():", max_new_tokens=480)):
+        print("token", flush=True)
+    """
+)
+
+
+def test_a_client_killed_mid_stream_frees_its_request(served):
+    built = engine(step_seconds=0.05)  # 480 tokens would take 24 s: only a freed request ends sooner
+    server = served(built)
+    src = str(ROOT / "packages" / "entity-llm-server" / "src")
+    script = CLIENT.format(src=src, target=server.target)
+    clients = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        for client in clients:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "token"  # streaming has begun
+        assert built.in_flight == 4
+        for client in clients:
+            client.kill()  # SIGKILL: no goodbye on the connection
+            client.wait(timeout=10)
+        freed = time.perf_counter()
+        assert wait_until(lambda: built.in_flight == 0, timeout=20)
+        assert wait_until(lambda: built.held_requests() == 0, timeout=20)
+        seconds = round(time.perf_counter() - freed, 2)
+        record("faults: seconds from SIGKILL of 4 clients to their requests freed", seconds)
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+            if client.stdout is not None:
+                client.stdout.close()
+
+
+def test_an_engine_fault_ends_every_stream_with_internal_never_a_hang(served):
+    built = engine(max_batch_size=4, max_queue=4)
+    forward, calls = built.model.forward, [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 40:
+            raise RuntimeError("CUDA out of memory (injected)")
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    built.model.forward = failing
+    server = served(built)
+
+    async def main() -> list[tuple[grpc.StatusCode, str]]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+
+            async def one(i: int) -> tuple[grpc.StatusCode, str]:
+                try:
+                    async for _ in stub.Generate(
+                        llm_pb2.GenerateRequest(prompt=f"x{i}", max_new_tokens=200), timeout=60
+                    ):
+                        pass
+                except grpc.aio.AioRpcError as error:
+                    return error.code(), error.details() or ""
+                return grpc.StatusCode.OK, ""
+
+            during = await asyncio.gather(*(one(i) for i in range(8)))
+            after = await one(99)
+            return [*during, after]
+
+    ends = asyncio.run(main())
+    assert [code for code, _ in ends] == [grpc.StatusCode.INTERNAL] * 9
+    assert all("out of memory" in details for _, details in ends)
+    assert built.healthy is False
