@@ -62,6 +62,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.eos_mask = s.eos_mask(eos_ids, vocab_size, device)
         self.logprobs: dict[str, list[s.TokenLogprob]] = {}
         # Eager mode only: what the step being prepared needs.
+        self._plain = False
         self._sort = True
         self._noise = True
         self._seen: list[list[int] | None] = []
@@ -90,6 +91,12 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 column.append(value)
             seen.append(state.initial_tokens + state.generated_tokens if sampling.penalised else None)
             wanted.append((state.request_id, sampling.top_logprobs) if sampling.wants_logprobs else None)
+        if self.eager:
+            # A step where every row is plain greedy (no sampling, no EOS held
+            # off, no penalty, no logprobs) keeps the model's scores as they are.
+            self._plain = not any(columns[_FLAGS]) and not any(seen) and not any(wanted)
+            if self._plain:
+                return arg_storage
         if rows:
             for index, column in enumerate(columns):
                 if index in _FLOAT_ROWS:
@@ -104,6 +111,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         return arg_storage
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor) -> Any:
+        if self.eager and self._plain:
+            return scores  # the manager's argmax is the greedy choice
         n = scores.shape[0]
         args = logits_processor_args[:, :n]
         rows = s.Rows(
