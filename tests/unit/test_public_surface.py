@@ -16,6 +16,7 @@ def test_client_surface():
         "Chunk",
         "Completion",
         "DeadlineExceededError",
+        "FieldViolation",
         "FinishReason",
         "InvalidArgumentError",
         "LLMClient",

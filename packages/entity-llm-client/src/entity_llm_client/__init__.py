@@ -13,6 +13,7 @@ from ._client import AsyncLLMClient, LLMClient
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
+    FieldViolation,
     InvalidArgumentError,
     LLMError,
     OverloadedError,
@@ -27,6 +28,7 @@ __all__ = [
     "Chunk",
     "Completion",
     "DeadlineExceededError",
+    "FieldViolation",
     "FinishReason",
     "InvalidArgumentError",
     "LLMClient",
