@@ -20,7 +20,17 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from ._types import Chunk, Completion, FinishReason, ModelInfo, Tokens, Usage
+from ._types import (
+    Chunk,
+    Completion,
+    FinishReason,
+    GenerateOptions,
+    ModelInfo,
+    TokenLogprob,
+    Tokens,
+    TopLogprob,
+    Usage,
+)
 
 __all__ = [
     "AsyncLLMClient",
@@ -30,12 +40,15 @@ __all__ = [
     "DeadlineExceededError",
     "FieldViolation",
     "FinishReason",
+    "GenerateOptions",
     "InvalidArgumentError",
     "LLMClient",
     "LLMError",
     "ModelInfo",
     "OverloadedError",
+    "TokenLogprob",
     "Tokens",
+    "TopLogprob",
     "UnauthenticatedError",
     "UnavailableError",
     "Usage",
