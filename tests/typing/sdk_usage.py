@@ -45,7 +45,7 @@ def complete_with_limits(target: str) -> tuple[str, FinishReason, int]:
 def sample_with_logprobs(target: str) -> tuple[int | None, list[float], list[str]]:
     options: GenerateOptions = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "seed": 1234}
     options["top_logprobs"] = 3
-    with LLMClient(target, timeout=30) as client:
+    with LLMClient(target, timeout=30, retries=False) as client:
         done: Completion = client.complete("def f(x):", timeout=10, **options)
         entries: tuple[TokenLogprob, ...] = done.logprobs
         top: list[TopLogprob] = [alt for entry in entries for alt in entry.top_logprobs]
@@ -70,7 +70,7 @@ def violations(target: str) -> list[str]:
 
 
 async def stream_async(target: str, prompt: str) -> str:
-    async with AsyncLLMClient(target) as client:
+    async with AsyncLLMClient(target, retries=True) as client:
         done: Completion = await client.complete(messages=[("user", prompt)], temperature=0.0, logprobs=True)
         assert done.logprobs or not done.text
         return "".join([piece.text async for piece in client.generate(prompt, timeout=30, top_logprobs=2)])

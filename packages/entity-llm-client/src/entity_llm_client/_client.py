@@ -30,13 +30,19 @@ class LLMClient:
             a call's own `timeout` overrides it.
         channel: an existing grpcio channel to use instead of opening one;
             the client does not close a channel it was given.
+        retries: retry a call that fails with UNAVAILABLE before any response
+            (for a stream: before its first chunk), up to 3 attempts within
+            the call's deadline; False turns retries off. Applies to the
+            channel the client opens, not to one it was given.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None, retries: bool = True
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.insecure_channel(target, options=t.CHANNEL_OPTIONS)
+        self._channel = channel or grpc.insecure_channel(target, options=t.channel_options(retries))
         self._methods = t.Methods(self._channel)
 
     def generate(
@@ -156,13 +162,22 @@ class AsyncLLMClient:
             a call's own `timeout` overrides it.
         channel: an existing grpc.aio channel to use instead of opening one;
             the client does not close a channel it was given.
+        retries: as for `LLMClient`: retry UNAVAILABLE before any response;
+            False turns retries off.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        channel: grpc.aio.Channel | None = None,
+        retries: bool = True,
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target, options=t.CHANNEL_OPTIONS)
+        self._channel = channel or grpc.aio.insecure_channel(target, options=t.channel_options(retries))
         self._methods = t.Methods(self._channel)
 
     def generate(

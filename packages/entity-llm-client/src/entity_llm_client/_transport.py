@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,39 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 ]
+
+# Retries are gRPC's own (gRFC A6, "When Retries are Valid"): an attempt may be
+# retried only until the call is committed, and it commits when the client
+# receives the server's response headers, which a gRPC server sends with its
+# first message. So a Generate stream is retried only if it failed before its
+# first token; one that has yielded text ends with the error, never replayed.
+# Only UNAVAILABLE is retried: the server was unreachable or refused the call
+# before doing anything for it. Throttling stops retries while most calls fail.
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+)
+
+
+def channel_options(retries: bool) -> list[tuple[str, Any]]:
+    """The options of a channel the client opens, with or without the retry policy."""
+    if not retries:
+        return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 0)]
+    return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
+
 
 _FINISH = {
     WireFinishReason.MAX_TOKENS: FinishReason.MAX_TOKENS,
