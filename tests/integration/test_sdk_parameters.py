@@ -70,7 +70,10 @@ def test_unset_parameters_stay_unset_and_zero_is_sent_when_given():
     with running(servicer) as target, LLMClient(target, timeout=10) as client:
         client.complete("x")
         client.complete("x", temperature=0.0, seed=0, top_k=0, max_new_tokens=None)
-    bare, zeros = servicer.requests
+        nones = ("logprobs", "top_logprobs", "stop_sequences", "request_id", "include_stop_sequence")
+        client.complete("x", **dict.fromkeys((*OPTIONAL_FIELDS, *nones)))
+    bare, zeros, all_none = servicer.requests
+    assert bare == all_none
     assert not [name for name in OPTIONAL_FIELDS if bare.HasField(name)]
     assert (bare.logprobs, bare.top_logprobs, list(bare.stop_sequences), bare.request_id) == (False, 0, [], "")
     assert [name for name in OPTIONAL_FIELDS if zeros.HasField(name)] == ["temperature", "top_k", "seed"]

@@ -103,8 +103,8 @@ _FLOATS = ("temperature", "top_p", "repetition_penalty")
 
 
 def _checked(options: GenerateOptions) -> dict[str, Any]:
-    """The options as GenerateRequest fields; a value the wire cannot carry is a ValueError."""
-    fields: dict[str, Any] = dict(options)
+    """The options as GenerateRequest fields (None: not sent); a value the wire cannot carry is a ValueError."""
+    fields: dict[str, Any] = {name: value for name, value in options.items() if value is not None}
     for name, bits in [*((n, 32) for n in _UINT32), ("seed", 64)]:
         value = fields.get(name)
         if value is not None and not 0 <= value < 2**bits:
