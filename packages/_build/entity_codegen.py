@@ -12,6 +12,10 @@ sit under the subpackage's import path: the import then reads
 `from entity_llm_server._gen.entity.grpc import llm_pb2`. betterproto2 names
 modules by proto package and imports relatively, so it compiles in place.
 
+The recipe's `proto` input is the shared contract. An input inside a package's
+folder (`packages/NAME/...`) is private to that package's plugins: the client
+compiles vendored google.rpc protos that the server's generators must not see.
+
 This file has no dependencies beyond grpcio-tools, PyYAML and the plugins.
 """
 
@@ -35,7 +39,8 @@ class CodegenError(RuntimeError):
     """The recipe could not be run."""
 
 
-def _load_recipe(recipe: Path) -> list[dict[str, Any]]:
+def _load_recipe(recipe: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Return the recipe's input directories and its plugins."""
     import yaml  # deferred: only the build environment needs it
 
     data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
@@ -44,7 +49,34 @@ def _load_recipe(recipe: Path) -> list[dict[str, Any]]:
     plugins = data.get("plugins")
     if not isinstance(plugins, list):
         raise CodegenError(f"{recipe}: no plugins")
-    return plugins
+    inputs = [str(i["directory"]) for i in data.get("inputs", []) if isinstance(i, dict) and "directory" in i]
+    if len([d for d in inputs if not d.startswith("packages/")]) != 1:
+        raise CodegenError(f"{recipe}: expected one shared input directory (the proto tree)")
+    return inputs, plugins
+
+
+def _proto_roots(inputs: list[str], proto_root: Path, package_dir: Path, prefix: str) -> list[Path]:
+    """The shared proto tree, then the inputs private to this package (inside its folder)."""
+    roots = [proto_root]
+    for directory in inputs:
+        if directory.startswith(prefix):
+            private = package_dir / directory[len(prefix) :]
+            if not private.is_dir():
+                raise CodegenError(f"input {directory} not found at {private}")
+            roots.append(private)
+    return roots
+
+
+def _collect_protos(roots: list[Path]) -> dict[PurePosixPath, Path]:
+    """{proto path: the root that holds it} over all roots; a path may occur once."""
+    protos: dict[PurePosixPath, Path] = {}
+    for root in roots:
+        for path in sorted(root.rglob("*.proto")):
+            proto = PurePosixPath(path.relative_to(root).as_posix())
+            if proto in protos:
+                raise CodegenError(f"{proto} is in both {protos[proto]} and {root}")
+            protos[proto] = root
+    return protos
 
 
 def _search_path() -> str:
@@ -128,13 +160,16 @@ def generate(recipe: Path, proto_root: Path, package_dir: Path, prefix: str) -> 
 
     Args:
         recipe: the buf.gen.yaml file.
-        proto_root: the folder holding the proto tree (`entity/grpc/llm.proto`).
+        proto_root: the folder holding the proto tree (`entity/grpc/llm.proto`),
+            the recipe's shared input.
         package_dir: the package's project folder (a checkout's
-            `packages/NAME` or an unpacked sdist).
+            `packages/NAME` or an unpacked sdist); the recipe's inputs under
+            `prefix` are found inside it.
         prefix: the recipe's path of that project folder (`packages/NAME/`);
             plugins whose `out` starts with it belong to this package.
     """
-    plugins = [p for p in _load_recipe(recipe) if str(p.get("out", "")).startswith(prefix)]
+    inputs, all_plugins = _load_recipe(recipe)
+    plugins = [p for p in all_plugins if str(p.get("out", "")).startswith(prefix)]
     if not plugins:
         raise CodegenError(f"{recipe}: no plugin writes under {prefix}")
     outs = {package_dir / str(p["out"])[len(prefix) :] for p in plugins}
@@ -143,9 +178,11 @@ def generate(recipe: Path, proto_root: Path, package_dir: Path, prefix: str) -> 
     out = outs.pop()
     if out.name != "_gen":
         raise CodegenError(f"{recipe}: {out} is not a private _gen/ folder")
-    protos = sorted(PurePosixPath(p.relative_to(proto_root).as_posix()) for p in proto_root.rglob("*.proto"))
-    if not protos:
+    roots = _proto_roots(inputs, proto_root, package_dir, prefix)
+    sources = _collect_protos(roots)
+    if not sources:
         raise CodegenError(f"no .proto files under {proto_root}")
+    protos = sorted(sources)
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -154,10 +191,11 @@ def generate(recipe: Path, proto_root: Path, package_dir: Path, prefix: str) -> 
         staged = Path(tmp) / out.relative_to(root)
         for proto in protos:
             (staged / proto).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(proto_root / proto, staged / proto)
+            shutil.copyfile(sources[proto] / proto, staged / proto)
         for plugin in plugins:
             if plugin.get("local") in _PACKAGE_RELATIVE:
-                _protoc([f"-I{proto_root}", *_flags(plugin, out), *map(str, protos)], Path(tmp))
+                includes = [f"-I{root}" for root in roots]
+                _protoc([*includes, *_flags(plugin, out), *map(str, protos)], Path(tmp))
             else:
                 prefixed = [str(out.relative_to(root) / proto) for proto in protos]
                 _protoc([f"-I{tmp}", *_flags(plugin, root), *prefixed], Path(tmp))

@@ -27,6 +27,8 @@ def _generate_into(tmp: Path, name: str) -> dict[str, bytes]:
     """Run the recipe on a copy of a package's source; return {path in src: bytes}."""
     package = tmp / "packages" / name
     shutil.copytree(ROOT / "packages" / name / "src", package / "src", ignore=shutil.ignore_patterns("_gen"))
+    if (ROOT / "packages" / name / "third_party").is_dir():  # the package's private proto inputs
+        shutil.copytree(ROOT / "packages" / name / "third_party", package / "third_party")
     files = _codegen().generate(ROOT / "buf.gen.yaml", ROOT / "proto", package, f"packages/{name}/")
     return {f.relative_to(package / "src").as_posix(): f.read_bytes() for f in files}
 
@@ -51,12 +53,21 @@ def test_codegen_twice_gives_identical_files(tmp_path, name):
                 "entity_llm_server/_gen/entity/grpc/llm_pb2_grpc.pyi",
             },
         ),
-        ("entity-llm-client", {"entity_llm_client/_gen/entity/grpc/__init__.py"}),
+        (
+            "entity-llm-client",
+            {
+                "entity_llm_client/_gen/entity/grpc/__init__.py",
+                "entity_llm_client/_gen/google/rpc/__init__.py",
+                "entity_llm_client/_gen/google/protobuf/__init__.py",
+            },
+        ),
     ],
 )
 def test_each_wheel_ships_its_generated_code_as_nox_codegen_writes_it(tmp_path, dist, name, expected):
     generated = _generate_into(tmp_path, name)
     assert expected <= generated.keys()
+    if name == "entity-llm-server":  # the vendored google.rpc protos are the client's alone
+        assert not [path for path in generated if "/google/" in path]
     with zipfile.ZipFile(dist[name]["wheel"]) as wheel:
         shipped = {n: wheel.read(n) for n in wheel.namelist() if "/_gen/" in n}
     assert shipped == generated
@@ -72,6 +83,10 @@ def test_sdists_carry_the_proto_tree_but_no_generated_code(dist, name):
         ROOT / "proto" / "entity" / "grpc" / "llm.proto"
     ).read_text()
     assert (source / "buf.gen.yaml").exists()
+    if name == "entity-llm-client":
+        vendored = ROOT / "packages" / name / "third_party" / "googleapis"
+        for proto in ("google/rpc/status.proto", "google/rpc/error_details.proto"):
+            assert (source / "third_party" / "googleapis" / proto).read_bytes() == (vendored / proto).read_bytes()
     import tarfile
 
     with tarfile.open(dist[name]["sdist"]) as archive:

@@ -40,6 +40,7 @@ def test_the_client_wheel_installs_without_torch(tmp_path, dist):
         "import importlib.util, entity_llm_client\n"
         "assert importlib.util.find_spec('torch') is None, 'torch was installed'\n"
         "assert importlib.util.find_spec('transformers') is None\n"
+        "assert importlib.util.find_spec('google') is None, 'google-protobuf was installed'\n"
         "from entity_llm_client._gen.entity.grpc import GenerateRequest\n"
         "print(bytes(GenerateRequest(prompt='hé')).hex())\n"
     )

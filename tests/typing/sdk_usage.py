@@ -7,7 +7,21 @@ from __future__ import annotations
 
 import asyncio
 
-from entity_llm_client import AsyncLLMClient, Chunk, Completion, FinishReason, LLMClient, LLMError, ModelInfo, Tokens
+from entity_llm_client import (
+    AsyncLLMClient,
+    Chunk,
+    Completion,
+    FieldViolation,
+    FinishReason,
+    GenerateOptions,
+    InvalidArgumentError,
+    LLMClient,
+    LLMError,
+    ModelInfo,
+    TokenLogprob,
+    Tokens,
+    TopLogprob,
+)
 
 
 def stream_sync(target: str, prompt: str) -> str:
@@ -28,9 +42,38 @@ def complete_with_limits(target: str) -> tuple[str, FinishReason, int]:
         return done.text, done.finish_reason, done.usage.generated_tokens
 
 
+def sample_with_logprobs(target: str) -> tuple[int | None, list[float], list[str]]:
+    options: GenerateOptions = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "seed": 1234}
+    options["top_logprobs"] = 3
+    with LLMClient(target, timeout=30, retries=False) as client:
+        done: Completion = client.complete("def f(x):", timeout=10, **options)
+        entries: tuple[TokenLogprob, ...] = done.logprobs
+        top: list[TopLogprob] = [alt for entry in entries for alt in entry.top_logprobs]
+        return done.seed, [entry.logprob for entry in entries], [alt.text for alt in top]
+
+
+def chat(target: str) -> str:
+    with LLMClient(target) as client:
+        chunks = list(client.generate(messages=[("system", "Answer in Python."), ("user", "Add.")], min_new_tokens=2))
+        seed: int | None = chunks[-1].seed
+        return "".join(chunk.text for chunk in chunks) + ("" if seed is None else f" (seed {seed})")
+
+
+def violations(target: str) -> list[str]:
+    with LLMClient(target) as client:
+        try:
+            client.complete("x", stop_sequences=[""])
+        except InvalidArgumentError as error:
+            found: tuple[FieldViolation, ...] = error.field_violations
+            return [f"{v.field}: {v.description}" for v in found]
+    return []
+
+
 async def stream_async(target: str, prompt: str) -> str:
-    async with AsyncLLMClient(target) as client:
-        return "".join([piece.text async for piece in client.generate(prompt, timeout=30)])
+    async with AsyncLLMClient(target, retries=True) as client:
+        done: Completion = await client.complete(messages=[("user", prompt)], temperature=0.0, logprobs=True)
+        assert done.logprobs or not done.text
+        return "".join([piece.text async for piece in client.generate(prompt, timeout=30, top_logprobs=2)])
 
 
 def main() -> None:

@@ -13,13 +13,24 @@ from ._client import AsyncLLMClient, LLMClient
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
+    FieldViolation,
     InvalidArgumentError,
     LLMError,
     OverloadedError,
     UnauthenticatedError,
     UnavailableError,
 )
-from ._types import Chunk, Completion, FinishReason, ModelInfo, Tokens, Usage
+from ._types import (
+    Chunk,
+    Completion,
+    FinishReason,
+    GenerateOptions,
+    ModelInfo,
+    TokenLogprob,
+    Tokens,
+    TopLogprob,
+    Usage,
+)
 
 __all__ = [
     "AsyncLLMClient",
@@ -27,13 +38,17 @@ __all__ = [
     "Chunk",
     "Completion",
     "DeadlineExceededError",
+    "FieldViolation",
     "FinishReason",
+    "GenerateOptions",
     "InvalidArgumentError",
     "LLMClient",
     "LLMError",
     "ModelInfo",
     "OverloadedError",
+    "TokenLogprob",
     "Tokens",
+    "TopLogprob",
     "UnauthenticatedError",
     "UnavailableError",
     "Usage",

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
 from . import _transport as t
 from ._errors import from_rpc_error
-from ._gen.entity.grpc import GetModelInfoRequest
-from ._types import Chunk, Completion, ModelInfo, Tokens
+from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
+from ._types import Chunk, Completion, GenerateOptions, ModelInfo, Tokens
 
 Metadata = Sequence[tuple[str, str]]
+
+
+def _deadline(default: float | None, timeout: float | None) -> float | None:
+    """A call's own timeout wins over the client's default, even when it is 0."""
+    return default if timeout is None else timeout
 
 
 class LLMClient:
@@ -25,58 +30,76 @@ class LLMClient:
             a call's own `timeout` overrides it.
         channel: an existing grpcio channel to use instead of opening one;
             the client does not close a channel it was given.
+        retries: retry a call that fails with UNAVAILABLE before any response
+            (for a stream: before its first chunk), up to 3 attempts within
+            the call's deadline; False turns retries off. Applies to the
+            channel the client opens, not to one it was given.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None, retries: bool = True
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.insecure_channel(target, options=t.CHANNEL_OPTIONS)
+        self._channel = channel or grpc.insecure_channel(target, options=t.channel_options(retries))
         self._methods = t.Methods(self._channel)
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | None = None,
         *,
-        max_new_tokens: int | None = None,
-        stop_sequences: Sequence[str] = (),
-        include_stop_sequence: bool = False,
-        truncate_input_tokens: int | None = None,
-        time_limit_ms: int | None = None,
-        request_id: str = "",
+        messages: Sequence[tuple[str, str]] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
-    ) -> Iterator[Chunk]:
-        """Stream the continuation of `prompt`, one Chunk per decoded piece.
+        **options: Unpack[GenerateOptions],
+    ) -> Generator[Chunk, None, None]:
+        """Stream the continuation of `prompt` (or of a chat), one Chunk per decoded piece.
 
-        The last chunk carries the finish reason and token counts. Stopping
+        Pass exactly one of `prompt` and `messages`. The last chunk carries the
+        finish reason, token counts and (sampled streams) the seed. Stopping
         the iteration early (break, or closing the iterator) cancels the call,
-        which stops the generation on the server.
+        which stops the generation on the server. Parameters left out (or
+        None) are not sent, and the server applies its defaults.
 
         Args:
             prompt: the text to continue.
-            max_new_tokens: the most tokens to generate (server default if None).
-            stop_sequences: texts that end generation (trimmed from the output).
-            include_stop_sequence: keep the matched stop text.
-            truncate_input_tokens: keep only the prompt's last N tokens.
-            time_limit_ms: end normally (TIME_LIMIT) after this long.
-            request_id: echoed in every chunk; the server makes one if empty.
-            timeout: this call's deadline in seconds.
+            messages: a conversation instead of a prompt, as `(role, content)`
+                pairs (`[("system", "..."), ("user", "...")]`); the server
+                renders it with the model's chat template.
+            timeout: this call's deadline in seconds (overrides the client's).
             metadata: extra gRPC metadata.
+            **options: the request parameters (`GenerateOptions`):
+                max_new_tokens: the most tokens to generate (server default if None).
+                min_new_tokens: the fewest tokens before end-of-sequence may end it.
+                stop_sequences: texts that end generation (trimmed from the output).
+                include_stop_sequence: keep the matched stop text.
+                truncate_input_tokens: keep only the prompt's last N tokens.
+                time_limit_ms: end normally (TIME_LIMIT) after this long.
+                temperature: 0 or None is greedy; above 0 samples.
+                top_p: nucleus sampling: the smallest set of tokens whose
+                    probabilities add up to top_p.
+                top_k: sample from the k most likely tokens only.
+                repetition_penalty: above 1 discourages repeated tokens.
+                seed: the sampler's seed, for repeatable sampling.
+                logprobs: return each generated token's log-probability.
+                top_logprobs: also return this many likely alternatives per
+                    token (implies logprobs).
+                request_id: echoed in every chunk; the server makes one if empty.
 
         Raises:
+            TypeError: both or neither of `prompt` and `messages`, a malformed
+                message, or an unknown parameter (before any call).
+            ValueError: a value the wire cannot carry (before any call).
             LLMError: a subclass for the call's status code.
         """
-        request = t.generate_request(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            stop_sequences=stop_sequences,
-            include_stop_sequence=include_stop_sequence,
-            truncate_input_tokens=truncate_input_tokens,
-            time_limit_ms=time_limit_ms,
-            request_id=request_id,
-        )
-        call: Any = self._methods.generate(request, timeout=timeout or self.timeout, metadata=tuple(metadata))
+        request = t.generate_request(prompt, messages, options)
+        return self._stream(request, _deadline(self.timeout, timeout), metadata)
+
+    def _stream(
+        self, request: GenerateRequest, timeout: float | None, metadata: Metadata
+    ) -> Generator[Chunk, None, None]:
+        call: Any = self._methods.generate(request, timeout=timeout, metadata=tuple(metadata))
         try:
             request_id = ""  # the server sends it on the first and last message
             for response in call:
@@ -87,15 +110,24 @@ class LLMClient:
         finally:
             call.cancel()
 
-    def complete(self, prompt: str, **kwargs: Any) -> Completion:
-        """Generate to the end and return the whole completion (same arguments as `generate`)."""
-        return t.to_completion(list(self.generate(prompt, **kwargs)))
+    def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[tuple[str, str]] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[GenerateOptions],
+    ) -> Completion:
+        """Generate to the end and return the whole completion (the arguments of `generate`)."""
+        stream = self.generate(prompt, messages=messages, timeout=timeout, metadata=metadata, **options)
+        return t.to_completion(list(stream))
 
     def tokenize(self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None) -> Tokens:
         """The served model's tokens for `text`."""
         try:
             response = self._methods.tokenize(
-                t.tokenize_request(text, truncate_input_tokens), timeout=timeout or self.timeout
+                t.tokenize_request(text, truncate_input_tokens), timeout=_deadline(self.timeout, timeout)
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -104,7 +136,7 @@ class LLMClient:
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
         try:
-            response = self._methods.model_info(GetModelInfoRequest(), timeout=timeout or self.timeout)
+            response = self._methods.model_info(GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return t.to_model_info(response)
@@ -130,46 +162,51 @@ class AsyncLLMClient:
             a call's own `timeout` overrides it.
         channel: an existing grpc.aio channel to use instead of opening one;
             the client does not close a channel it was given.
+        retries: as for `LLMClient`: retry UNAVAILABLE before any response;
+            False turns retries off.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        channel: grpc.aio.Channel | None = None,
+        retries: bool = True,
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target, options=t.CHANNEL_OPTIONS)
+        self._channel = channel or grpc.aio.insecure_channel(target, options=t.channel_options(retries))
         self._methods = t.Methods(self._channel)
 
-    async def generate(
+    def generate(
         self,
-        prompt: str,
+        prompt: str | None = None,
         *,
-        max_new_tokens: int | None = None,
-        stop_sequences: Sequence[str] = (),
-        include_stop_sequence: bool = False,
-        truncate_input_tokens: int | None = None,
-        time_limit_ms: int | None = None,
-        request_id: str = "",
+        messages: Sequence[tuple[str, str]] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
-    ) -> AsyncIterator[Chunk]:
-        """Stream the continuation of `prompt`; see `LLMClient.generate` for the arguments.
+        **options: Unpack[GenerateOptions],
+    ) -> AsyncGenerator[Chunk, None]:
+        """Stream the continuation of `prompt` or `messages`; see `LLMClient.generate` for the arguments.
 
-        Leaving the `async for` early cancels the call, which stops the
-        generation on the server.
+        Use it with `async for`. Leaving the loop early cancels the call, which
+        stops the generation on the server.
 
         Raises:
+            TypeError: both or neither of `prompt` and `messages`, a malformed
+                message, or an unknown parameter (at once, before any call).
+            ValueError: a value the wire cannot carry (at once, before any call).
             LLMError: a subclass for the call's status code.
         """
-        request = t.generate_request(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            stop_sequences=stop_sequences,
-            include_stop_sequence=include_stop_sequence,
-            truncate_input_tokens=truncate_input_tokens,
-            time_limit_ms=time_limit_ms,
-            request_id=request_id,
-        )
-        call: Any = self._methods.generate(request, timeout=timeout or self.timeout, metadata=tuple(metadata))
+        request = t.generate_request(prompt, messages, options)
+        return self._stream(request, _deadline(self.timeout, timeout), metadata)
+
+    async def _stream(
+        self, request: GenerateRequest, timeout: float | None, metadata: Metadata
+    ) -> AsyncGenerator[Chunk, None]:
+        call: Any = self._methods.generate(request, timeout=timeout, metadata=tuple(metadata))
         try:
             request_id = ""  # the server sends it on the first and last message
             async for response in call:
@@ -180,9 +217,18 @@ class AsyncLLMClient:
         finally:
             call.cancel()
 
-    async def complete(self, prompt: str, **kwargs: Any) -> Completion:
-        """Generate to the end and return the whole completion (same arguments as `generate`)."""
-        return t.to_completion([chunk async for chunk in self.generate(prompt, **kwargs)])
+    async def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[tuple[str, str]] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[GenerateOptions],
+    ) -> Completion:
+        """Generate to the end and return the whole completion (the arguments of `generate`)."""
+        stream = self.generate(prompt, messages=messages, timeout=timeout, metadata=metadata, **options)
+        return t.to_completion([chunk async for chunk in stream])
 
     async def tokenize(
         self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None
@@ -190,7 +236,7 @@ class AsyncLLMClient:
         """The served model's tokens for `text`."""
         try:
             response = await self._methods.tokenize(
-                t.tokenize_request(text, truncate_input_tokens), timeout=timeout or self.timeout
+                t.tokenize_request(text, truncate_input_tokens), timeout=_deadline(self.timeout, timeout)
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -199,7 +245,7 @@ class AsyncLLMClient:
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
         try:
-            response = await self._methods.model_info(GetModelInfoRequest(), timeout=timeout or self.timeout)
+            response = await self._methods.model_info(GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return t.to_model_info(response)

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import grpc
+
+from ._gen.google.rpc import BadRequest, Status
+
+# Where grpcio-status (and every gRPC implementation) puts a google.rpc.Status.
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_BAD_REQUEST = "google.rpc.BadRequest"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One broken rule of a request, as the server names it.
+
+    Attributes:
+        field: the request field, named as in the proto (`stop_sequences`,
+            `stop_sequences[0]`, `temperature`).
+        description: what is wrong with it.
+    """
+
+    field: str
+    description: str
 
 
 class LLMError(Exception):
@@ -22,7 +45,16 @@ class LLMError(Exception):
 
 
 class InvalidArgumentError(LLMError):
-    """The request was malformed (INVALID_ARGUMENT)."""
+    """The request was malformed (INVALID_ARGUMENT).
+
+    Attributes:
+        field_violations: each broken rule, from the google.rpc.BadRequest the
+            server sends in the status details (empty if it sent none).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, field_violations: tuple[FieldViolation, ...] = ()) -> None:
+        super().__init__(code, details)
+        self.field_violations = field_violations
 
 
 class OverloadedError(LLMError):
@@ -55,8 +87,32 @@ _BY_CODE: dict[grpc.StatusCode, type[LLMError]] = {
 }
 
 
+def _status_details(error: grpc.RpcError) -> bytes | None:
+    # A sync call's trailers are a tuple of pairs, an aio call's a grpc.aio.Metadata: both iterate as pairs.
+    trailers: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return value
+    return None
+
+
+def field_violations(error: grpc.RpcError) -> tuple[FieldViolation, ...]:
+    """The field violations of a google.rpc.BadRequest in the call's status details, if any."""
+    raw = _status_details(error)
+    if raw is None:
+        return ()
+    try:
+        details = Status.parse(raw).details
+        requests = [BadRequest.parse(d.value) for d in details if d.type_url.rpartition("/")[2] == _BAD_REQUEST]
+    except Exception:  # malformed details must not hide the status they came with
+        return ()
+    return tuple(FieldViolation(v.field, v.description) for r in requests for v in r.field_violations)
+
+
 def from_rpc_error(error: grpc.RpcError) -> LLMError:
     """The LLMError subclass for a failed call (sync or aio)."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(error)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgumentError(code, details, field_violations(error))
     return _BY_CODE.get(code, LLMError)(code, details)

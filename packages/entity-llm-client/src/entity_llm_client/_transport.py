@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from ._gen.entity.grpc import (
-    FinishReason as WireFinishReason,
-)
-from ._gen.entity.grpc import (
+    ChatMessage,
     GenerateRequest,
     GenerateResponse,
     GetModelInfoRequest,
     GetModelInfoResponse,
     TokenizeRequest,
     TokenizeResponse,
+    TokenLogprobs,
 )
-from ._types import Chunk, Completion, FinishReason, ModelInfo, Tokens, Usage
+from ._gen.entity.grpc import (
+    FinishReason as WireFinishReason,
+)
+from ._types import (
+    Chunk,
+    Completion,
+    FinishReason,
+    GenerateOptions,
+    ModelInfo,
+    TokenLogprob,
+    Tokens,
+    TopLogprob,
+    Usage,
+)
 
 SERVICE = "entity.grpc.LLMService"
 
@@ -26,6 +39,39 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 ]
+
+# Retries are gRPC's own (gRFC A6, "When Retries are Valid"): an attempt may be
+# retried only until the call is committed, and it commits when the client
+# receives the server's response headers, which a gRPC server sends with its
+# first message. So a Generate stream is retried only if it failed before its
+# first token; one that has yielded text ends with the error, never replayed.
+# Only UNAVAILABLE is retried: the server was unreachable or refused the call
+# before doing anything for it. Throttling stops retries while most calls fail.
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+)
+
+
+def channel_options(retries: bool) -> list[tuple[str, Any]]:
+    """The options of a channel the client opens, with or without the retry policy."""
+    if not retries:
+        return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 0)]
+    return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
+
 
 _FINISH = {
     WireFinishReason.MAX_TOKENS: FinishReason.MAX_TOKENS,
@@ -52,24 +98,67 @@ class Methods:
         self.model_info = handle("unary_unary", "GetModelInfo", GetModelInfoRequest, GetModelInfoResponse)
 
 
+_UINT32 = ("max_new_tokens", "min_new_tokens", "truncate_input_tokens", "time_limit_ms", "top_k", "top_logprobs")
+_FLOATS = ("temperature", "top_p", "repetition_penalty")
+
+
+def _checked(options: GenerateOptions) -> dict[str, Any]:
+    """The options as GenerateRequest fields (None: not sent); a value the wire cannot carry is a ValueError."""
+    fields: dict[str, Any] = {name: value for name, value in options.items() if value is not None}
+    for name, bits in [*((n, 32) for n in _UINT32), ("seed", 64)]:
+        value = fields.get(name)
+        if value is not None and not 0 <= value < 2**bits:
+            raise ValueError(f"{name} must be between 0 and {2**bits - 1}, got {value}")
+    for name in _FLOATS:
+        if fields.get(name) is not None:
+            fields[name] = float(fields[name])
+    if "stop_sequences" in fields:
+        if isinstance(fields["stop_sequences"], str):
+            raise TypeError("stop_sequences takes a sequence of strings; put a single one in a list")
+        fields["stop_sequences"] = list(fields["stop_sequences"])
+    return fields
+
+
+def _chat(messages: Sequence[tuple[str, str]]) -> list[ChatMessage]:
+    if not messages:
+        raise ValueError("messages must hold at least one (role, content) pair")
+    turns = []
+    for i, message in enumerate(messages):
+        if not (isinstance(message, tuple | list) and len(message) == 2 and all(isinstance(m, str) for m in message)):
+            raise TypeError(f"messages[{i}] must be a (role, content) tuple of strings, got {message!r}")
+        turns.append(ChatMessage(role=message[0], content=message[1]))
+    return turns
+
+
 def generate_request(
-    prompt: str,
-    *,
-    max_new_tokens: int | None,
-    stop_sequences: Iterable[str],
-    include_stop_sequence: bool,
-    truncate_input_tokens: int | None,
-    time_limit_ms: int | None,
-    request_id: str,
+    prompt: str | None, messages: Sequence[tuple[str, str]] | None, options: GenerateOptions
 ) -> GenerateRequest:
-    return GenerateRequest(
-        prompt=prompt,
-        max_new_tokens=max_new_tokens,
-        stop_sequences=list(stop_sequences),
-        include_stop_sequence=include_stop_sequence,
-        truncate_input_tokens=truncate_input_tokens,
-        time_limit_ms=time_limit_ms,
-        request_id=request_id,
+    """The GenerateRequest for `generate()`'s arguments, checked before any call.
+
+    Unknown options are a TypeError; options left out or None stay unset on
+    the wire (proto3 presence), so the server applies its defaults.
+    """
+    if (prompt is None) == (messages is None):
+        raise TypeError("pass either a prompt or messages (exactly one)")
+    unknown = sorted(set(options) - GenerateOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    fields = _checked(options)
+    if messages is not None:
+        return GenerateRequest(messages=_chat(messages), **fields)
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    return GenerateRequest(prompt=prompt, **fields)
+
+
+def _logprobs(entries: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top_logprobs=tuple(TopLogprob(t.token_id, t.logprob, t.text) for t in e.top_logprobs),
+        )
+        for e in entries
     )
 
 
@@ -82,6 +171,8 @@ def to_chunk(response: GenerateResponse, request_id: str) -> Chunk:
         finish_reason=reason,
         stop_sequence=response.stop_sequence,
         usage=None if reason is None else Usage(response.input_token_count, response.generated_token_count),
+        logprobs=_logprobs(response.logprobs),
+        seed=response.seed,
     )
 
 
@@ -96,6 +187,8 @@ def to_completion(chunks: list[Chunk]) -> Completion:
         usage=last.usage,
         stop_sequence=last.stop_sequence,
         request_id=last.request_id,
+        logprobs=tuple(entry for c in chunks for entry in c.logprobs),
+        seed=last.seed,
     )
 
 

@@ -1,9 +1,34 @@
-"""Typed values the client returns."""
+"""Typed values the client takes and returns."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The request parameters `generate()` and `complete()` take as keywords.
+
+    Every one is optional; leaving one out (or passing None) leaves it unset on
+    the wire, and the server applies its default. See `LLMClient.generate`.
+    """
+
+    max_new_tokens: int | None
+    min_new_tokens: int | None
+    stop_sequences: Sequence[str]
+    include_stop_sequence: bool
+    truncate_input_tokens: int | None
+    time_limit_ms: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float | None
+    seed: int | None
+    logprobs: bool
+    top_logprobs: int
+    request_id: str
 
 
 class FinishReason(enum.Enum):
@@ -30,6 +55,38 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One likely alternative for a generated token.
+
+    Attributes:
+        token_id: the alternative's token id.
+        logprob: its natural-log probability.
+        text: its text, decoded alone.
+    """
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability (asked for with `logprobs` or `top_logprobs`).
+
+    Attributes:
+        token_id: the generated token's id.
+        logprob: its natural-log probability under the distribution it was
+            sampled from (after temperature, top_k, top_p, repetition_penalty).
+        top_logprobs: the most likely tokens of that distribution, most likely
+            first (`top_logprobs` of them; empty unless asked for).
+    """
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """One streamed piece of generated text.
 
@@ -44,6 +101,10 @@ class Chunk:
         finish_reason: why generation ended; None until the last chunk.
         stop_sequence: the stop sequence that ended it, if one did.
         usage: token counts, on the last chunk.
+        logprobs: one entry per id in `token_ids`, in order, when the request
+            asked for logprobs; empty otherwise.
+        seed: the sampler's seed, on the last chunk of a sampled stream
+            (None otherwise): send it back as `seed` to repeat the stream.
     """
 
     text: str
@@ -52,6 +113,8 @@ class Chunk:
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    seed: int | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -59,7 +122,18 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A whole generation, as `complete()` returns it."""
+    """A whole generation, as `complete()` returns it.
+
+    Attributes:
+        text: all the generated text.
+        token_ids: all the generated token ids.
+        finish_reason: why generation ended.
+        usage: token counts.
+        stop_sequence: the stop sequence that ended it, if one did.
+        request_id: the request's id (sent, or made by the server).
+        logprobs: every chunk's logprobs, in order (empty unless asked for).
+        seed: the sampler's seed of a sampled generation (None if greedy).
+    """
 
     text: str
     token_ids: tuple[int, ...]
@@ -67,6 +141,8 @@ class Completion:
     usage: Usage
     stop_sequence: str = ""
     request_id: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

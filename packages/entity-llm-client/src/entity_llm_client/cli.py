@@ -1,7 +1,9 @@
 """The `entity-llm` command: talk to an entity-llm server from a terminal.
 
 entity-llm generate "def fibonacci(n):" --max-new-tokens 64 --stop $'\\n\\n'
-entity-llm generate "import os" --json        # one JSON object per chunk
+entity-llm generate "import os" --temperature 0.8 --top-p 0.95 --seed 7
+entity-llm generate --message system:"Answer in Python." --message user:"Add two numbers."
+entity-llm --json generate "import os" --top-logprobs 3   # one JSON object per chunk, with logprobs
 entity-llm tokenize "def f(x):"
 entity-llm info
 """
@@ -14,6 +16,7 @@ import enum
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ._client import LLMClient
@@ -38,14 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="stream the continuation of a prompt")
-    generate.add_argument("prompt", help="the text to continue ('-' reads standard input)")
+    generate = commands.add_parser(
+        "generate",
+        help="stream the continuation of a prompt or a chat",
+        description="Give a prompt, or a chat with --message or --messages-json (exactly one).",
+    )
+    generate.add_argument("prompt", nargs="?", help="the text to continue ('-' reads standard input)")
+    chat = generate.add_argument_group("chat (instead of a prompt)")
+    chat.add_argument(
+        "--message",
+        action="append",
+        dest="messages",
+        metavar="ROLE:CONTENT",
+        help="one turn of a conversation, e.g. user:Hello (repeat it, in order)",
+    )
+    chat.add_argument(
+        "--messages-json",
+        metavar="FILE",
+        help='a JSON array of {"role": ..., "content": ...} objects (\'-\' reads standard input)',
+    )
     generate.add_argument("--max-new-tokens", type=int, help="the most tokens to generate")
+    generate.add_argument("--min-new-tokens", type=int, help="the fewest tokens before end-of-sequence may end it")
     generate.add_argument("--stop", action="append", default=[], dest="stop_sequences", help="a stop sequence")
     generate.add_argument("--include-stop-sequence", action="store_true", help="keep the matched stop text")
     generate.add_argument("--truncate-input-tokens", type=int, help="keep only the prompt's last N tokens")
     generate.add_argument("--time-limit-ms", type=int, help="end normally after this many milliseconds")
     generate.add_argument("--request-id", default="", help="an id echoed by the server")
+    sampling = generate.add_argument_group("sampling (unset: the server's defaults, greedy)")
+    sampling.add_argument("--temperature", type=float, help="0 is greedy; above 0 samples")
+    sampling.add_argument("--top-p", type=float, help="sample from the smallest set of tokens this likely")
+    sampling.add_argument("--top-k", type=int, help="sample from the K most likely tokens only")
+    sampling.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeated tokens")
+    sampling.add_argument("--seed", type=int, help="the sampler's seed, to repeat a sampled stream")
+    scores = generate.add_argument_group("log-probabilities (shown with --json)")
+    scores.add_argument("--logprobs", action="store_true", help="return each generated token's log-probability")
+    scores.add_argument(
+        "--top-logprobs", type=int, default=0, metavar="N", help="also return the N most likely alternatives"
+    )
 
     tokenize = commands.add_parser("tokenize", help="show a text's tokens")
     tokenize.add_argument("text")
@@ -55,17 +87,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generate(client: LLMClient, args: argparse.Namespace) -> None:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    stream = client.generate(
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        stop_sequences=args.stop_sequences,
-        include_stop_sequence=args.include_stop_sequence,
-        truncate_input_tokens=args.truncate_input_tokens,
-        time_limit_ms=args.time_limit_ms,
-        request_id=args.request_id,
-    )
+def _messages(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """The chat the flags give, or None for a prompt; ValueError if it is malformed."""
+    if args.messages_json is not None:
+        source = args.messages_json
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in data
+        ):
+            raise ValueError('--messages-json: expected a JSON array of {"role": ..., "content": ...} objects')
+        return [(m["role"], m["content"]) for m in data]
+    if args.messages is not None:
+        turns = [tuple(message.split(":", 1)) for message in args.messages]
+        if not all(len(turn) == 2 and turn[0] for turn in turns):
+            raise ValueError("--message: expected ROLE:CONTENT, e.g. user:Hello")
+        return [(role, content) for role, content in turns]
+    return None
+
+
+def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if sum(x is not None for x in (args.prompt, args.messages, args.messages_json)) != 1:
+        parser.error("generate: give a prompt, --message or --messages-json (exactly one)")
+    try:
+        messages = _messages(args)
+        prompt = None if messages is not None else sys.stdin.read() if args.prompt == "-" else args.prompt
+        stream = client.generate(
+            prompt,
+            messages=messages,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            stop_sequences=args.stop_sequences,
+            include_stop_sequence=args.include_stop_sequence,
+            truncate_input_tokens=args.truncate_input_tokens,
+            time_limit_ms=args.time_limit_ms,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            logprobs=args.logprobs,
+            top_logprobs=args.top_logprobs,
+            request_id=args.request_id,
+        )
+    except (OSError, ValueError, TypeError) as error:  # bad flags or files, found before any call
+        parser.error(f"generate: {error}")
     for chunk in stream:
         if args.json:
             print(json.dumps(_jsonable(chunk)), flush=True)
@@ -74,17 +140,19 @@ def _generate(client: LLMClient, args: argparse.Namespace) -> None:
             if chunk.finish_reason is not None:
                 usage = chunk.usage
                 counts = f", {usage.input_tokens} in / {usage.generated_tokens} out" if usage else ""
+                seed = f", seed {chunk.seed}" if chunk.seed is not None else ""
                 print()
-                print(f"[{chunk.finish_reason.value}{counts}]", file=sys.stderr)
+                print(f"[{chunk.finish_reason.value}{counts}{seed}]", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit code (1 for a failed call, with the status on stderr)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         with LLMClient(args.target, timeout=args.timeout) as client:
             if args.command == "generate":
-                _generate(client, args)
+                _generate(client, args, parser)
             elif args.command == "tokenize":
                 tokens = client.tokenize(args.text, truncate_input_tokens=args.truncate_input_tokens)
                 if args.json:
