@@ -20,13 +20,6 @@ from ._types import Chunk, Completion, FinishReason, ModelInfo, Tokens, Usage
 
 SERVICE = "entity.grpc.LLMService"
 
-# Clients keep long quiet streams alive with pings the server is set to accept.
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-]
-
 _FINISH = {
     WireFinishReason.MAX_TOKENS: FinishReason.MAX_TOKENS,
     WireFinishReason.EOS: FinishReason.EOS,
@@ -36,16 +29,35 @@ _FINISH = {
 }
 
 
-class Methods:
-    """The service's method handles on one channel (sync or aio: same calls)."""
+class _WithMetadata:
+    """A method handle that sends `metadata` (an API key) ahead of each call's own."""
 
-    def __init__(self, channel: Any) -> None:
+    __slots__ = ("_call", "_metadata")
+
+    def __init__(self, call: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._call = call
+        self._metadata = metadata
+
+    def __call__(self, request: Any, *, metadata: Iterable[tuple[str, str]] = (), **kwargs: Any) -> Any:
+        return self._call(request, metadata=(*self._metadata, *metadata), **kwargs)
+
+
+class Methods:
+    """The service's method handles on one channel (sync or aio: same calls).
+
+    Args:
+        channel: a grpcio channel, sync or aio.
+        metadata: sent with every call (the API key).
+    """
+
+    def __init__(self, channel: Any, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         def handle(kind: str, name: str, request: Any, response: Any) -> Any:
-            return getattr(channel, kind)(
+            call = getattr(channel, kind)(
                 f"/{SERVICE}/{name}",
                 request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString,
             )
+            return _WithMetadata(call, metadata) if metadata else call
 
         self.generate = handle("unary_stream", "Generate", GenerateRequest, GenerateResponse)
         self.tokenize = handle("unary_unary", "Tokenize", TokenizeRequest, TokenizeResponse)
