@@ -38,6 +38,7 @@ def test_server_surface():
         "Engine",
         "EngineRequest",
         "FakeEngine",
+        "LLMServer",
         "LLMService",
         "ServerConfig",
         "TransformersEngine",

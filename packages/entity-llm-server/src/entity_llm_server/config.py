@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import BatchingSettings
+from .logs import LOG_FORMATS
 from .resource import DTYPES, ENGINES
 
 ENV_PREFIX = "ENTITY_LLM_"
@@ -38,6 +39,11 @@ class ServerConfig:
         kv_cache_tokens: KV-cache capacity in tokens (0: sized from the batch).
         kv_block_size: tokens per KV-cache block.
         max_batch_tokens: tokens per forward pass (0: 256 on CPU, 2048 on GPU).
+        log_format: `text` lines or `json` lines (one object per record).
+        metrics_port: port of the Prometheus `/metrics` endpoint on `host`;
+            0 serves no metrics.
+        health_check_interval: seconds between two looks at the engine's
+            health (a failed engine turns the health service NOT_SERVING).
     """
 
     model: str | None = None
@@ -54,6 +60,9 @@ class ServerConfig:
     kv_cache_tokens: int = 0
     kv_block_size: int = 16
     max_batch_tokens: int = 0
+    log_format: str = "text"
+    metrics_port: int = 0
+    health_check_interval: float = 1.0
 
     def batching(self) -> BatchingSettings:
         """The batching engine's settings."""
@@ -83,6 +92,7 @@ _positive_int = _bounded(int, 1)
 _non_negative_int = _bounded(int, 0)
 _port = _bounded(int, 0, 65535)
 _non_negative_float = _bounded(float, 0)
+_positive_float = _bounded(float, 0.001)
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -118,6 +128,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--kv-cache-tokens", type=_non_negative_int, help="KV-cache capacity in tokens; 0 sizes it from the batch")
     add("--kv-block-size", type=_positive_int, help="tokens per KV-cache block")
     add("--max-batch-tokens", type=_non_negative_int, help="tokens per forward pass; 0: 256 on CPU, 2048 on GPU")
+    add("--log-format", choices=LOG_FORMATS, help="text lines, or JSON lines (one object per record)")
+    add("--metrics-port", type=_port, help="serve Prometheus metrics on http://HOST:PORT/metrics; 0: off")
+    add("--health-check-interval", type=_positive_float, help="seconds between two looks at the engine's health")
     return parser
 
 
