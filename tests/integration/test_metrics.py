@@ -9,7 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from entity_llm_client import InvalidArgumentError, LLMClient, LLMError
+from entity_llm_client import InvalidArgumentError, LLMClient, LLMError, UnauthenticatedError
 from entity_llm_server import FakeEngine, LLMService
 
 from ..conftest import wait_until
@@ -36,19 +36,22 @@ def value(samples, name: str, **labels: str) -> float:
 
 def test_rpcs_tokens_and_latencies_are_counted(serve):
     engine = FakeEngine(PIECES, default_max_new_tokens=6)
-    server = serve(LLMService(engine=engine)).start()
+    server = serve(LLMService(engine=engine), api_keys=("k",)).start()
     port = server.server.serve_metrics("127.0.0.1", 0)
-    with LLMClient(server.target, timeout=10) as client:
+    with LLMClient(server.target, timeout=10, api_key="k") as client:
         assert client.complete("x").usage.generated_tokens == 6
         assert client.complete("x", max_new_tokens=2).usage.generated_tokens == 2
         with pytest.raises(InvalidArgumentError):
             client.complete("x", max_new_tokens=0)
         client.tokenize("a b c")
+    with LLMClient(server.target, timeout=10) as client, pytest.raises(UnauthenticatedError):
+        client.tokenize("no key")
 
     samples = scrape(port)
     assert value(samples, "entity_llm_requests_total", method=GENERATE, code="OK") == 2
     assert value(samples, "entity_llm_requests_total", method=GENERATE, code="INVALID_ARGUMENT") == 1
     assert value(samples, "entity_llm_requests_total", method=TOKENIZE, code="OK") == 1
+    assert value(samples, "entity_llm_requests_total", method=TOKENIZE, code="UNAUTHENTICATED") == 1
     assert value(samples, "entity_llm_generated_tokens_total") == 8
     # Two streams had a first message; every later message (6 - 1 + 1 final, 2 - 1 + 1) had a gap before it.
     assert value(samples, "entity_llm_time_to_first_token_seconds_count") == 2

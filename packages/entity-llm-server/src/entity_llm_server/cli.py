@@ -6,10 +6,12 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from .auth import ApiKeyFileError
 from .config import parse_config
 from .logs import configure_logging
 from .resource import ModelLoadError
 from .server import serve
+from .tls import TlsConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         return asyncio.run(serve(config))
-    except ModelLoadError as exc:
+    except (ModelLoadError, TlsConfigError, ApiKeyFileError) as exc:
         print(f"entity-llm-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an address could not be bound

@@ -7,15 +7,16 @@ not one per concern) and, per RPC:
    `request_id` field, else makes one; echoes it in the initial metadata, puts
    it on every log record of the RPC, and fills an empty `request_id` field
    with it so the servicer echoes the same id in its responses;
-2. refuses new RPCs with UNAVAILABLE once a drain has begun, and counts the
+2. checks the API key (`authorization: Bearer <key>`) when keys are set;
+3. refuses new RPCs with UNAVAILABLE once a drain has begun, and counts the
    admitted ones so the drain can wait for them;
-3. answers INVALID_ARGUMENT, naming the problem, for request bytes that do not
+4. answers INVALID_ARGUMENT, naming the problem, for request bytes that do not
    parse (grpcio alone would answer UNKNOWN "Exception deserializing request");
-4. records metrics and writes one log line when the RPC ends, with its final
+5. records metrics and writes one log line when the RPC ends, with its final
    status code: OK, an abort's code, CANCELLED, DEADLINE_EXCEEDED or UNKNOWN.
 
-The health service stays open: still answered during a drain, so probes keep
-working.
+The health service stays open: no key, and still answered during a drain, so
+probes keep working.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from . import logs
+from .auth import ApiKeys
 from .health import HEALTH_SERVICE, LLM_SERVICE
 from .metrics import Metrics
 from .validation import MAX_REQUEST_ID_CHARS
@@ -152,11 +154,13 @@ class OperationsInterceptor(_Interceptor):
     """See the module's docstring.
 
     Args:
+        api_keys: accepted keys; empty accepts every call.
         gate: the drain gate.
         metrics: where RPCs are recorded.
     """
 
-    def __init__(self, *, gate: DrainGate, metrics: Metrics) -> None:
+    def __init__(self, *, api_keys: ApiKeys, gate: DrainGate, metrics: Metrics) -> None:
+        self.api_keys = api_keys
         self.gate = gate
         self.metrics = metrics
 
@@ -240,6 +244,8 @@ class OperationsInterceptor(_Interceptor):
         logs.request_id.set(call.request_id)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
         if not call.open:
+            if (problem := self.api_keys.check(metadata)) is not None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
             if not self.gate.enter():
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             call.gated = True

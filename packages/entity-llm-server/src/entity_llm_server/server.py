@@ -1,4 +1,4 @@
-"""Builds and runs the grpc.aio server: services, health, reflection, interceptors, drain."""
+"""Builds and runs the grpc.aio server: services, health, reflection, interceptors, TLS, drain."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ._gen.entity.grpc import llm_pb2_grpc
+from .auth import ApiKeys, load_api_keys
 from .config import ServerConfig
 from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor, current_engine
 from .interceptors import DrainGate, OperationsInterceptor
 from .metrics import Metrics
 from .resource import UnifiedLLMResource
 from .service import LLMService
+from .tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +63,12 @@ class LLMServer:
     """LLMService on a grpc.aio server, with what running it in production takes.
 
     Registers `grpc.health.v1.Health` (`health`) and server reflection, and
-    routes every RPC through one interceptor for request ids, the drain,
-    undecodable requests, metrics (`metrics`) and access logs.
+    routes every RPC through one interceptor for request ids, API keys, the
+    drain, undecodable requests, metrics (`metrics`) and access logs.
 
     Args:
         service: the servicer.
+        api_keys: accepted API keys; empty: calls need no key.
         health_check_interval: seconds between two looks at the engine's health.
         options: grpc.aio server options.
     """
@@ -74,6 +77,7 @@ class LLMServer:
         self,
         service: LLMService,
         *,
+        api_keys: Sequence[str] = (),
         health_check_interval: float = 1.0,
         options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
     ) -> None:
@@ -81,7 +85,7 @@ class LLMServer:
         self.health = HealthMonitor(service, interval=health_check_interval)
         self.gate = DrainGate()
         self.metrics = Metrics(engine_load=self._engine_load)
-        interceptor = OperationsInterceptor(gate=self.gate, metrics=self.metrics)
+        interceptor = OperationsInterceptor(api_keys=ApiKeys(api_keys), gate=self.gate, metrics=self.metrics)
         self.grpc_server = grpc.aio.server(options=list(options), interceptors=[interceptor])
         llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
@@ -159,6 +163,9 @@ class LLMServer:
 
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain, and return an exit code."""
+    # Settings that can be wrong fail now, before a model loads for minutes.
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    api_keys = load_api_keys(config.api_key_file) if config.api_key_file else ()
     resource = UnifiedLLMResource(
         config.model,
         device=config.device,
@@ -168,10 +175,10 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         batching=config.batching(),
     )
     service = LLMService(resource)
-    server = LLMServer(service, health_check_interval=config.health_check_interval)
+    server = LLMServer(service, api_keys=api_keys, health_check_interval=config.health_check_interval)
     host = config.host.strip("[]")
     # Bind first: a taken port fails in a moment, not after loading a model.
-    port = server.add_port(f"{config.host}:{config.port}")
+    port = server.add_port(f"{config.host}:{config.port}", credentials)
     try:
         metrics_port = server.serve_metrics(config.host, config.metrics_port) if config.metrics_port else None
         await service.engine()  # load (and warm up) before accepting traffic
@@ -182,7 +189,14 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     await server.start()
     # The one line scripts and tests read to find the port.
     print(f"entity-llm-server listening on {host}:{port}", flush=True)
-    log.info("serving %s on %s:%d", resource.model_id, host, port)
+    log.info(
+        "serving %s on %s:%d (%s%s)",
+        resource.model_id,
+        host,
+        port,
+        "plaintext" if credentials is None else ("mutual TLS" if config.tls_client_ca else "TLS"),
+        f", {len(api_keys)} API keys" if api_keys else "",
+    )
     if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, metrics_port)
     stop = asyncio.Event()
