@@ -223,7 +223,7 @@ class OperationsInterceptor(_Interceptor):
                             first_token(now - call.start)
                         last_at = now
                         call.last = message
-                        call.streamed_ids += len(message.token_ids)
+                        call.streamed_ids += len(getattr(message, "token_ids", ()))
                         yield message
             except BaseException as exc:  # GeneratorExit too: grpcio dropped the stream
                 error = exc
