@@ -32,7 +32,16 @@ TORCH = "torch==2.13.0"
 TYPING = ("mypy==2.4.1", "types-protobuf", "grpc-stubs==1.53.0.6")
 # hatchling: mypy checks the build hook, which subclasses hatchling's interface.
 LINT = ("ruff==0.17.6", *TYPING, "hatchling==1.33.0", "pytest", "hypothesis")
-TEST = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", *TYPING, "build>=1.2", "virtualenv>=20")
+# cryptography: the TLS tests make their own CA and certificates.
+TEST = (
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6",
+    *TYPING,
+    "build>=1.2",
+    "virtualenv>=20",
+    "cryptography>=42",
+)
 
 nox.options.sessions = ["lint", "breaking", "tests"]
 nox.options.error_on_missing_interpreters = True

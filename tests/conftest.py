@@ -1,4 +1,4 @@
-"""Shared fixtures: real grpc.aio servers on 127.0.0.1:0, in a thread or as the console script."""
+"""Shared fixtures: real LLMServers on 127.0.0.1:0, in a thread or as the console script."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
-from entity_llm_server import LLMService, build_server
+from entity_llm_server import LLMServer, LLMService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,15 +37,21 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
 
 
 class ServerThread:
-    """A grpc.aio server with one LLMService, on its own event loop and thread.
+    """An LLMServer with one LLMService, on its own event loop and thread.
 
     Sync clients in the test's thread and async clients on other loops can all
     reach it; `call()` runs a coroutine on the server's loop (to inspect the
-    engine, for example).
+    engine, for example). `server` is the LLMServer (its `health`, `metrics`,
+    `gate`); `credentials` makes its port TLS; `options` go to LLMServer.
     """
 
-    def __init__(self, service: LLMService) -> None:
+    def __init__(
+        self, service: LLMService, *, credentials: grpc.ServerCredentials | None = None, **options: Any
+    ) -> None:
         self.service = service
+        self.credentials = credentials
+        self.options = options
+        self.server: LLMServer | None = None
         self.port = 0
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -66,8 +74,8 @@ class ServerThread:
             self.loop.close()
 
     async def _serve(self) -> None:
-        server = build_server(self.service)
-        self.port = server.add_insecure_port("127.0.0.1:0")
+        server = self.server = LLMServer(self.service, **self.options)
+        self.port = server.add_port("127.0.0.1:0", self.credentials)
         await server.start()
         self._stop = asyncio.Event()
         self._started.set()

@@ -8,6 +8,7 @@ crashes or hangs (every call has a deadline).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 
 import grpc
@@ -18,12 +19,15 @@ from hypothesis import strategies as st
 from entity_llm_server import LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import BatchingSettings
+from entity_llm_server.engine.sampling import MIN_TEMPERATURE
 
 from ..conftest import ServerThread
 
 pytestmark = pytest.mark.model
 
 UNSPECIFIED = llm_pb2.FINISH_REASON_UNSPECIFIED
+# 40 in the suite; `ENTITY_LLM_PROPERTY_EXAMPLES=2000` for a deeper search.
+PROPERTY_EXAMPLES = int(os.environ.get("ENTITY_LLM_PROPERTY_EXAMPLES", "40"))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def valid_requests(draw: st.DrawFn) -> llm_pb2.GenerateRequest:
     return request
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=valid_requests())
 def test_valid_requests_end_with_one_consistent_final_message(server, request):
     messages = generate(server, request)
@@ -100,7 +104,7 @@ def test_valid_requests_end_with_one_consistent_final_message(server, request):
         assert [e.token_id for e in entries] == ids
         assert all(len(e.top_logprobs) == request.top_logprobs for e in entries)
         assert all(e.logprob <= 1e-4 and not math.isnan(e.logprob) for e in entries)
-    sampled = request.HasField("temperature") and request.temperature > 0
+    sampled = request.HasField("temperature") and request.temperature >= MIN_TEMPERATURE
     assert last.HasField("seed") == sampled
     if sampled and request.HasField("seed"):
         assert last.seed == request.seed
@@ -126,11 +130,13 @@ INVALID = [
     ({"stop_sequences": [""]}, "stop_sequences[0]"),
     ({"stop_sequences": ["x" * 241]}, "stop_sequences[0]"),
     ({"request_id": "r" * 129}, "request_id"),
+    ({"request_id": "id\x1f"}, "request_id"),  # found by the fuzzer: invalid as metadata
+    ({"request_id": "café"}, "request_id"),
     ({"messages": [llm_pb2.ChatMessage(role="user", content="hi")]}, "messages"),
 ]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(INVALID), valid=valid_requests())
 def test_invalid_requests_are_invalid_argument_naming_the_field(server, case, valid):
     fields, field = case

@@ -6,6 +6,7 @@ tests/pipeline/test_typing.py also asserts that what the SDK yields is typed.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from entity_llm_client import (
     AsyncLLMClient,
@@ -82,3 +83,15 @@ def main() -> None:
         print(asyncio.run(stream_async("localhost:50051", "import os\n")))
     except LLMError as error:
         print(error.code.name, error.details)
+
+
+def secured(target: str, ca: Path, api_key: str) -> ModelInfo:
+    with LLMClient(
+        target, tls=True, root_certificates=ca, api_key=api_key, options=[("grpc.keepalive_time_ms", 20_000)]
+    ) as client:
+        return client.model_info()
+
+
+async def secured_async(target: str, ca: bytes, cert: bytes, key: str) -> Tokens:
+    async with AsyncLLMClient(target, root_certificates=ca, client_certificate=cert, client_key=key) as client:
+        return await client.tokenize("x")

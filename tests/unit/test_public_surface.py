@@ -42,6 +42,7 @@ def test_server_surface():
         "Engine",
         "EngineRequest",
         "FakeEngine",
+        "LLMServer",
         "LLMService",
         "ServerConfig",
         "TransformersEngine",

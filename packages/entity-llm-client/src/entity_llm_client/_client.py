@@ -9,6 +9,7 @@ from typing import Any, Unpack
 import grpc
 
 from . import _transport as t
+from ._connection import ChannelOptions, Pem, auth_metadata, channel_credentials, open_channel
 from ._errors import from_rpc_error
 from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
 from ._types import Chunk, Completion, GenerateOptions, ModelInfo, Tokens
@@ -29,21 +30,52 @@ class LLMClient:
         timeout: the default deadline of each call, in seconds (None: none);
             a call's own `timeout` overrides it.
         channel: an existing grpcio channel to use instead of opening one;
-            the client does not close a channel it was given.
+            the client does not close a channel it was given. It excludes
+            the TLS arguments and `options`.
+        tls: use TLS, verifying the server against `root_certificates` (or
+            the system's roots). Implied by any certificate argument.
+        root_certificates: PEM CA certificates that signed the server's
+            certificate (bytes, or the path of a PEM file).
+        client_certificate: the client's PEM certificate chain, for servers
+            that require mutual TLS (bytes or a path); needs `client_key`.
+        client_key: the client certificate's PEM private key (bytes or a path).
+        api_key: sent as `authorization: Bearer <key>` with every call.
+        options: grpcio channel options; they replace the defaults of the
+            same name (keepalive, message size).
         retries: retry a call that fails with UNAVAILABLE before any response
             (for a stream: before its first chunk), up to 3 attempts within
             the call's deadline; False turns retries off. Applies to the
             channel the client opens, not to one it was given.
+
+    Raises:
+        ValueError: contradictory arguments.
+        OSError: a certificate file cannot be read.
     """
 
     def __init__(
-        self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None, retries: bool = True
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_certificate: Pem | None = None,
+        client_key: Pem | None = None,
+        api_key: str | None = None,
+        options: ChannelOptions = (),
+        retries: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.insecure_channel(target, options=t.channel_options(retries))
-        self._methods = t.Methods(self._channel)
+        if channel is None:
+            credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+            channel = open_channel(target, credentials, options, aio=False, retries=retries)
+        elif tls or options or any(c is not None for c in (root_certificates, client_certificate, client_key)):
+            raise ValueError("pass TLS settings and options, or a channel, not both")
+        self._channel = channel
+        self._methods = t.Methods(self._channel, auth_metadata(api_key))
 
     def generate(
         self,
@@ -161,9 +193,26 @@ class AsyncLLMClient:
         timeout: the default deadline of each call, in seconds (None: none);
             a call's own `timeout` overrides it.
         channel: an existing grpc.aio channel to use instead of opening one;
-            the client does not close a channel it was given.
-        retries: as for `LLMClient`: retry UNAVAILABLE before any response;
-            False turns retries off.
+            the client does not close a channel it was given. It excludes
+            the TLS arguments and `options`.
+        tls: use TLS, verifying the server against `root_certificates` (or
+            the system's roots). Implied by any certificate argument.
+        root_certificates: PEM CA certificates that signed the server's
+            certificate (bytes, or the path of a PEM file).
+        client_certificate: the client's PEM certificate chain, for servers
+            that require mutual TLS (bytes or a path); needs `client_key`.
+        client_key: the client certificate's PEM private key (bytes or a path).
+        api_key: sent as `authorization: Bearer <key>` with every call.
+        options: grpcio channel options; they replace the defaults of the
+            same name (keepalive, message size).
+        retries: retry a call that fails with UNAVAILABLE before any response
+            (for a stream: before its first chunk), up to 3 attempts within
+            the call's deadline; False turns retries off. Applies to the
+            channel the client opens, not to one it was given.
+
+    Raises:
+        ValueError: contradictory arguments.
+        OSError: a certificate file cannot be read.
     """
 
     def __init__(
@@ -172,13 +221,24 @@ class AsyncLLMClient:
         *,
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_certificate: Pem | None = None,
+        client_key: Pem | None = None,
+        api_key: str | None = None,
+        options: ChannelOptions = (),
         retries: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._owned = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target, options=t.channel_options(retries))
-        self._methods = t.Methods(self._channel)
+        if channel is None:
+            credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+            channel = open_channel(target, credentials, options, aio=True, retries=retries)
+        elif tls or options or any(c is not None for c in (root_certificates, client_certificate, client_key)):
+            raise ValueError("pass TLS settings and options, or a channel, not both")
+        self._channel = channel
+        self._methods = t.Methods(self._channel, auth_metadata(api_key))
 
     def generate(
         self,

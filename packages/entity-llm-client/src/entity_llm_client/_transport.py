@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._gen.entity.grpc import (
@@ -33,46 +32,6 @@ from ._types import (
 
 SERVICE = "entity.grpc.LLMService"
 
-# Clients keep long quiet streams alive with pings the server is set to accept.
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-]
-
-# Retries are gRPC's own (gRFC A6, "When Retries are Valid"): an attempt may be
-# retried only until the call is committed, and it commits when the client
-# receives the server's response headers, which a gRPC server sends with its
-# first message. So a Generate stream is retried only if it failed before its
-# first token; one that has yielded text ends with the error, never replayed.
-# Only UNAVAILABLE is retried: the server was unreachable or refused the call
-# before doing anything for it. Throttling stops retries while most calls fail.
-SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-    }
-)
-
-
-def channel_options(retries: bool) -> list[tuple[str, Any]]:
-    """The options of a channel the client opens, with or without the retry policy."""
-    if not retries:
-        return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 0)]
-    return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
-
-
 _FINISH = {
     WireFinishReason.MAX_TOKENS: FinishReason.MAX_TOKENS,
     WireFinishReason.EOS: FinishReason.EOS,
@@ -82,16 +41,35 @@ _FINISH = {
 }
 
 
-class Methods:
-    """The service's method handles on one channel (sync or aio: same calls)."""
+class _WithMetadata:
+    """A method handle that sends `metadata` (an API key) ahead of each call's own."""
 
-    def __init__(self, channel: Any) -> None:
+    __slots__ = ("_call", "_metadata")
+
+    def __init__(self, call: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._call = call
+        self._metadata = metadata
+
+    def __call__(self, request: Any, *, metadata: Iterable[tuple[str, str]] = (), **kwargs: Any) -> Any:
+        return self._call(request, metadata=(*self._metadata, *metadata), **kwargs)
+
+
+class Methods:
+    """The service's method handles on one channel (sync or aio: same calls).
+
+    Args:
+        channel: a grpcio channel, sync or aio.
+        metadata: sent with every call (the API key).
+    """
+
+    def __init__(self, channel: Any, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         def handle(kind: str, name: str, request: Any, response: Any) -> Any:
-            return getattr(channel, kind)(
+            call = getattr(channel, kind)(
                 f"/{SERVICE}/{name}",
                 request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString,
             )
+            return _WithMetadata(call, metadata) if metadata else call
 
         self.generate = handle("unary_stream", "Generate", GenerateRequest, GenerateResponse)
         self.tokenize = handle("unary_unary", "Tokenize", TokenizeRequest, TokenizeResponse)

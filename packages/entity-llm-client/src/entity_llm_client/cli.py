@@ -6,6 +6,7 @@ entity-llm generate --message system:"Answer in Python." --message user:"Add two
 entity-llm --json generate "import os" --top-logprobs 3   # one JSON object per chunk, with logprobs
 entity-llm tokenize "def f(x):"
 entity-llm info
+entity-llm --tls --root-certificates ca.pem --target llm.example:443 info   # key in $ENTITY_LLM_API_KEY
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import enum
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ from typing import Any
 
 from ._client import LLMClient
 from ._errors import LLMError
+
+API_KEY_ENV = "ENTITY_LLM_API_KEY"
 
 
 def _jsonable(value: Any) -> Any:
@@ -39,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="localhost:50051", help="server address (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (implied by the certificate flags)")
+    parser.add_argument("--root-certificates", metavar="PEM", help="CA certificates that signed the server's")
+    parser.add_argument("--client-cert", metavar="PEM", help="client certificate chain, for mutual TLS")
+    parser.add_argument("--client-key", metavar="PEM", help="private key of --client-cert")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"API key sent as 'authorization: Bearer KEY' (default: ${API_KEY_ENV}, which keeps it out of `ps`)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser(
@@ -149,8 +162,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit code (1 for a failed call, with the status on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("--client-cert and --client-key go together")
     try:
-        with LLMClient(args.target, timeout=args.timeout) as client:
+        client = LLMClient(
+            args.target,
+            timeout=args.timeout,
+            tls=args.tls,
+            root_certificates=args.root_certificates,
+            client_certificate=args.client_cert,
+            client_key=args.client_key,
+            api_key=args.api_key,
+        )
+    except (OSError, ValueError) as error:
+        print(f"entity-llm: {error}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             if args.command == "generate":
                 _generate(client, args, parser)
             elif args.command == "tokenize":

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .config import ServerConfig, parse_config
 from .engine import BatchingEngine, BatchingSettings, Engine, EngineRequest, FakeEngine, TransformersEngine
 from .resource import UnifiedLLMResource, default_model_path
-from .server import build_server, serve
+from .server import LLMServer, build_server, serve
 from .service import LLMService
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Engine",
     "EngineRequest",
     "FakeEngine",
+    "LLMServer",
     "LLMService",
     "ServerConfig",
     "TransformersEngine",

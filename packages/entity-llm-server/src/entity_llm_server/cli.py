@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
+from .auth import ApiKeyFileError
 from .config import parse_config
+from .logs import configure_logging
 from .resource import ModelLoadError
 from .server import serve
+from .tls import TlsConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, serve until a signal, return the exit code."""
     config = parse_config(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(config.log_level, config.log_format)
     try:
         return asyncio.run(serve(config))
-    except ModelLoadError as exc:
+    except (ModelLoadError, TlsConfigError, ApiKeyFileError) as exc:
         print(f"entity-llm-server: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the address could not be bound
+    except OSError as exc:  # an address could not be bound
         print(f"entity-llm-server: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while draining

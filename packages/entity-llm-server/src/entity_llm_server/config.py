@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import BatchingSettings
+from .logs import LOG_FORMATS
 from .resource import DTYPES, ENGINES
 
 ENV_PREFIX = "ENTITY_LLM_"
@@ -40,6 +41,18 @@ class ServerConfig:
         max_batch_tokens: tokens per forward pass (0: 256 on CPU, 2048 on GPU).
         cuda_graphs: `auto` (on CUDA devices), `on` or `off`. Graphs multiply
             GPU throughput; without them logprobs and repetition_penalty work too.
+        log_format: `text` lines or `json` lines (one object per record).
+        tls_cert: PEM certificate chain; with `tls_key`, the port speaks TLS.
+        tls_key: PEM private key of `tls_cert`.
+        tls_client_ca: PEM CA certificates; set, clients must present a
+            certificate signed by one of them (mutual TLS).
+        api_key_file: a file of accepted API keys, one per line (`#`
+            comments and blank lines ignored); set, calls must send
+            `authorization: Bearer <key>` (the health service excepted).
+        metrics_port: port of the Prometheus `/metrics` endpoint on `host`;
+            0 serves no metrics.
+        health_check_interval: seconds between two looks at the engine's
+            health (a failed engine turns the health service NOT_SERVING).
     """
 
     model: str | None = None
@@ -57,6 +70,13 @@ class ServerConfig:
     kv_block_size: int = 16
     max_batch_tokens: int = 0
     cuda_graphs: str = "auto"
+    log_format: str = "text"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    api_key_file: str | None = None
+    metrics_port: int = 0
+    health_check_interval: float = 1.0
 
     def batching(self) -> BatchingSettings:
         """The batching engine's settings."""
@@ -87,6 +107,7 @@ _positive_int = _bounded(int, 1)
 _non_negative_int = _bounded(int, 0)
 _port = _bounded(int, 0, 65535)
 _non_negative_float = _bounded(float, 0)
+_positive_float = _bounded(float, 0.001)
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -127,6 +148,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         choices=("auto", "on", "off"),
         help="capture CUDA graphs (auto: on CUDA devices); off enables logprobs and repetition_penalty there",
     )
+    add("--log-format", choices=LOG_FORMATS, help="text lines, or JSON lines (one object per record)")
+    add("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS")
+    add("--tls-key", help="PEM private key of --tls-cert")
+    add("--tls-client-ca", help="PEM CA certificates: clients must present a certificate they signed (mutual TLS)")
+    add(
+        "--api-key-file",
+        help="accepted API keys, one per line; calls must send 'authorization: Bearer <key>' (health excepted)",
+    )
+    add("--metrics-port", type=_port, help="serve Prometheus metrics on http://HOST:PORT/metrics; 0: off")
+    add("--health-check-interval", type=_positive_float, help="seconds between two looks at the engine's health")
     return parser
 
 
@@ -134,5 +165,9 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     """Parse flags (and the environment) into a ServerConfig."""
     parser = build_parser(env)
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     # argparse applies `type` to string defaults taken from the environment too.
     return ServerConfig(**vars(args))

@@ -72,6 +72,11 @@ class UnifiedLLMResource:
         """Whether the model is loaded and the engine started."""
         return self._engine is not None
 
+    @property
+    def current_engine(self) -> Engine | None:
+        """The started engine, or None before loading; never loads (health checks read it)."""
+        return self._engine
+
     def _torch_dtype(self) -> Any:
         import torch
 

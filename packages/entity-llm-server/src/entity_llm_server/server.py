@@ -1,4 +1,4 @@
-"""Builds and runs the grpc.aio server: services, options, shutdown."""
+"""Builds and runs the grpc.aio server: services, health, reflection, interceptors, TLS, drain."""
 
 from __future__ import annotations
 
@@ -6,15 +6,29 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ._gen.entity.grpc import llm_pb2_grpc
+from .auth import ApiKeys, load_api_keys
 from .config import ServerConfig
+from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor, current_engine
+from .interceptors import DrainGate, OperationsInterceptor
+from .metrics import Metrics
 from .resource import UnifiedLLMResource
 from .service import LLMService
+from .tls import server_credentials
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# How long a drain waits, once every RPC's handler is done, for their last
+# messages and status to go out before the remaining streams are cancelled.
+FLUSH_GRACE = 1.0
 
 # Long generations can stream for minutes between client messages: accept
 # client keepalive pings without counting them as abuse ("too many pings").
@@ -24,8 +38,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # Explicit, not grpcio's defaults (4 MiB in, unlimited out): a larger
+    # request gets RESOURCE_EXHAUSTED before it is read into memory.
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # gRPC sets SO_REUSEPORT by default, letting a second server silently share
     # a port that is already serving; fail to bind instead.
     ("grpc.so_reuseport", 0),
@@ -33,14 +49,123 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 def build_server(service: LLMService) -> grpc.aio.Server:
-    """A grpc.aio server with LLMService registered and no ports bound yet."""
+    """A bare grpc.aio server with LLMService registered and no ports bound yet.
+
+    For embedding LLMService beside other services; `LLMServer` adds health,
+    reflection, API keys, draining, metrics and request ids.
+    """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     llm_pb2_grpc.add_LLMServiceServicer_to_server(service, server)
     return server
 
 
+class LLMServer:
+    """LLMService on a grpc.aio server, with what running it in production takes.
+
+    Registers `grpc.health.v1.Health` (`health`) and server reflection, and
+    routes every RPC through one interceptor for request ids, API keys, the
+    drain, undecodable requests, metrics (`metrics`) and access logs.
+
+    Args:
+        service: the servicer.
+        api_keys: accepted API keys; empty: calls need no key.
+        health_check_interval: seconds between two looks at the engine's health.
+        options: grpc.aio server options.
+    """
+
+    def __init__(
+        self,
+        service: LLMService,
+        *,
+        api_keys: Sequence[str] = (),
+        health_check_interval: float = 1.0,
+        options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
+    ) -> None:
+        self.service = service
+        self.health = HealthMonitor(service, interval=health_check_interval)
+        self.gate = DrainGate()
+        self.metrics = Metrics(engine_load=self._engine_load)
+        interceptor = OperationsInterceptor(api_keys=ApiKeys(api_keys), gate=self.gate, metrics=self.metrics)
+        self.grpc_server = grpc.aio.server(options=list(options), interceptors=[interceptor])
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
+        reflection.enable_server_reflection((LLM_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc_server)
+
+    def _engine_load(self) -> tuple[int, int] | None:
+        engine = current_engine(self.service)
+        return None if engine is None else engine.load()
+
+    def add_port(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Listen on `address` (TLS with `credentials`); return the port, which `:0` picks.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        try:
+            if credentials is None:
+                port = self.grpc_server.add_insecure_port(address)
+            else:
+                port = self.grpc_server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise OSError(f"could not bind {address}: {exc}") from exc
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        return port
+
+    def add_insecure_port(self, address: str) -> int:
+        """`add_port` without TLS (grpc.aio.Server's name for it)."""
+        return self.add_port(address)
+
+    def serve_metrics(self, host: str, port: int) -> int:
+        """Serve Prometheus metrics at http://host:port/metrics; return the port (0 picks one).
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        try:
+            return self.metrics.serve(host, port)
+        except OSError as exc:
+            raise OSError(f"could not serve metrics on {host}:{port}: {exc}") from exc
+
+    async def start(self) -> None:
+        """Publish the health status, start its watcher, and start serving."""
+        await self.health.start()
+        await self.grpc_server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Drain, then stop.
+
+        Health turns NOT_SERVING, new RPCs get UNAVAILABLE ("server is
+        shutting down"), and RPCs in flight get `grace` seconds to finish;
+        what is left then (health Watch streams, stragglers) is cancelled.
+        """
+        grace = grace or 0.0
+        await self.health.drain()
+        self.gate.close()
+        if self.gate.in_flight:
+            log.info("draining: %d RPCs in flight get %.1fs to finish", self.gate.in_flight, grace)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if await self.gate.wait_idle(grace):
+            # Their handlers are done; let grpcio send their last messages and status.
+            remaining = min(FLUSH_GRACE, max(0.0, grace - (loop.time() - started)))
+        else:
+            log.warning("grace period over: cancelling %d RPCs still in flight", self.gate.in_flight)
+            remaining = 0.0
+        await self.grpc_server.stop(remaining)
+        await self.health.stop()
+        self.metrics.close()
+
+    async def wait_for_termination(self) -> None:
+        """Wait until the server stops."""
+        await self.grpc_server.wait_for_termination()
+
+
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain, and return an exit code."""
+    # Settings that can be wrong fail now, before a model loads for minutes.
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    api_keys = load_api_keys(config.api_key_file) if config.api_key_file else ()
     resource = UnifiedLLMResource(
         config.model,
         device=config.device,
@@ -50,25 +175,30 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         batching=config.batching(),
     )
     service = LLMService(resource)
-    server = build_server(service)
-    address = f"{config.host}:{config.port}"
+    server = LLMServer(service, api_keys=api_keys, health_check_interval=config.health_check_interval)
+    host = config.host.strip("[]")
     # Bind first: a taken port fails in a moment, not after loading a model.
+    port = server.add_port(f"{config.host}:{config.port}", credentials)
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"could not bind {address}: {exc}") from exc
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    try:
-        await service.engine()  # load before accepting traffic
+        metrics_port = server.serve_metrics(config.host, config.metrics_port) if config.metrics_port else None
+        await service.engine()  # load (and warm up) before accepting traffic
     except BaseException:
+        server.metrics.close()
         await resource.close()  # stop any engine thread before the process exits
         raise
     await server.start()
-    host = config.host.strip("[]")
     # The one line scripts and tests read to find the port.
     print(f"entity-llm-server listening on {host}:{port}", flush=True)
-    log.info("serving %s on %s:%d", resource.model_id, host, port)
+    log.info(
+        "serving %s on %s:%d (%s%s)",
+        resource.model_id,
+        host,
+        port,
+        "plaintext" if credentials is None else ("mutual TLS" if config.tls_client_ca else "TLS"),
+        f", {len(api_keys)} API keys" if api_keys else "",
+    )
+    if metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", host, metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

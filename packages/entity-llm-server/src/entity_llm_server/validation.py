@@ -50,6 +50,9 @@ def validate_generate(request: llm_pb2.GenerateRequest) -> None:
             problems.append((f"stop_sequences[{i}]", f"longer than {MAX_STOP_SEQUENCE_BYTES} bytes"))
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         problems.append(("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters"))
+    elif not (request.request_id.isascii() and request.request_id.isprintable()):
+        # It travels as x-request-id metadata and in log lines.
+        problems.append(("request_id", "only printable ASCII characters"))
     problems += _sampling(request)
     problems += _input(request)
     if problems:

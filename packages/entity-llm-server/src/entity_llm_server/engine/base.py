@@ -170,3 +170,7 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release the engine's resources; idempotent."""
         ...
+
+    def load(self) -> tuple[int, int]:
+        """(decoding, waiting) requests now, for metrics; may be read from another thread."""
+        ...

@@ -331,3 +331,14 @@ class BatchingEngine(TokenStreamEngine):
         with manager.pause():
             scheduler = manager.batch_processor.scheduler
             return int(manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests))
+
+    def load(self) -> tuple[int, int]:
+        """(decoding, waiting) requests, for metrics: read without pausing the batching loop,
+        so a snapshot that may be a step old."""
+        held = self.in_flight
+        try:
+            active = len(self._manager.batch_processor.scheduler.active_requests)
+        except AttributeError:  # not started yet, or another transformers layout
+            active = held
+        active = min(active, held, self.settings.max_batch_size)
+        return (active, held - active)

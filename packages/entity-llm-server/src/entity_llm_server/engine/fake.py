@@ -60,3 +60,6 @@ class FakeEngine:
             yield Finished(FinishReason.MAX_TOKENS, len(request.prompt.split()), limit, tuple(range(limit)))
         finally:
             self.active -= 1
+
+    def load(self) -> tuple[int, int]:
+        return (self.active, 0)

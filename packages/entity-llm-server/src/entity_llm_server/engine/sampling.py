@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     import torch
 
 MAX_TOP_LOGPROBS = 10
+# Temperatures below this are greedy: dividing logits by less overflows float32
+# (the property test found NaN logprobs at 1e-38).
+MIN_TEMPERATURE = 1e-5
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -37,7 +40,8 @@ class Sampling:
     """How one request chooses its tokens (the defaults are greedy, no warpers).
 
     Attributes:
-        temperature: 0 for greedy; otherwise the softmax temperature.
+        temperature: 0 (or below MIN_TEMPERATURE) for greedy; otherwise the
+            softmax temperature.
         top_p: nucleus mass kept (1: all); sampling only.
         top_k: most likely tokens kept (0: all); sampling only.
         repetition_penalty: 1 for none; >1 discourages tokens already seen.
@@ -58,7 +62,7 @@ class Sampling:
 
     @property
     def sampled(self) -> bool:
-        return self.temperature > 0
+        return self.temperature >= MIN_TEMPERATURE
 
     @property
     def wants_logprobs(self) -> bool:

@@ -133,3 +133,8 @@ class TransformersEngine(TokenStreamEngine):
                 cache = {self._cache_name: getattr(out, self._cache_name)}
                 out = self.model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache)
                 logits = out.logits[:, -1]
+
+    def load(self) -> tuple[int, int]:
+        """(decoding, waiting): one request decodes at a time, the others wait."""
+        held = self._in_flight
+        return (min(held, 1), max(0, held - 1))

@@ -1,0 +1,112 @@
+"""grpc.health.v1 for the whole server ("") and for entity.grpc.LLMService.
+
+NOT_SERVING until the engine is loaded and started (the batching engine warms
+up in `start()`), SERVING while the engine reports `healthy`, NOT_SERVING again
+when it fails (its batching thread died) and, for good, once a drain begins.
+A watcher task polls the engine, so a failure flips the status without any
+request arriving, and Watch streams see each change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from ._gen.entity.grpc import llm_pb2
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .service import LLMService
+
+log = logging.getLogger(__name__)
+
+LLM_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def current_engine(service: LLMService) -> Engine | None:
+    """The service's engine if it exists already; never loads a model."""
+    if service.resource is not None:
+        return service.resource.current_engine
+    # An engine passed to LLMService(engine=...) (a fake one, in tests).
+    return service._engine
+
+
+class HealthMonitor:
+    """Keeps the health service's statuses in step with the engine and the drain.
+
+    Args:
+        service: the LLMService whose engine decides the status.
+        interval: seconds between two looks at the engine.
+    """
+
+    names = ("", LLM_SERVICE)
+
+    def __init__(self, service: LLMService, *, interval: float = 1.0) -> None:
+        if interval <= 0:
+            raise ValueError("the health check interval must be positive")
+        self.service = service
+        self.interval = interval
+        self.servicer = HealthServicer()
+        self.status: health_pb2.HealthCheckResponse.ServingStatus | None = None
+        self.draining = False
+        self._task: asyncio.Task[None] | None = None
+
+    def engine_ready(self) -> bool:
+        """Whether the engine exists, has started and has not failed."""
+        engine = current_engine(self.service)
+        return engine is not None and engine.healthy
+
+    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        if status == self.status or self.draining:
+            return
+        previous, self.status = self.status, status
+        for name in self.names:
+            await self.servicer.set(name, status)
+        if status == SERVING:
+            log.info("health: SERVING")
+        elif previous == SERVING:
+            log.warning("health: NOT_SERVING (the engine has failed)")
+
+    async def update(self) -> None:
+        """Look at the engine now and publish what it says."""
+        await self._set(SERVING if self.engine_ready() else NOT_SERVING)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.update()
+            except Exception:  # keep watching: a probe that stops updating is worse
+                log.exception("health check failed")
+            await asyncio.sleep(self.interval)
+
+    async def start(self) -> None:
+        """Publish the current status and start the watcher task on the running loop."""
+        if self._task is None:
+            # The reference servicer starts "" at SERVING: correct that before any probe.
+            await self._set(NOT_SERVING)
+            await self.update()
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name="entity-llm-health")
+
+    async def drain(self) -> None:
+        """NOT_SERVING for good: the server is shutting down."""
+        if not self.draining:
+            self.draining = True
+            self.status = NOT_SERVING
+            await self.servicer.enter_graceful_shutdown()
+            log.info("health: NOT_SERVING (draining)")
+
+    async def stop(self) -> None:
+        """Stop the watcher task."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

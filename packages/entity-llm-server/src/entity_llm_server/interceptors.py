@@ -1,0 +1,283 @@
+"""One server interceptor for what every RPC goes through: ids, keys, drain, decoding, metrics, logs.
+
+It wraps each handler once (one extra generator layer on the per-token path,
+not one per concern) and, per RPC:
+
+1. takes the request id from `x-request-id` metadata, else the request's own
+   `request_id` field, else makes one; echoes it in the initial metadata, puts
+   it on every log record of the RPC, and fills an empty `request_id` field
+   with it so the servicer echoes the same id in its responses;
+2. checks the API key (`authorization: Bearer <key>`) when keys are set;
+3. refuses new RPCs with UNAVAILABLE once a drain has begun, and counts the
+   admitted ones so the drain can wait for them;
+4. answers INVALID_ARGUMENT, naming the problem, for request bytes that do not
+   parse (grpcio alone would answer UNKNOWN "Exception deserializing request");
+5. records metrics and writes one log line when the RPC ends, with its final
+   status code: OK, an abort's code, CANCELLED, DEADLINE_EXCEEDED or UNKNOWN.
+
+The health service stays open: no key, and still answered during a drain, so
+probes keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from . import logs
+from .auth import ApiKeys
+from .health import HEALTH_SERVICE, LLM_SERVICE
+from .metrics import Metrics
+from .validation import MAX_REQUEST_ID_CHARS
+
+log = logging.getLogger("entity_llm_server.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+SHUTTING_DOWN = "server is shutting down"
+OPEN_SERVICES = frozenset({HEALTH_SERVICE})
+
+
+class DrainGate:
+    """Admits RPCs until closed, and counts those in flight so a drain can wait for them."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> bool:
+        if self.closed:
+            return False
+        self.in_flight += 1
+        self._idle.clear()
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def close(self) -> None:
+        """Refuse every later RPC."""
+        self.closed = True
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no admitted RPC is in flight; False if `timeout` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that do not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # handed to the behavior, which answers INVALID_ARGUMENT
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+class _Call:
+    __slots__ = ("gated", "last", "method", "open", "request_id", "start", "streamed_ids", "timed")
+
+    def __init__(self, method: str) -> None:
+        service = method.split("/")[1] if method.count("/") >= 2 else ""
+        self.method = method
+        self.open = service in OPEN_SERVICES
+        self.timed = service == LLM_SERVICE  # token timings: Generate's messages, not health Watch's
+        self.start = time.perf_counter()
+        self.request_id = ""
+        self.gated = False
+        self.last: Any = None
+        self.streamed_ids = 0
+
+
+def _request_id(metadata: Any, request: Any) -> str:
+    """The header's id, else the request's `request_id` field, else a new one."""
+    header = next((value for key, value in metadata if key == REQUEST_ID_HEADER), None)
+    if isinstance(header, bytes):
+        header = header.decode("ascii", "replace")
+    own = getattr(request, "request_id", None)
+    if header and header.strip():
+        rid = header.strip()[:MAX_REQUEST_ID_CHARS]
+    elif isinstance(own, str) and own:
+        if own.isascii() and own.isprintable() and len(own) <= MAX_REQUEST_ID_CHARS:
+            return own
+        # Not a valid metadata value (the fuzzer sent control characters):
+        # validation refuses the request; the header gets an id of our own.
+        return uuid.uuid4().hex
+    else:
+        rid = uuid.uuid4().hex
+    if own == "":
+        request.request_id = rid  # the servicer echoes the field: one id in metadata, responses and logs
+    return rid
+
+
+def _final_code(error: BaseException | None, context: Any) -> grpc.StatusCode:
+    if error is None or isinstance(error, grpc.aio.AbortError):
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN  # what grpcio answers for an unhandled exception
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]  # generic in grpc-stubs only
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class OperationsInterceptor(_Interceptor):
+    """See the module's docstring.
+
+    Args:
+        api_keys: accepted keys; empty accepts every call.
+        gate: the drain gate.
+        metrics: where RPCs are recorded.
+    """
+
+    def __init__(self, *, api_keys: ApiKeys, gate: DrainGate, metrics: Metrics) -> None:
+        self.api_keys = api_keys
+        self.gate = gate
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # an unknown method: grpcio answers UNIMPLEMENTED
+            return None
+        method: str = handler_call_details.method
+        if handler.request_streaming and handler.response_streaming:
+            make, inner = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        elif handler.request_streaming:
+            make, inner = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+        elif handler.response_streaming:
+            make, inner = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+        else:
+            make, inner = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+        behavior = self._stream(method, inner) if inspect.isasyncgenfunction(inner) else self._unary(method, inner)
+        deserializer = handler.request_deserializer
+        if not handler.request_streaming:
+            deserializer = _tolerant(deserializer)
+        return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+    def _unary(self, method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def behavior(request: Any, context: Any) -> Any:
+            call = self._open(method)
+            error: BaseException | None = None
+            try:
+                await self._admit(call, request, context)
+                return await inner(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._close(call, context, error)
+
+        return behavior
+
+    def _stream(self, method: str, inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        first_token = self.metrics.time_to_first_token.observe
+        between_tokens = self.metrics.inter_token_latency.observe
+        clock = time.perf_counter
+
+        async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+            call = self._open(method)
+            error: BaseException | None = None
+            try:
+                await self._admit(call, request, context)
+                async with aclosing(inner(request, context)) as stream:  # type: ignore[type-var]
+                    if not call.timed:
+                        async for message in stream:
+                            yield message
+                        return
+                    # The per-token path: locals only, one clock read per message.
+                    last_at = 0.0
+                    async for message in stream:
+                        now = clock()
+                        if last_at:
+                            between_tokens(now - last_at)
+                        else:
+                            first_token(now - call.start)
+                        last_at = now
+                        call.last = message
+                        call.streamed_ids += len(getattr(message, "token_ids", ()))
+                        yield message
+            except BaseException as exc:  # GeneratorExit too: grpcio dropped the stream
+                error = exc
+                raise
+            finally:
+                self._close(call, context, error)
+
+        return behavior
+
+    def _open(self, method: str) -> _Call:
+        call = _Call(method)
+        self.metrics.in_flight.labels(method).inc()
+        return call
+
+    async def _admit(self, call: _Call, request: Any, context: Any) -> None:
+        metadata = context.invocation_metadata() or ()
+        call.request_id = _request_id(metadata, request)
+        logs.request_id.set(call.request_id)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+        if not call.open:
+            if (problem := self.api_keys.check(metadata)) is not None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            if not self.gate.enter():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            call.gated = True
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be decoded: {request.error}")
+
+    def _close(self, call: _Call, context: Any, error: BaseException | None) -> None:
+        code = _final_code(error, context)
+        seconds = time.perf_counter() - call.start
+        tokens = 0
+        if call.timed and call.last is not None:
+            # The final message counts every generated token (an EOS and
+            # trimmed stop text included); a stream cut short has none.
+            tokens = getattr(call.last, "generated_token_count", 0) or call.streamed_ids
+            self.metrics.generated_tokens.inc(tokens)
+        m = self.metrics
+        m.in_flight.labels(call.method).dec()
+        m.requests.labels(call.method, code.name).inc()
+        m.duration.labels(call.method).observe(seconds)
+        if call.gated:
+            self.gate.leave()
+        log.log(
+            logging.DEBUG if call.open else logging.INFO,
+            "rpc finished method=%s code=%s duration_ms=%.1f tokens=%d",
+            call.method,
+            code.name,
+            seconds * 1000,
+            tokens,
+            extra={"grpc_method": call.method, "code": code.name, "duration_ms": round(seconds * 1000, 3),
+                   "tokens": tokens, "request_id": call.request_id or logs.request_id.get()},
+        )  # fmt: skip

@@ -1,0 +1,140 @@
+"""The installed `entity-llm-server` run as an operator runs it: drain, health, TLS, API keys, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from entity_llm_client import FinishReason, LLMClient, UnauthenticatedError, UnavailableError
+
+from ..conftest import RunningServer, console_script
+from ..pki import Pki, make_pki
+
+pytestmark = pytest.mark.e2e
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_sigterm_drains_refuses_new_streams_finishes_the_open_one_and_exits_zero():
+    with (
+        RunningServer("--max-new-tokens", "480", "--shutdown-grace", "60") as server,
+        LLMClient(server.target, timeout=120) as client,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+        assert next(watch).status == SERVING  # loaded and warmed before the port was announced
+        first = client.generate("class Parser:")
+        assert next(first).text
+
+        # A reflection stream left open, as a grpcurl session might: it is in
+        # flight too, so the drain is certainly still waiting when the second
+        # stream arrives, however fast the first one finishes.
+        asks: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+        holder = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter(asks.get, None), timeout=120
+        )
+        asks.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert next(holder).list_services_response.service
+
+        server.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == NOT_SERVING  # health goes first
+        with pytest.raises(UnavailableError) as refused:
+            list(client.generate("def second():"))
+        assert refused.value.details == "server is shutting down"
+
+        rest = list(first)
+        assert rest[-1].finish_reason is FinishReason.MAX_TOKENS
+        assert rest[-1].usage is not None
+        assert rest[-1].usage.generated_tokens == 480
+        asks.put(None)  # the reflection client half-closes: nothing is in flight any more
+        assert list(holder) == []
+        assert server.process.wait(timeout=60) == 0, server.stderr()
+        log = server.stderr()
+    assert "draining: 2 RPCs in flight" in log
+    assert "code=UNAVAILABLE" in log
+    assert "entity-llm-server stopped" in log
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_tls_api_keys_and_json_logs_with_request_ids(pki, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# the operators' key\ns3cret-key\n")
+    args = ("--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"), "--api-key-file", str(keys))
+    with RunningServer(*args, "--max-new-tokens", "8", "--log-format", "json") as server:
+        ca = pki.read("ca.pem")
+        with LLMClient(server.target, timeout=60, root_certificates=ca, api_key="s3cret-key") as client:
+            done = client.complete("def f(x):", metadata=[("x-request-id", "e2e-trace-1")])
+        assert done.request_id == "e2e-trace-1"
+        with (
+            LLMClient(server.target, timeout=60, root_certificates=ca) as client,
+            pytest.raises(UnauthenticatedError, match="missing API key"),
+        ):
+            client.model_info()
+        credentials = grpc.ssl_channel_credentials(ca)
+        with grpc.secure_channel(server.target, credentials) as channel:  # a probe: TLS, no key
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert check.status == SERVING
+
+        cli = [console_script("entity-llm"), "--target", server.target, "--tls", "--root-certificates"]
+        env = {**os.environ, "ENTITY_LLM_API_KEY": "s3cret-key"}
+        info = subprocess.run([*cli, pki.path("ca.pem"), "--json", "info"], capture_output=True, text=True, env=env,
+                              timeout=120)  # fmt: skip
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["default_max_new_tokens"] == 8
+        env.pop("ENTITY_LLM_API_KEY")
+        denied = subprocess.run([*cli, pki.path("ca.pem"), "info"], capture_output=True, text=True, env=env,
+                                timeout=120)  # fmt: skip
+        assert denied.returncode == 1
+        assert "UNAUTHENTICATED" in denied.stderr
+        assert server.stop() == 0
+        log = server.stderr()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    finished = [e for e in lines if e["message"].startswith("rpc finished")]
+    ours = [e for e in finished if e["request_id"] == "e2e-trace-1"]
+    assert len(ours) == 1
+    assert ours[0]["grpc_method"] == "/entity.grpc.LLMService/Generate"
+    assert (ours[0]["code"], ours[0]["tokens"]) == ("OK", 8)
+    assert {"OK", "UNAUTHENTICATED"} <= {e["code"] for e in finished}
+    assert all(e["request_id"] not in ("", "-") for e in finished)
+    assert "s3cret-key" not in log
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--tls-cert", "server.pem"), "--tls-cert and --tls-key go together"),
+        (("--api-key-file", "/nonexistent/keys"), "cannot read API key file"),
+        (("--tls-cert", "/nonexistent/s.pem", "--tls-key", "/nonexistent/s.key"), "cannot read TLS"),
+    ],
+)
+def test_bad_operations_settings_fail_before_loading_with_a_clear_message(args, needle):
+    out = subprocess.run(
+        [console_script("entity-llm-server"), "--port", "0", *args], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "loading model" not in out.stderr
+
+
+def test_help_documents_the_operations_flags():
+    out = subprocess.run([console_script("entity-llm-server"), "--help"], capture_output=True, text=True, timeout=60)
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--api-key-file", "--metrics-port",
+                 "--health-check-interval", "--log-format"):  # fmt: skip
+        assert flag in out.stdout
+    client = subprocess.run([console_script("entity-llm"), "--help"], capture_output=True, text=True, timeout=60)
+    for flag in ("--tls", "--root-certificates", "--client-cert", "--client-key", "--api-key", "ENTITY_LLM_API_KEY"):
+        assert flag in client.stdout
