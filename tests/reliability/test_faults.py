@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entity_llm_server import LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
@@ -159,3 +160,11 @@ def test_an_engine_fault_ends_every_stream_with_internal_never_a_hang(served):
     assert [code for code, _ in ends] == [grpc.StatusCode.INTERNAL] * 9
     assert all("out of memory" in details for _, details in ends)
     assert built.healthy is False
+    # And the health service says so, for the load balancer to stop sending traffic.
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service="entity.grpc.LLMService"), timeout=5).status
+
+        assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
