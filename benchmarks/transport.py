@@ -1,8 +1,10 @@
 """Transport overhead: LLMService on the fake engine vs a bare grpc.aio server.
 
-Both servers stream the same GenerateResponse messages (one per piece, no
-model); the client is the same raw grpc.aio stub. The ratio says what the
-servicer, the engine seam and the server's options cost per token.
+Every server streams the same GenerateResponse messages (one per piece, no
+model); the client is the same raw grpc.aio stub. Two servers of ours: the
+servicer alone on `build_server` (the servicer, the engine seam, the server's
+options) and `LLMServer`, what the console script runs (plus the operations
+interceptor: request ids, API-key check, drain gate, metrics, access log).
 
     python benchmarks/transport.py [--tokens 2000] [--streams 1,64]
 """
@@ -19,10 +21,11 @@ from typing import Any
 import grpc
 from _common import Row, report
 
-from entity_llm_server import FakeEngine, LLMService, build_server
+from entity_llm_server import FakeEngine, LLMServer, LLMService, build_server
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 
 PIECES = ("def", " fib", "(n", "):", "\n", "    return", " n")
+NAMES = {"bare": "bare grpc.aio", "service": "LLMService+fake", "server": "LLMServer+fake"}
 
 
 class BareService(llm_pb2_grpc.LLMServiceServicer):
@@ -41,14 +44,17 @@ class BareService(llm_pb2_grpc.LLMServiceServicer):
 
 def _serve(kind: str, tokens: int, port_out: Any) -> None:
     async def main() -> None:
+        service = LLMService(engine=FakeEngine(PIECES, default_max_new_tokens=tokens))
         if kind == "bare":
-            server = grpc.aio.server()
+            server: Any = grpc.aio.server()
             llm_pb2_grpc.add_LLMServiceServicer_to_server(BareService(tokens), server)
+        elif kind == "service":
+            server = build_server(service)
         else:
-            server = build_server(LLMService(engine=FakeEngine(PIECES, default_max_new_tokens=tokens)))
+            server = LLMServer(service)
         port_out.send(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
-        await server.wait_for_termination()
+        await asyncio.Event().wait()  # until the process is terminated
 
     asyncio.run(main())
 
@@ -87,7 +93,7 @@ def measure(kind: str, tokens: int, streams: int, repeats: int) -> Row:
                 best = result
         assert best is not None
         total, seconds, ttft = best
-        return Row("transport", "bare grpc.aio" if kind == "bare" else "LLMService+fake", streams, total, seconds, ttft)
+        return Row("transport", NAMES[kind], streams, total, seconds, ttft)
     finally:
         process.terminate()
         process.join()
@@ -104,15 +110,17 @@ def main() -> None:
     for streams in (int(s) for s in args.streams.split(",")):
         tokens = args.tokens if streams == 1 else max(args.tokens // 10, 50)
         bare = measure("bare", tokens, streams, args.repeats)
-        ours = measure("ours", tokens, streams, args.repeats)
-        rows += [bare, ours]
-        ratios.append(
-            {
-                "name": f"LLMService / bare at {streams} streams",
-                "value": ours.tokens_per_s / bare.tokens_per_s,
-                "target": 0.9,
-            }
-        )
+        for kind in ("service", "server"):
+            ours = measure(kind, tokens, streams, args.repeats)
+            rows.append(ours)
+            ratios.append(
+                {
+                    "name": f"{NAMES[kind]} / bare at {streams} streams",
+                    "value": ours.tokens_per_s / bare.tokens_per_s,
+                    "target": 0.9,
+                }
+            )
+        rows.append(bare)
     report("transport", rows, ratios, {"tokens_per_stream": args.tokens})
 
 

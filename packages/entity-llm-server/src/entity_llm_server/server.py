@@ -181,12 +181,17 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     port = server.add_port(f"{config.host}:{config.port}", credentials)
     try:
         metrics_port = server.serve_metrics(config.host, config.metrics_port) if config.metrics_port else None
-        await service.engine()  # load (and warm up) before accepting traffic
+        # Open the port while the model loads: health probes get NOT_SERVING
+        # (not a refused connection) until it is loaded and warmed up, and a
+        # call that comes early waits for the load.
+        await server.start()
+        await service.engine()
+        await server.health.update()  # SERVING now, not at the watcher's next look
     except BaseException:
+        await server.stop(0)
         server.metrics.close()
         await resource.close()  # stop any engine thread before the process exits
         raise
-    await server.start()
     # The one line scripts and tests read to find the port.
     print(f"entity-llm-server listening on {host}:{port}", flush=True)
     log.info(
