@@ -10,8 +10,10 @@ import grpc
 import pytest
 
 from entity_llm_client import AsyncLLMClient, LLMClient, LLMError, OverloadedError
-from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
-from entity_llm_server.engine import BatchingEngine, BatchingSettings, Finished
+from entity_llm_server import EngineRequest, LLMService
+from entity_llm_server.engine import BatchingEngine, Finished
+
+from ..engines import batching_engine, slow_forward
 
 pytestmark = pytest.mark.model
 
@@ -27,27 +29,6 @@ PROMPTS = [
 ]
 
 
-def _engine(max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 24) -> BatchingEngine:
-    settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
-    engine = UnifiedLLMResource(default_max_new_tokens=max_new_tokens, batching=settings).load_engine()
-    assert isinstance(engine, BatchingEngine)
-    return engine
-
-
-def _slow_down(engine: BatchingEngine, seconds: float, fail_after: int | None = None) -> None:
-    """Make every forward pass slow (and optionally raise) to hold requests in flight."""
-    model, forward, calls = engine.model, engine.model.forward, [0]
-
-    def slow_forward(*args, **kwargs):
-        calls[0] += 1
-        if fail_after is not None and calls[0] > fail_after:
-            raise RuntimeError("CUDA out of memory (injected)")
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    model.forward = slow_forward
-
-
 async def _run(engine: BatchingEngine, request: EngineRequest) -> Finished:
     events = [event async for event in engine.generate(request)]
     final = events[-1]
@@ -57,7 +38,7 @@ async def _run(engine: BatchingEngine, request: EngineRequest) -> Finished:
 
 
 def test_concurrent_greedy_streams_equal_each_prompt_served_alone():
-    engine = _engine()
+    engine = batching_engine()
 
     async def main() -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
         await engine.start()
@@ -74,10 +55,10 @@ def test_concurrent_greedy_streams_equal_each_prompt_served_alone():
 
 
 def test_a_hundred_cancelled_streams_leave_nothing_in_the_engine(serve):
-    engine = _engine(max_batch_size=16, max_queue=128, max_new_tokens=400)
+    engine = batching_engine(max_batch_size=16, max_queue=128, max_new_tokens=400)
     # 20 ms a step: finishing instead of cancelling would take 100 x 400 / 16
     # steps, over 40 s, far past the wait below.
-    _slow_down(engine, 0.02)
+    slow_forward(engine, 0.02)
     service = LLMService(engine=engine)
     server = serve(service).start()
 
@@ -108,8 +89,8 @@ async def _held(engine: BatchingEngine) -> int:
 
 
 def test_over_capacity_is_refused_at_once_with_resource_exhausted(serve):
-    engine = _engine(max_batch_size=2, max_queue=1, max_new_tokens=400)
-    _slow_down(engine, 0.02)  # 400 steps of 20 ms: the three streams stay in flight
+    engine = batching_engine(max_batch_size=2, max_queue=1, max_new_tokens=400)
+    slow_forward(engine, 0.02)  # 400 steps of 20 ms: the three streams stay in flight
     server = serve(LLMService(engine=engine)).start()
     with LLMClient(server.target, timeout=60) as client:
         streams = [client.generate(p) for p in PROMPTS[:3]]
@@ -139,11 +120,11 @@ def test_over_capacity_is_refused_at_once_with_resource_exhausted(serve):
 
 
 def test_a_dead_batching_thread_fails_every_stream_with_internal_and_never_hangs(serve):
-    engine = _engine(max_batch_size=4, max_queue=4, max_new_tokens=400)
+    engine = batching_engine(max_batch_size=4, max_queue=4, max_new_tokens=400)
     server = serve(LLMService(engine=engine)).start()
     with LLMClient(server.target, timeout=60) as client:
         assert "".join(c.text for c in client.generate("import os\n"))  # healthy first
-        _slow_down(engine, 0.005, fail_after=20)
+        slow_forward(engine, 0.005, fail_after=20)
         streams = [client.generate(p) for p in PROMPTS[:4]]
         for stream in streams:
             with pytest.raises(LLMError) as caught:

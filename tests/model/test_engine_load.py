@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
-from entity_llm_server import EngineRequest, UnifiedLLMResource
-from entity_llm_server.engine import BatchingEngine, BatchingSettings
+from entity_llm_server import EngineRequest
+
+from ..engines import batching_engine, slow_forward
 
 pytestmark = pytest.mark.model
 
 
-def _batching(max_batch_size: int, max_queue: int) -> BatchingEngine:
-    settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
-    engine = UnifiedLLMResource(default_max_new_tokens=16, batching=settings).load_engine()
-    assert isinstance(engine, BatchingEngine)
-    return engine
-
-
-def _slow_forward(engine: BatchingEngine, seconds: float, fail_after: int | None = None) -> None:
-    model, forward, calls = engine.model, engine.model.forward, [0]
-
-    def slow(*args, **kwargs):
-        calls[0] += 1
-        if fail_after is not None and calls[0] > fail_after:
-            raise RuntimeError("CUDA out of memory (injected)")
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    model.forward = slow
-
-
 def test_batching_engine_load_counts_decoding_and_waiting_requests():
-    engine = _batching(max_batch_size=2, max_queue=4)
+    engine = batching_engine(max_batch_size=2, max_queue=4)
 
     async def consume(request: EngineRequest) -> None:
         async for _ in engine.generate(request):
@@ -44,7 +24,7 @@ def test_batching_engine_load_counts_decoding_and_waiting_requests():
         await engine.start()
         try:
             seen = [engine.load()]
-            _slow_forward(engine, 0.02)
+            slow_forward(engine, 0.02)
             tasks = [asyncio.create_task(consume(EngineRequest(f"x{i}", max_new_tokens=200))) for i in range(5)]
             for _ in range(500):
                 await asyncio.sleep(0.01)

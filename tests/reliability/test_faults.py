@@ -12,26 +12,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from entity_llm_server import LLMService, UnifiedLLMResource
+from entity_llm_server import LLMService
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from entity_llm_server.engine import BatchingEngine, BatchingSettings
+from entity_llm_server.engine import BatchingEngine
 
 from ..conftest import ROOT, ServerThread, wait_until
+from ..engines import batching_engine, slow_forward
 from .conftest import record, size
 
 
 def engine(max_batch_size: int = 16, max_queue: int = 48, step_seconds: float = 0.0) -> BatchingEngine:
-    settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
-    built = UnifiedLLMResource(default_max_new_tokens=256, batching=settings).load_engine()
-    assert isinstance(built, BatchingEngine)
+    built = batching_engine(max_batch_size, max_queue, max_new_tokens=256)
     if step_seconds:
-        forward = built.model.forward
-
-        def slow(*args, **kwargs):
-            time.sleep(step_seconds)
-            return forward(*args, **kwargs)
-
-        built.model.forward = slow
+        slow_forward(built, step_seconds)
     return built
 
 
@@ -126,16 +119,7 @@ def test_a_client_killed_mid_stream_frees_its_request(served):
 
 def test_an_engine_fault_ends_every_stream_with_internal_never_a_hang(served):
     built = engine(max_batch_size=4, max_queue=4)
-    forward, calls = built.model.forward, [0]
-
-    def failing(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > 40:
-            raise RuntimeError("CUDA out of memory (injected)")
-        time.sleep(0.01)
-        return forward(*args, **kwargs)
-
-    built.model.forward = failing
+    slow_forward(built, 0.01, fail_after=40)
     server = served(built)
 
     async def main() -> list[tuple[grpc.StatusCode, str]]:
