@@ -4,7 +4,8 @@ Every server streams the same GenerateResponse messages (one per piece, no
 model); the client is the same raw grpc.aio stub. Two servers of ours: the
 servicer alone on `build_server` (the servicer, the engine seam, the server's
 options) and `LLMServer`, what the console script runs (plus the operations
-interceptor: request ids, API-key check, drain gate, metrics, access log).
+interceptor: request ids, API-key check, drain gate, metrics, access log),
+without and with per-message timings (on when --metrics-port is set).
 
     python benchmarks/transport.py [--tokens 2000] [--streams 1,64]
 """
@@ -25,7 +26,12 @@ from entity_llm_server import FakeEngine, LLMServer, LLMService, build_server
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 
 PIECES = ("def", " fib", "(n", "):", "\n", "    return", " n")
-NAMES = {"bare": "bare grpc.aio", "service": "LLMService+fake", "server": "LLMServer+fake"}
+NAMES = {
+    "bare": "bare grpc.aio",
+    "service": "LLMService+fake",
+    "server": "LLMServer+fake",
+    "server+metrics": "LLMServer+fake+timings",
+}
 
 
 class BareService(llm_pb2_grpc.LLMServiceServicer):
@@ -51,7 +57,7 @@ def _serve(kind: str, tokens: int, port_out: Any) -> None:
         elif kind == "service":
             server = build_server(service)
         else:
-            server = LLMServer(service)
+            server = LLMServer(service, token_timings=kind == "server+metrics")
         port_out.send(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await asyncio.Event().wait()  # until the process is terminated
@@ -80,38 +86,48 @@ async def _stream_all(target: str, streams: int) -> tuple[int, float, list[float
         return sum(counts), time.perf_counter() - started, ttft
 
 
-def measure(kind: str, tokens: int, streams: int, repeats: int) -> Row:
-    receive, send = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=_serve, args=(kind, tokens, send), daemon=True)
-    process.start()
-    port = receive.recv()
+def measure(kinds: tuple[str, ...], tokens: int, streams: int, repeats: int) -> dict[str, Row]:
+    """Each server in its own process, all up at once; runs interleaved, best of `repeats` each.
+
+    Interleaving spreads the shared machine's slow moments over every server
+    instead of charging them to whichever ran then.
+    """
+    ports: dict[str, int] = {}
+    processes = []
+    for kind in kinds:
+        receive, send = multiprocessing.Pipe(duplex=False)
+        process = multiprocessing.Process(target=_serve, args=(kind, tokens, send), daemon=True)
+        process.start()
+        processes.append(process)
+        ports[kind] = receive.recv()
     try:
-        best: tuple[int, float, list[float]] | None = None
-        for _ in range(repeats):  # best of N: the machine is shared and noisy
-            result = asyncio.run(_stream_all(f"127.0.0.1:{port}", streams))
-            if best is None or result[1] < best[1]:
-                best = result
-        assert best is not None
-        total, seconds, ttft = best
-        return Row("transport", NAMES[kind], streams, total, seconds, ttft)
+        best: dict[str, tuple[int, float, list[float]]] = {}
+        for _ in range(repeats):
+            for kind in kinds:
+                result = asyncio.run(_stream_all(f"127.0.0.1:{ports[kind]}", streams))
+                if kind not in best or result[1] < best[kind][1]:
+                    best[kind] = result
+        return {kind: Row("transport", NAMES[kind], streams, *best[kind]) for kind in kinds}
     finally:
-        process.terminate()
-        process.join()
+        for process in processes:
+            process.terminate()
+            process.join()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2000, help="messages per stream")
     parser.add_argument("--streams", default="1,64")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     rows: list[Row] = []
     ratios = []
     for streams in (int(s) for s in args.streams.split(",")):
         tokens = args.tokens if streams == 1 else max(args.tokens // 10, 50)
-        bare = measure("bare", tokens, streams, args.repeats)
-        for kind in ("service", "server"):
-            ours = measure(kind, tokens, streams, args.repeats)
+        measured = measure(tuple(NAMES), tokens, streams, args.repeats)
+        bare = measured["bare"]
+        for kind in ("service", "server", "server+metrics"):
+            ours = measured[kind]
             rows.append(ours)
             ratios.append(
                 {

@@ -70,13 +70,15 @@ def test_an_x_request_id_is_echoed_used_by_the_servicer_and_logged(serve, record
 def test_without_a_header_the_request_field_or_a_fresh_id_is_used_everywhere(serve, records):
     server = serve(LLMService(engine=FakeEngine())).start()
     metadata, responses = _generate(server.target, llm_pb2.GenerateRequest(prompt="x", request_id="field-1"))
-    assert metadata["x-request-id"] == responses[0].request_id == "field-1"
+    assert responses[0].request_id == responses[-1].request_id == "field-1"
+    assert "x-request-id" not in metadata  # headers are echoed to callers that sent one
     _finished(records, "field-1")
 
     metadata, responses = _generate(server.target, llm_pb2.GenerateRequest(prompt="x"))
-    made = metadata["x-request-id"]
+    made = responses[0].request_id
     assert len(made) == 32
-    assert responses[0].request_id == made
+    assert responses[-1].request_id == made
+    assert "x-request-id" not in metadata
     _finished(records, made)
 
 

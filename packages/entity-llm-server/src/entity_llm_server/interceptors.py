@@ -4,7 +4,8 @@ It wraps each handler once (one extra generator layer on the per-token path,
 not one per concern) and, per RPC:
 
 1. takes the request id from `x-request-id` metadata, else the request's own
-   `request_id` field, else makes one; echoes it in the initial metadata, puts
+   `request_id` field, else makes one; echoes a caller's header in the initial
+   metadata, puts
    it on every log record of the RPC, and fills an empty `request_id` field
    with it so the servicer echoes the same id in its responses;
 2. checks the API key (`authorization: Bearer <key>`) when keys are set;
@@ -161,12 +162,16 @@ class OperationsInterceptor(_Interceptor):
         api_keys: accepted keys; empty accepts every call.
         gate: the drain gate.
         metrics: where RPCs are recorded.
+        token_timings: time every message of a Generate stream (the TTFT and
+            inter-token histograms); off when no metrics are served, since
+            it is the interceptor's only per-token cost.
     """
 
-    def __init__(self, *, api_keys: ApiKeys, gate: DrainGate, metrics: Metrics) -> None:
+    def __init__(self, *, api_keys: ApiKeys, gate: DrainGate, metrics: Metrics, token_timings: bool = True) -> None:
         self.api_keys = api_keys
         self.gate = gate
         self.metrics = metrics
+        self.token_timings = token_timings
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
@@ -217,6 +222,12 @@ class OperationsInterceptor(_Interceptor):
                         async for message in stream:
                             yield message
                         return
+                    if not self.token_timings:  # nobody scrapes the latency histograms
+                        async for message in stream:
+                            call.last = message
+                            call.streamed_ids += len(getattr(message, "token_ids", ()))
+                            yield message
+                        return
                     # The per-token path: locals only, one clock read per message.
                     last_at = 0.0
                     async for message in stream:
@@ -246,7 +257,12 @@ class OperationsInterceptor(_Interceptor):
         metadata = context.invocation_metadata() or ()
         call.request_id = _request_id(metadata, request)
         logs.request_id.set(call.request_id)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+        if any(key == REQUEST_ID_HEADER for key, _ in metadata):
+            # Echo the caller's header. Only then: headers sent ahead of the
+            # first message measurably slow every later message of a stream in
+            # grpc.aio (benchmarks/transport.py: ~25% at one stream); the id
+            # is in the first and last messages' request_id field anyway.
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
         if not call.open:
             if (problem := self.api_keys.check(metadata)) is not None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)

@@ -71,6 +71,9 @@ class LLMServer:
         api_keys: accepted API keys; empty: calls need no key.
         health_check_interval: seconds between two looks at the engine's health.
         options: grpc.aio server options.
+        token_timings: time each Generate message for the TTFT and
+            inter-token histograms (the console script turns it on with
+            --metrics-port only).
     """
 
     def __init__(
@@ -80,12 +83,15 @@ class LLMServer:
         api_keys: Sequence[str] = (),
         health_check_interval: float = 1.0,
         options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
+        token_timings: bool = True,
     ) -> None:
         self.service = service
         self.health = HealthMonitor(service, interval=health_check_interval)
         self.gate = DrainGate()
         self.metrics = Metrics(engine_load=self._engine_load)
-        interceptor = OperationsInterceptor(api_keys=ApiKeys(api_keys), gate=self.gate, metrics=self.metrics)
+        interceptor = OperationsInterceptor(
+            api_keys=ApiKeys(api_keys), gate=self.gate, metrics=self.metrics, token_timings=token_timings
+        )
         self.grpc_server = grpc.aio.server(options=list(options), interceptors=[interceptor])
         llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
@@ -175,7 +181,12 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         batching=config.batching(),
     )
     service = LLMService(resource)
-    server = LLMServer(service, api_keys=api_keys, health_check_interval=config.health_check_interval)
+    server = LLMServer(
+        service,
+        api_keys=api_keys,
+        health_check_interval=config.health_check_interval,
+        token_timings=bool(config.metrics_port),
+    )
     host = config.host.strip("[]")
     # Bind first: a taken port fails in a moment, not after loading a model.
     port = server.add_port(f"{config.host}:{config.port}", credentials)
