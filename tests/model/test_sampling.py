@@ -14,7 +14,8 @@ import grpc
 import pytest
 import torch
 
-from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
+from entity_llm_client import LLMClient
+from entity_llm_server import EngineRequest, LLMService, TransformersEngine, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import (
     BatchingEngine,
@@ -25,6 +26,8 @@ from entity_llm_server.engine import (
     TextDelta,
 )
 from entity_llm_server.engine import sampling as s
+
+from .scripted import ScriptedLM
 
 pytestmark = pytest.mark.model
 
@@ -330,3 +333,42 @@ def test_a_top_k_beyond_the_vocabulary_means_no_limit(batching):
     huge, none, healthy = with_engine(batching, main)
     assert huge == none
     assert healthy
+
+
+def test_each_sampling_parameter_through_the_sdk_and_a_real_server(serve):
+    """The SDK's keywords reach the engine over the wire and change what comes back."""
+    server = serve(LLMService()).start()
+    with LLMClient(server.target, timeout=60) as client:
+        greedy = client.complete(PROMPT, max_new_tokens=16)
+        assert greedy.seed is None
+        # top_k=1 and a vanishing top_p leave one token to sample: the greedy one.
+        assert client.complete(PROMPT, max_new_tokens=16, temperature=2.0, top_k=1, seed=3).text == greedy.text
+        assert client.complete(PROMPT, max_new_tokens=16, temperature=2.0, top_p=1e-6, seed=4).text == greedy.text
+        hot = client.complete(PROMPT, max_new_tokens=16, temperature=2.0, seed=5)
+        assert hot.seed == 5
+        assert hot.text != greedy.text
+        assert client.complete(PROMPT, max_new_tokens=16, temperature=2.0, seed=5).text == hot.text
+        repeats = client.complete("a a a a a a a a", max_new_tokens=24)
+        penalised = client.complete("a a a a a a a a", max_new_tokens=24, repetition_penalty=3.0)
+        assert len(set(penalised.token_ids)) > len(set(repeats.token_ids))
+        scored = client.complete(PROMPT, max_new_tokens=4, top_logprobs=3)
+        assert [e.token_id for e in scored.logprobs] == list(scored.token_ids)
+        assert all(len(e.top_logprobs) == 3 for e in scored.logprobs)
+        chat = client.complete(messages=[("user", "Print hello.")], max_new_tokens=8)
+        assert chat.usage.input_tokens > len(client.tokenize("Print hello.").ids)
+
+
+def test_min_new_tokens_through_a_real_server(serve):
+    """A scripted model that ends after three tokens keeps going until min_new_tokens."""
+    tokenizer = UnifiedLLMResource().load_engine().tokenizer
+    ids = tokenizer(" return n", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    model = ScriptedLM([*ids, eos], len(tokenizer), eos)
+    server = serve(LLMService(engine=TransformersEngine(model, tokenizer, default_max_new_tokens=64))).start()
+    with LLMClient(server.target, timeout=60) as client:
+        plain = client.complete("def f(n):")
+        held = client.complete("def f(n):", min_new_tokens=len(ids) + 4)
+    assert plain.usage.generated_tokens == len(ids) + 1
+    assert held.finish_reason.name == "EOS"
+    assert held.usage.generated_tokens == len(ids) + 5  # four more tokens, then the EOS
+    assert held.text.startswith(plain.text)
