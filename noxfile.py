@@ -117,11 +117,18 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def soak(session: nox.Session) -> None:
-    """The reliability suite's long mode: ≥10,000 fuzzed requests, 10,000-request soak; prints its figures."""
+    """The reliability suite's long mode: ≥10,000 fuzzed requests, a 10,000-request soak, a 3-minute quiet
+    stream under 1 s keepalive pings; prints its figures."""
     session.install(*TEST)
     _install_packages(session)
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ENTITY_LLM_RELIABILITY": "long"}
-    args = ("tests/reliability", "-p", "no:cacheprovider", "-o", "timeout=3600", *session.posargs)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "ENTITY_LLM_RELIABILITY": "long",
+        "ENTITY_LLM_TEST_KEEPALIVE_SECONDS": "180",
+    }
+    args = ("tests/reliability", "tests/integration/test_keepalive.py", "-p", "no:cacheprovider", "-o", "timeout=3600")
+    args = (*args, *session.posargs)
     session.run("pytest", *args, env=env)
 
 
