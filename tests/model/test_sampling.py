@@ -20,6 +20,7 @@ from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import (
     BatchingEngine,
     BatchingSettings,
+    EngineError,
     Finished,
     InvalidRequestError,
     Sampling,
@@ -27,6 +28,7 @@ from entity_llm_server.engine import (
 )
 from entity_llm_server.engine import sampling as s
 
+from ..engines import batching_engine
 from .scripted import ScriptedLM
 
 pytestmark = pytest.mark.model
@@ -372,3 +374,35 @@ def test_min_new_tokens_through_a_real_server(serve):
     assert held.finish_reason.name == "EOS"
     assert held.usage.generated_tokens == len(ids) + 5  # four more tokens, then the EOS
     assert held.text.startswith(plain.text)
+
+
+def test_a_fault_in_one_requests_sampling_fails_that_request_alone(monkeypatch):
+    """The sampling hook runs on the batching thread: an exception there must not kill it."""
+    engine = batching_engine(max_batch_size=4, max_queue=4)
+    real = s.row_values
+
+    def broken(sampling, step, vocab):
+        if sampling.seed == 666:
+            raise RuntimeError("injected sampler fault")
+        return real(sampling, step, vocab)
+
+    monkeypatch.setattr(s, "row_values", broken)
+
+    async def main():
+        async def outcome(request):
+            try:
+                return await run(engine, request)
+            except EngineError as error:
+                return error
+
+        results = await asyncio.gather(
+            outcome(sampled(666)), outcome(EngineRequest(PROMPT, max_new_tokens=12)), outcome(sampled(7))
+        )
+        return (*results, engine.healthy)
+
+    bad, greedy, good, healthy = with_engine(engine, main)
+    assert isinstance(bad, EngineError)
+    assert "injected sampler fault" in str(bad)
+    assert greedy[1].generated_tokens == 12
+    assert good[1].generated_tokens == 24
+    assert healthy  # the batching thread lived on

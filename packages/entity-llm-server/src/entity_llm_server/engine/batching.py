@@ -305,6 +305,8 @@ class BatchingEngine(TokenStreamEngine):
                     raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
                 if output.error is not None:
                     raise EngineError(f"generation failed: {output.error}")
+                if (fault := self._sampling.faults.pop(request_id, None)) is not None:
+                    raise EngineError(f"sampling failed: {fault}")
                 tokens = output.generated_tokens  # every token so far, not only the new ones
                 done = output.is_finished()
                 if len(tokens) > seen:
@@ -316,6 +318,7 @@ class BatchingEngine(TokenStreamEngine):
         finally:
             del self._queues[request_id]
             records.pop(request_id, None)
+            self._sampling.faults.pop(request_id, None)
             if not done and self._manager is not None:
                 manager.cancel_request(request_id)
 

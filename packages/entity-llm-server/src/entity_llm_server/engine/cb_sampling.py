@@ -16,6 +16,7 @@ neither, so the engine refuses those parameters when graphs are on.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,6 +30,21 @@ from . import sampling as s
 # The rows of the manager's int32 argument tensor (floats travel as their bits).
 _TEMPERATURE, _TOP_K, _TOP_P, _PENALTY, _KEY, _FLAGS = range(6)
 _FLOAT_ROWS = (_TEMPERATURE, _TOP_P, _PENALTY)
+
+
+def _DEFAULT_ROW(vocab: int) -> tuple[float, int, float, float, int, int]:  # noqa: N802  # a constant, per vocabulary
+    return (1.0, vocab, 1.0, 1.0, 0, 0)
+
+
+def _check_row(values: tuple[float, int, float, float, int, int]) -> None:
+    """Refuse a row the int32 argument tensor cannot hold (it would kill the batching thread)."""
+    temperature, top_k, top_p, penalty, key, flags = values
+    for number in (top_k, key, flags):
+        if not -(2**31) <= number < 2**31:
+            raise OverflowError(f"{number} does not fit the manager's int32 arguments")
+    for real in (temperature, top_p, penalty):
+        if not math.isfinite(real):
+            raise ValueError(f"{real} is not a finite sampling parameter")
 
 
 def _bits(values: list[float]) -> torch.Tensor:
@@ -61,6 +77,9 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.eager = eager
         self.eos_mask = s.eos_mask(eos_ids, vocab_size, device)
         self.logprobs: dict[str, list[s.TokenLogprob]] = {}
+        # request id -> why its sampling parameters could not be applied; the
+        # engine fails those requests (the batching thread carries on).
+        self.faults: dict[str, str] = {}
         # Eager mode only: what the step being prepared needs.
         self._plain = False
         self._sort = True
@@ -85,9 +104,17 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             state = future.state
             kwargs = state.logit_processor_kwargs
             sampling: s.Sampling = kwargs.get("sampling", s.GREEDY)
-            # position_offset already counts this step's input: the new token's index follows.
-            step = state.position_offset - kwargs.get("prompt_len", len(state.initial_tokens))
-            for column, value in zip(columns, s.row_values(sampling, step, self.vocab_size), strict=True):
+            try:
+                # position_offset already counts this step's input: the new token's index follows.
+                step = state.position_offset - kwargs.get("prompt_len", len(state.initial_tokens))
+                values = s.row_values(sampling, step, self.vocab_size)
+                _check_row(values)
+            except Exception as exc:  # this runs on the batching thread: never let it die
+                # One request's fault stays its own: its row decodes greedily
+                # this step and the engine fails that request alone.
+                self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
+                values, sampling = _DEFAULT_ROW(self.vocab_size), s.GREEDY
+            for column, value in zip(columns, values, strict=True):
                 column.append(value)
             seen.append(state.initial_tokens + state.generated_tokens if sampling.penalised else None)
             wanted.append((state.request_id, sampling.top_logprobs) if sampling.wants_logprobs else None)
@@ -100,10 +127,10 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         if rows:
             for index, column in enumerate(columns):
                 if index in _FLOAT_ROWS:
-                    values = _bits([float(v) for v in column])
+                    row = _bits([float(v) for v in column])
                 else:
-                    values = torch.tensor(column, dtype=torch.int32)
-                arg_storage[index, : len(rows)] = values.to(arg_storage.device)
+                    row = torch.tensor(column, dtype=torch.int32)
+                arg_storage[index, : len(rows)] = row.to(arg_storage.device)
         if self.eager:
             self._seen, self._wanted = seen, wanted
             self._sort = any(v < self.vocab_size for v in columns[_TOP_K]) or any(v < 1 for v in columns[_TOP_P])
