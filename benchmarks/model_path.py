@@ -64,6 +64,10 @@ def materialise(name: str, folder: Path, dtype: str) -> Path:
     shape = dict(SHAPES[name])
     kind = shape.pop("kind")
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    # Random weights pick ids across the whole vocabulary: pad the demo's
+    # 4,096-token tokenizer to it, so every id decodes to text (as with a real
+    # model) and streams carry a message per token rather than only at the end.
+    tokenizer.add_tokens([f"<r{i}>" for i in range(shape["vocab_size"] - len(tokenizer))])
     common = {
         "max_position_embeddings": 2048,
         "tie_word_embeddings": True,

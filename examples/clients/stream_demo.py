@@ -24,7 +24,10 @@ PROMPT = "def fibonacci(n):"
 
 def start_server() -> tuple[subprocess.Popen[str], str]:
     server = subprocess.Popen(
-        ["entity-llm-server", "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, text=True
+        # Warnings only: the access log would interleave with the streamed text.
+        ["entity-llm-server", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert server.stdout is not None
     for line in server.stdout:
