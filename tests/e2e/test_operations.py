@@ -64,6 +64,32 @@ def test_sigterm_drains_refuses_new_streams_finishes_the_open_one_and_exits_zero
     assert "entity-llm-server stopped" in log
 
 
+def test_a_second_signal_cuts_the_drain_short():
+    with (
+        RunningServer("--shutdown-grace", "300") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+        assert next(watch).status == SERVING
+        # An RPC that never ends by itself: the drain would wait out all 300 s.
+        asks: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+        holder = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter(asks.get, None), timeout=120
+        )
+        asks.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert next(holder).list_services_response.service
+        server.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == NOT_SERVING  # the drain has begun
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0, server.stderr()
+        with pytest.raises(grpc.RpcError):
+            next(holder)  # cancelled, not finished
+        asks.put(None)
+        log = server.stderr()
+    assert "second signal" in log
+    assert "entity-llm-server stopped" in log
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))

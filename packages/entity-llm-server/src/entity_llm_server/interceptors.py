@@ -54,6 +54,7 @@ class DrainGate:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._cut = asyncio.Event()
 
     def enter(self) -> bool:
         if self.closed:
@@ -71,13 +72,20 @@ class DrainGate:
         """Refuse every later RPC."""
         self.closed = True
 
+    def cut(self) -> None:
+        """End a `wait_idle` now, whatever is still in flight (a second signal)."""
+        self._cut.set()
+
     async def wait_idle(self, timeout: float | None) -> bool:
-        """Wait until no admitted RPC is in flight; False if `timeout` seconds passed first."""
+        """Wait until no admitted RPC is in flight; False if `timeout` passed or `cut()` came first."""
+        idle = asyncio.ensure_future(self._idle.wait())
+        cut = asyncio.ensure_future(self._cut.wait())
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait((idle, cut), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            cut.cancel()
+        return self._idle.is_set() and not self._cut.is_set()
 
 
 class _Undecodable:

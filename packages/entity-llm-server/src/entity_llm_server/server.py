@@ -156,7 +156,7 @@ class LLMServer:
             # Their handlers are done; let grpcio send their last messages and status.
             remaining = min(FLUSH_GRACE, max(0.0, grace - (loop.time() - started)))
         else:
-            log.warning("grace period over: cancelling %d RPCs still in flight", self.gate.in_flight)
+            log.warning("drain over (grace spent, or a second signal): cancelling %d RPCs", self.gate.in_flight)
             remaining = 0.0
         await self.grpc_server.stop(remaining)
         await self.health.stop()
@@ -223,7 +223,14 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         ready.set()
     waiter = asyncio.create_task(server.wait_for_termination())
     await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    log.info("shutting down; in-flight streams get %.1fs", config.shutdown_grace)
+    log.info("shutting down; in-flight streams get %.1fs (signal again to stop now)", config.shutdown_grace)
+
+    def hurry() -> None:
+        log.warning("second signal: cancelling the RPCs still in flight")
+        server.gate.cut()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry)
     await server.stop(config.shutdown_grace)
     await resource.close()
     print("entity-llm-server stopped", file=sys.stderr, flush=True)
