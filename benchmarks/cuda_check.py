@@ -39,9 +39,7 @@ async def main(device: str) -> int:
         return EngineRequest(p, max_new_tokens=32)
 
     def seeded(p: str, seed: int) -> EngineRequest:
-        return EngineRequest(
-            p, max_new_tokens=32, sampling=Sampling(temperature=0.9, top_k=50, top_p=0.95, seed=seed), seed_set=True
-        )
+        return EngineRequest(p, max_new_tokens=32, sampling=Sampling(temperature=0.9, top_k=50, top_p=0.95, seed=seed))
 
     results: list[tuple[str, bool]] = []
     cb_greedy = await asyncio.gather(*(tokens(cb, greedy(p)) for p in prompts))

@@ -49,8 +49,8 @@ def sequential():
 
 
 def sampled(seed: int | None, **kw) -> EngineRequest:
-    params = {"temperature": 1.0, "seed": seed or 0, **kw}
-    return EngineRequest(PROMPT, max_new_tokens=24, sampling=Sampling(**params), seed_set=seed is not None)
+    params = {"temperature": 1.0, "seed": seed, **kw}
+    return EngineRequest(PROMPT, max_new_tokens=24, sampling=Sampling(**params))
 
 
 async def run(engine, request: EngineRequest) -> tuple[str, Finished, list[TextDelta]]:
@@ -104,9 +104,7 @@ def test_a_reported_seed_reproduces_the_text(batching):
 
 def test_greedy_logprobs_are_the_models_log_softmax(batching):
     async def main():
-        request = EngineRequest(
-            PROMPT, max_new_tokens=6, sampling=Sampling(logprobs=True, top_logprobs=3), seed_set=False
-        )
+        request = EngineRequest(PROMPT, max_new_tokens=6, sampling=Sampling(logprobs=True, top_logprobs=3))
         return await run(batching, request)
 
     _, final, deltas = with_engine(batching, main)
@@ -135,9 +133,7 @@ def test_sampling_follows_the_temperature(batching):
 
     async def main(temperature: float):
         requests = [
-            EngineRequest(
-                PROMPT, max_new_tokens=1, sampling=Sampling(temperature=temperature, seed=seed), seed_set=True
-            )
+            EngineRequest(PROMPT, max_new_tokens=1, sampling=Sampling(temperature=temperature, seed=seed))
             for seed in range(16)  # the engine's capacity
         ]
         results = await asyncio.gather(*(run(batching, r) for r in requests))
@@ -168,7 +164,6 @@ def test_top_k_restricts_sampling_to_the_k_most_likely(batching):
             PROMPT,
             max_new_tokens=12,
             sampling=Sampling(temperature=4.0, top_k=3, seed=11, logprobs=True, top_logprobs=3),
-            seed_set=True,
         )
         return await run(batching, request)
 

@@ -40,7 +40,7 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         top_k=_set(request, "top_k", 0),
         repetition_penalty=_set(request, "repetition_penalty", 1.0),
         min_new_tokens=_set(request, "min_new_tokens", 0),
-        seed=_set(request, "seed", 0),
+        seed=_set(request, "seed", None),
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
     )
@@ -53,7 +53,6 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         truncate_input_tokens=_optional(request, "truncate_input_tokens"),
         time_limit_ms=_optional(request, "time_limit_ms"),
         sampling=sampling,
-        seed_set=request.HasField("seed"),
         messages=tuple((m.role, m.content) for m in request.messages),
     )
 

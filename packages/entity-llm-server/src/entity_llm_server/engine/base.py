@@ -33,9 +33,8 @@ class EngineRequest:
         include_stop_sequence: keep the matched stop text in the output.
         truncate_input_tokens: keep only the last N prompt tokens.
         time_limit_ms: end normally (TIME_LIMIT) after this long.
-        sampling: how tokens are chosen (greedy by default). Its seed is
-            used only when `seed_set`; otherwise the engine picks one.
-        seed_set: whether the request chose the seed.
+        sampling: how tokens are chosen (greedy by default); a sampled
+            request without a seed gets one from the engine.
         messages: a conversation ((role, content) pairs) to render with the
             chat template, instead of `prompt`.
     """
@@ -48,7 +47,6 @@ class EngineRequest:
     truncate_input_tokens: int | None = None
     time_limit_ms: int | None = None
     sampling: Sampling = GREEDY
-    seed_set: bool = False
     messages: tuple[tuple[str, str], ...] = ()
 
 

@@ -46,7 +46,8 @@ class Sampling:
         top_k: most likely tokens kept (0: all); sampling only.
         repetition_penalty: 1 for none; >1 discourages tokens already seen.
         min_new_tokens: EOS is masked until this many tokens were generated.
-        seed: the sampler's seed (ignored when greedy).
+        seed: the sampler's seed (ignored when greedy); None lets the engine
+            pick one (and report it).
         logprobs: report each chosen token's logprob.
         top_logprobs: also report this many alternatives per token.
     """
@@ -56,7 +57,7 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
-    seed: int = 0
+    seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
 
@@ -160,7 +161,7 @@ def row_values(sampling: Sampling, step: int, vocab: int) -> tuple[float, int, f
         min(sampling.top_k, vocab) if sampled and sampling.top_k else vocab,  # fits the int32 argument row
         sampling.top_p if sampled else 1.0,
         sampling.repetition_penalty,
-        step_key(sampling.seed, step) if sampled else 0,
+        step_key(sampling.seed or 0, step) if sampled else 0,
         flags,
     )
 

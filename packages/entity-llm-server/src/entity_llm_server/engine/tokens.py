@@ -169,7 +169,7 @@ class TokenStreamEngine(abc.ABC):
             )
         wanted = request.max_new_tokens or min(self.default_max_new_tokens, limit - 1)
         sampling = request.sampling
-        if sampling.sampled and not request.seed_set:
+        if sampling.sampled and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         return Prepared(ids, min(wanted, room), clipped=wanted > room, sampling=sampling)
 
