@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 import secrets
 import time
 from collections.abc import AsyncGenerator, Iterable
@@ -100,7 +101,8 @@ class TokenStreamEngine(abc.ABC):
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self._piece_names: dict[int, str] = {}  # token id -> its text alone (top_logprobs)
+        # A token's text decoded alone, for top_logprobs alternatives.
+        self._piece_text = functools.lru_cache(maxsize=65536)(lambda token: str(tokenizer.decode([token])))
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -210,14 +212,13 @@ class TokenStreamEngine(abc.ABC):
                 out_lp: list[TokenLogprob] = []
                 if logprobs is not None and prepared.sampling.top_logprobs:
                     logprobs = [self._named(entry) for entry in logprobs]
-                generated += ids
                 for index, token in enumerate(ids):
+                    generated.append(token)
                     pending.append(token)
                     if logprobs is not None:
                         pending_lp.append(logprobs[index])
                     if token in self.eos_ids:
                         reason = FinishReason.EOS
-                        del generated[len(generated) - len(ids) + index + 1 :]
                         break
                     out, stop = stops.feed(decoder.step(token))
                     if out:
@@ -227,7 +228,6 @@ class TokenStreamEngine(abc.ABC):
                         pending, pending_lp = [], []
                     if stop is not None:
                         reason = FinishReason.STOP_SEQUENCE
-                        del generated[len(generated) - len(ids) + index + 1 :]
                         break
                 if text:
                     yield TextDelta("".join(text), tuple(out_ids), tuple(out_lp))
@@ -248,13 +248,7 @@ class TokenStreamEngine(abc.ABC):
         )
 
     def _named(self, entry: TokenLogprob) -> TokenLogprob:
-        names = self._piece_names
-        for token, _ in entry.top:
-            if token not in names:
-                if len(names) > 65536:
-                    names.clear()
-                names[token] = self.tokenizer.decode([token])
-        return dataclasses.replace(entry, top_text=tuple(names[token] for token, _ in entry.top))
+        return dataclasses.replace(entry, top_text=tuple(self._piece_text(token) for token, _ in entry.top))
 
 
 class _Decoder:
