@@ -32,10 +32,6 @@ _TEMPERATURE, _TOP_K, _TOP_P, _PENALTY, _KEY, _FLAGS = range(6)
 _FLOAT_ROWS = (_TEMPERATURE, _TOP_P, _PENALTY)
 
 
-def _DEFAULT_ROW(vocab: int) -> tuple[float, int, float, float, int, int]:  # noqa: N802  # a constant, per vocabulary
-    return (1.0, vocab, 1.0, 1.0, 0, 0)
-
-
 def _check_row(values: tuple[float, int, float, float, int, int]) -> None:
     """Refuse a row the int32 argument tensor cannot hold (it would kill the batching thread)."""
     temperature, top_k, top_p, penalty, key, flags = values
@@ -76,6 +72,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.eos_ids = eos_ids
         self.eager = eager
         self.eos_mask = s.eos_mask(eos_ids, vocab_size, device)
+        # The arguments of a plain greedy row: the tensor's defaults, and a faulty row's stand-in.
+        self._greedy_row = s.row_values(s.GREEDY, 0, vocab_size)
         self.logprobs: dict[str, list[s.TokenLogprob]] = {}
         # request id -> why its sampling parameters could not be applied; the
         # engine fails those requests (the batching thread carries on).
@@ -88,12 +86,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self._wanted: list[tuple[str, int] | None] = []
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor[_TEMPERATURE] = _bits([1.0])
-        int32_tensor[_TOP_K] = self.vocab_size
-        int32_tensor[_TOP_P] = _bits([1.0])
-        int32_tensor[_PENALTY] = _bits([1.0])
-        int32_tensor[_KEY] = 0
-        int32_tensor[_FLAGS] = 0
+        for index, value in enumerate(self._greedy_row):
+            int32_tensor[index] = _bits([value]) if index in _FLOAT_ROWS else value
 
     def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
         rows = [r for r in requests_in_batch if r.has_new_token]  # the logits' rows, in order
@@ -113,7 +107,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 # One request's fault stays its own: its row decodes greedily
                 # this step and the engine fails that request alone.
                 self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
-                values, sampling = _DEFAULT_ROW(self.vocab_size), s.GREEDY
+                values, sampling = self._greedy_row, s.GREEDY
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
             seen.append(state.initial_tokens + state.generated_tokens if sampling.penalised else None)

@@ -73,6 +73,11 @@ class Sampling:
     def penalised(self) -> bool:
         return self.repetition_penalty != 1.0
 
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to apply or report: the model's own argmax is the choice."""
+        return not (self.sampled or self.penalised or self.min_new_tokens or self.wants_logprobs)
+
 
 GREEDY = Sampling()
 

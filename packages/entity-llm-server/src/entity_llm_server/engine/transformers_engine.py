@@ -116,15 +116,17 @@ class TransformersEngine(TokenStreamEngine):
             vocab = logits.shape[-1]
             eos_mask = s.eos_mask(self.eos_ids, vocab, device)
             while count < prepared.max_new_tokens and not cancelled.is_set():
-                rows = s.rows_for(
-                    [s.row_values(sampling, count, vocab)], [sequence if sampling.penalised else None], vocab, device
-                )
-                logprobs = s.warp(logits, rows, eos_mask, sort=sampling.top_k > 0 or sampling.top_p < 1)
-                chosen = s.choose(logprobs, rows)
-                token = int(chosen[0])
                 entry = None
-                if sampling.wants_logprobs:
-                    entry = s.logprob_entries(logprobs, chosen, [sampling.top_logprobs])[0]
+                if sampling.plain:
+                    token = int(logits[0].argmax())
+                else:
+                    seen = [sequence if sampling.penalised else None]
+                    rows = s.rows_for([s.row_values(sampling, count, vocab)], seen, vocab, device)
+                    logprobs = s.warp(logits, rows, eos_mask, sort=sampling.top_k > 0 or sampling.top_p < 1)
+                    chosen = s.choose(logprobs, rows) if sampling.sampled else logprobs.argmax(dim=-1)
+                    token = int(chosen[0])
+                    if sampling.wants_logprobs:
+                        entry = s.logprob_entries(logprobs, chosen, [sampling.top_logprobs])[0]
                 emit((token, entry))
                 sequence.append(token)
                 count += 1
