@@ -134,11 +134,7 @@ def _request_id(metadata: Any, request: Any) -> str:
     if header and header.strip():
         rid = header.strip()[:MAX_REQUEST_ID_CHARS]
     elif isinstance(own, str) and own:
-        if own.isascii() and own.isprintable() and len(own) <= MAX_REQUEST_ID_CHARS:
-            return own
-        # Not a valid metadata value (the fuzzer sent control characters):
-        # validation refuses the request; the header gets an id of our own.
-        return uuid.uuid4().hex
+        return own  # for logs only: metadata echoes a caller's header, never the field
     else:
         rid = uuid.uuid4().hex
     if own == "":
