@@ -71,6 +71,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def ratio(name: str, ours: Row, baseline: Row, target: float = 0.0) -> dict[str, Any]:
+    """ours / baseline in tokens/s, with the target it should reach (0: reported only)."""
+    return {"name": name, "value": ours.tokens_per_s / baseline.tokens_per_s, "target": target}
+
+
 def report(name: str, rows: list[Row], ratios: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     """Print a table and the ratios; write everything to benchmarks/results/NAME.json."""
     print(f"\n## {name}")

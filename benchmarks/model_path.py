@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import Row, ServerProcess, report
+from _common import Row, ServerProcess, ratio, report
 
 SHAPES: dict[str, dict[str, Any]] = {
     # ~34M parameters: the 30-40M random-weight Llama.
@@ -266,42 +266,18 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> tuple[lis
         if args.compare_no_graphs and args.device.startswith("cuda"):
             plain = run_cb(model, tokenizer, batch, args.new_tokens, args.prompt_tokens, cuda_graphs=False)
             extra_rows.append(plain)
-            ratios.append(
-                {
-                    "name": f"{name} cb with / without CUDA graphs at {streams}",
-                    "value": cb.tokens_per_s / plain.tokens_per_s,
-                    "target": 0.0,
-                }
-            )
+            ratios.append(ratio(f"{name} cb with / without CUDA graphs at {streams}", cb, plain))
         if args.compare_sampling:
             hooked = run_cb(model, tokenizer, batch, args.new_tokens, args.prompt_tokens, sampling_processors=True)
             extra_rows.append(hooked)
-            ratios.append(
-                {
-                    "name": f"{name} cb with / without the sampling hook at {streams}",
-                    "value": hooked.tokens_per_s / cb.tokens_per_s,
-                    "target": 0.0,
-                }
-            )
+            ratios.append(ratio(f"{name} cb with / without the sampling hook at {streams}", hooked, cb))
         for row in (grpc_row, cb, seq, *extra_rows):
             row.bench = name
         rows += [grpc_row, cb, seq, *extra_rows]
         # The targets are set at 32 streams; below that the ratios are reported only.
         big = streams >= 32
-        ratios.append(
-            {
-                "name": f"{name} grpc / cb at {streams}",
-                "value": grpc_row.tokens_per_s / cb.tokens_per_s,
-                "target": 0.9 if big else 0.0,
-            }
-        )
-        ratios.append(
-            {
-                "name": f"{name} grpc / sequential at {streams}",
-                "value": grpc_row.tokens_per_s / seq.tokens_per_s,
-                "target": 8.0 if big else 0.0,
-            }
-        )
+        ratios.append(ratio(f"{name} grpc / cb at {streams}", grpc_row, cb, 0.9 if big else 0.0))
+        ratios.append(ratio(f"{name} grpc / sequential at {streams}", grpc_row, seq, 8.0 if big else 0.0))
     return rows, ratios
 
 

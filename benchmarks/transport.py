@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from _common import Row, report
+from _common import Row, ratio, report
 
 from entity_llm_server import FakeEngine, LLMServer, LLMService, build_server
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
@@ -129,13 +129,7 @@ def main() -> None:
         for kind in ("service", "server", "server+metrics"):
             ours = measured[kind]
             rows.append(ours)
-            ratios.append(
-                {
-                    "name": f"{NAMES[kind]} / bare at {streams} streams",
-                    "value": ours.tokens_per_s / bare.tokens_per_s,
-                    "target": 0.9,
-                }
-            )
+            ratios.append(ratio(f"{NAMES[kind]} / bare at {streams} streams", ours, bare, 0.9))
         rows.append(bare)
     report("transport", rows, ratios, {"tokens_per_stream": args.tokens})
 
