@@ -24,23 +24,20 @@ _FINISH_REASONS = {
 }
 
 
-def _optional(message: Any, field: str) -> Any:
-    return getattr(message, field) if message.HasField(field) else None
-
-
-def _set(message: Any, field: str, default: Any) -> Any:
+def _optional(message: Any, field: str, default: Any = None) -> Any:
+    """A proto3 `optional` field's value, or `default` when it was not sent."""
     return getattr(message, field) if message.HasField(field) else default
 
 
 def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineRequest:
     """The engine's view of a GenerateRequest (validated already)."""
     sampling = Sampling(
-        temperature=_set(request, "temperature", 0.0),
-        top_p=_set(request, "top_p", 1.0),
-        top_k=_set(request, "top_k", 0),
-        repetition_penalty=_set(request, "repetition_penalty", 1.0),
-        min_new_tokens=_set(request, "min_new_tokens", 0),
-        seed=_set(request, "seed", None),
+        temperature=_optional(request, "temperature", 0.0),
+        top_p=_optional(request, "top_p", 1.0),
+        top_k=_optional(request, "top_k", 0),
+        repetition_penalty=_optional(request, "repetition_penalty", 1.0),
+        min_new_tokens=_optional(request, "min_new_tokens", 0),
+        seed=_optional(request, "seed"),
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
     )
