@@ -20,7 +20,6 @@ from grpc_health.v1._async import HealthServicer
 from ._gen.entity.grpc import llm_pb2
 
 if TYPE_CHECKING:
-    from .engine import Engine
     from .service import LLMService
 
 log = logging.getLogger(__name__)
@@ -29,14 +28,6 @@ LLM_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def current_engine(service: LLMService) -> Engine | None:
-    """The service's engine if it exists already; never loads a model."""
-    if service.resource is not None:
-        return service.resource.current_engine
-    # An engine passed to LLMService(engine=...) (a fake one, in tests).
-    return service._engine
 
 
 class HealthMonitor:
@@ -61,7 +52,7 @@ class HealthMonitor:
 
     def engine_ready(self) -> bool:
         """Whether the engine exists, has started and has not failed."""
-        engine = current_engine(self.service)
+        engine = self.service.current_engine
         return engine is not None and engine.healthy
 
     async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

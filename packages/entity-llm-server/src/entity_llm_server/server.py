@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from ._gen.entity.grpc import llm_pb2_grpc
 from .auth import ApiKeys, load_api_keys
 from .config import ServerConfig
-from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor, current_engine
+from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor
 from .interceptors import DrainGate, OperationsInterceptor
 from .metrics import Metrics
 from .resource import UnifiedLLMResource
@@ -98,7 +98,7 @@ class LLMServer:
         reflection.enable_server_reflection((LLM_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc_server)
 
     def _engine_load(self) -> tuple[int, int] | None:
-        engine = current_engine(self.service)
+        engine = self.service.current_engine
         return None if engine is None else engine.load()
 
     def add_port(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:

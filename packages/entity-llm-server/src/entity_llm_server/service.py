@@ -85,6 +85,13 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
         self.resource = resource if resource is not None or engine is not None else UnifiedLLMResource()
         self._engine = engine
 
+    @property
+    def current_engine(self) -> Engine | None:
+        """The engine if it exists already (for health and metrics); never loads a model."""
+        if self._engine is not None:
+            return self._engine
+        return None if self.resource is None else self.resource.current_engine
+
     async def engine(self) -> Engine:
         """The started engine, loading the model on first use."""
         if self._engine is None:
