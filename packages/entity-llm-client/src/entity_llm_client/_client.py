@@ -9,7 +9,7 @@ from typing import Any, Unpack
 import grpc
 
 from . import _transport as t
-from ._connection import ChannelOptions, Pem, auth_metadata, channel_credentials, open_channel
+from ._connection import ChannelOptions, Pem, auth_metadata, connect
 from ._errors import from_rpc_error
 from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
 from ._types import Chunk, Completion, GenerateOptions, ModelInfo, Tokens
@@ -68,13 +68,17 @@ class LLMClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._owned = channel is None
-        if channel is None:
-            credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
-            channel = open_channel(target, credentials, options, aio=False, retries=retries)
-        elif tls or options or any(c is not None for c in (root_certificates, client_certificate, client_key)):
-            raise ValueError("pass TLS settings and options, or a channel, not both")
-        self._channel = channel
+        self._channel, self._owned = connect(
+            target,
+            channel,
+            aio=False,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            options=options,
+            retries=retries,
+        )
         self._methods = t.Methods(self._channel, auth_metadata(api_key))
 
     def generate(
@@ -231,13 +235,17 @@ class AsyncLLMClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._owned = channel is None
-        if channel is None:
-            credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
-            channel = open_channel(target, credentials, options, aio=True, retries=retries)
-        elif tls or options or any(c is not None for c in (root_certificates, client_certificate, client_key)):
-            raise ValueError("pass TLS settings and options, or a channel, not both")
-        self._channel = channel
+        self._channel, self._owned = connect(
+            target,
+            channel,
+            aio=True,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            options=options,
+            retries=retries,
+        )
         self._methods = t.Methods(self._channel, auth_metadata(api_key))
 
     def generate(

@@ -113,3 +113,24 @@ def open_channel(
     if credentials is None:
         return grpc.insecure_channel(target, options=opts)
     return grpc.secure_channel(target, credentials, options=opts)
+
+
+def connect(
+    target: str,
+    channel: Any,
+    *,
+    aio: bool,
+    tls: bool,
+    root_certificates: Pem | None,
+    client_certificate: Pem | None,
+    client_key: Pem | None,
+    options: ChannelOptions,
+    retries: bool,
+) -> tuple[Any, bool]:
+    """The client's channel and whether the client owns it: `channel` as given, or a new one."""
+    if channel is None:
+        credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+        return open_channel(target, credentials, options, aio=aio, retries=retries), True
+    if tls or options or any(c is not None for c in (root_certificates, client_certificate, client_key)):
+        raise ValueError("pass TLS settings and options, or a channel, not both")
+    return channel, False
