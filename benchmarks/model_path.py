@@ -4,7 +4,9 @@ For each model and each concurrency N, the same N greedy requests (prompts of
 `--prompt-tokens` tokens, `--new-tokens` new tokens each) are served three ways:
 
 - grpc: N concurrent `AsyncLLMClient` streams against `python -m
-  entity_llm_server` (continuous batching) in another process;
+  entity_llm_server` (continuous batching; its model in an engine process of
+  its own, the default) in another process; `--compare-in-process` adds the
+  same server with `--engine-process off`;
 - cb: the same requests through transformers' continuous batching in process,
   sized like the server (the ceiling the server should approach);
 - sequential: one `model.generate` per request, one after another (what a
@@ -229,7 +231,19 @@ async def run_grpc(target: str, tokenizer: Any, batch: list[list[int]], new_toke
         await asyncio.gather(*(one(p) for p in text))
     # Greedy streams are token-for-token those of the cb run (a tested
     # property), so its token count is this run's too.
-    return Row("model", "grpc (LLMService)", len(batch), expected, time.perf_counter() - started, ttft)
+    return Row("model", "grpc (engine process)", len(batch), expected, time.perf_counter() - started, ttft)
+
+
+def serve_grpc(
+    server_args: tuple[str, ...], tokenizer: Any, batch: list[list[int]], new_tokens: int, expected: int, process: str
+) -> Row:
+    """The gRPC row: the console script's server (engine process on or off) and N client streams."""
+    with ServerProcess(*server_args, "--engine-process", process) as server:
+        row = asyncio.run(run_grpc(server.target, tokenizer, batch, new_tokens, expected))
+        row.extra["server_startup_s"] = round(server.startup_s, 2)
+    if process == "off":
+        row.method = "grpc, engine in process"
+    return row
 
 
 def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> tuple[list[Row], list[dict[str, Any]]]:
@@ -248,25 +262,19 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> tuple[lis
         flags = [
             f"--{k.replace('_', '-')}={v}" for k, v in cb_settings(streams, args.new_tokens, args.prompt_tokens).items()
         ]
-        with ServerProcess(
-            "--model",
-            str(folder),
-            "--device",
-            args.device,
-            "--dtype",
-            args.dtype,
-            "--max-new-tokens",
-            str(args.new_tokens),
-            *flags,
-        ) as server:
-            grpc_row = asyncio.run(run_grpc(server.target, tokenizer, batch, args.new_tokens, cb.tokens))
-            grpc_row.extra["server_startup_s"] = round(server.startup_s, 2)
+        server_args = ("--model", str(folder), "--device", args.device, "--dtype", args.dtype)
+        server_args += ("--max-new-tokens", str(args.new_tokens), *flags)
+        grpc_row = serve_grpc(server_args, tokenizer, batch, args.new_tokens, cb.tokens, "on")
         seq = run_sequential(model, batch, args.new_tokens, args.sequential_limit)
         extra_rows = []
         if args.compare_no_graphs and args.device.startswith("cuda"):
             plain = run_cb(model, tokenizer, batch, args.new_tokens, args.prompt_tokens, cuda_graphs=False)
             extra_rows.append(plain)
             ratios.append(ratio(f"{name} cb with / without CUDA graphs at {streams}", cb, plain))
+        if args.compare_in_process:
+            one = serve_grpc(server_args, tokenizer, batch, args.new_tokens, cb.tokens, "off")
+            extra_rows.append(one)
+            ratios.append(ratio(f"{name} grpc engine process / in process at {streams}", grpc_row, one))
         if args.compare_sampling:
             hooked = run_cb(model, tokenizer, batch, args.new_tokens, args.prompt_tokens, sampling_processors=True)
             extra_rows.append(hooked)
@@ -296,6 +304,11 @@ def main() -> None:
         help="run at most this many requests sequentially (0: all); tokens/s does not depend on the count",
     )
     parser.add_argument("--compare-no-graphs", action="store_true", help="on CUDA, also run raw CB without CUDA graphs")
+    parser.add_argument(
+        "--compare-in-process",
+        action="store_true",
+        help="also serve with --engine-process off (the model in the gRPC server's own process)",
+    )
     parser.add_argument(
         "--compare-sampling", action="store_true", help="also run raw CB with the server's sampling hook installed"
     )

@@ -136,3 +136,22 @@ def test_a_dead_batching_thread_fails_every_stream_with_internal_and_never_hangs
             list(client.generate("after the failure"))
         assert later.value.code is grpc.StatusCode.INTERNAL
         assert "failed" in later.value.details
+
+
+def test_concurrent_first_starts_launch_one_batching_thread():
+    # The first requests to a lazily started engine all call start() at once.
+    engine = batching_engine()
+
+    def pumps() -> int:
+        return sum(t.name == "entity-llm-cb-results" and t.is_alive() for t in threading.enumerate())
+
+    before = pumps()
+
+    async def main() -> int:
+        await asyncio.gather(*(engine.start() for _ in range(6)))
+        try:
+            return pumps() - before
+        finally:
+            await engine.close()
+
+    assert asyncio.run(main()) == 1

@@ -19,11 +19,26 @@ def test_flags_set_every_field():
         ["--model", "/m", "--host", "127.0.0.1", "--port", "0", "--device", "cuda:1", "--dtype", "bfloat16",
          "--max-new-tokens", "7", "--shutdown-grace", "2.5", "--log-level", "DEBUG", "--engine", "sequential",
          "--max-batch-size", "3", "--max-queue", "0", "--kv-cache-tokens", "4096", "--kv-block-size", "32",
-         "--max-batch-tokens", "512", "--cuda-graphs", "off"],
+         "--max-batch-tokens", "512", "--cuda-graphs", "off", "--engine-process", "off"],
         env={},
     )  # fmt: skip
     assert config == ServerConfig(
-        "/m", "127.0.0.1", 0, "cuda:1", "bfloat16", 7, 2.5, "DEBUG", "sequential", 3, 0, 4096, 32, 512, "off"
+        "/m",
+        "127.0.0.1",
+        0,
+        "cuda:1",
+        "bfloat16",
+        7,
+        2.5,
+        "DEBUG",
+        "sequential",
+        3,
+        0,
+        4096,
+        32,
+        512,
+        "off",
+        engine_process="off",
     )
     assert config.batching() == BatchingSettings(
         max_batch_size=3, max_queue=0, kv_block_size=32, kv_cache_tokens=4096, max_batch_tokens=512, cuda_graphs=False

@@ -53,6 +53,9 @@ class ServerConfig:
             0 serves no metrics.
         health_check_interval: seconds between two looks at the engine's
             health (a failed engine turns the health service NOT_SERVING).
+        engine_process: `on` runs the batching engine's model in a process of
+            its own, so token streaming and the batching loop do not share a
+            GIL; `off` keeps it in the server's process.
     """
 
     model: str | None = None
@@ -77,6 +80,7 @@ class ServerConfig:
     api_key_file: str | None = None
     metrics_port: int = 0
     health_check_interval: float = 1.0
+    engine_process: str = "on"
 
     def batching(self) -> BatchingSettings:
         """The batching engine's settings."""
@@ -134,6 +138,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--shutdown-grace", type=_non_negative_float, help="seconds in-flight streams get to finish on SIGTERM")
     add("--log-level", help="logging level")
     add("--engine", choices=ENGINES, help="batching: continuous batching; sequential: one request at a time")
+    add(
+        "--engine-process",
+        choices=("on", "off"),
+        help="on: the batching engine runs the model in a child process (the gRPC loop keeps its own GIL)",
+    )
     add("--max-batch-size", type=_positive_int, help="sequences decoded together in one step")
     add(
         "--max-queue",

@@ -42,6 +42,13 @@ class UnifiedLLMResource:
             `sequential` (one request at a time, for models continuous
             batching cannot run).
         batching: sizes of the batching engine's batch, queue and KV cache.
+        engine_process: run the batching engine's model in a process of its
+            own (`engine.process`), so the gRPC event loop and the batching
+            thread do not share a GIL; the console script's default. The
+            in-process engine starts faster and is what embedding code and
+            most tests use.
+        log_level: the engine process's logging level.
+        log_format: the engine process's log format (`text` or `json`).
     """
 
     def __init__(
@@ -53,12 +60,17 @@ class UnifiedLLMResource:
         default_max_new_tokens: int = 128,
         engine: str = "batching",
         batching: BatchingSettings | None = None,
+        engine_process: bool = False,
+        log_level: str = "WARNING",
+        log_format: str = "text",
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.engine_kind = engine
+        self.engine_process = engine_process and engine == "batching"
+        self._log = (log_level, log_format)
         self.batching = batching or BatchingSettings()
         self.model_id = str(model) if model is not None else str(default_model_path())
         self.device = device
@@ -87,26 +99,58 @@ class UnifiedLLMResource:
 
     def load_engine(self) -> Engine:
         """Load the tokenizer and model (blocking) and return an unstarted engine."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         # A server logs; it does not draw progress bars. (transformers leaves this unannotated.)
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         log.info("loading model %s on %s (%s)", self.model_id, self.device, self.dtype)
+        if self.engine_process:
+            return self._load_process_engine()
+        from transformers import AutoModelForCausalLM
+
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+            tokenizer = self._tokenizer()
             model: Any = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
             model.to(self.device)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # OSError, ValueError, safetensors' own errors...: one clear message
             raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
-        if not getattr(tokenizer, "is_fast", False):
-            raise ModelLoadError(f"{self.model_id}: a fast (Rust) tokenizer is required for streaming detokenization")
         model.eval()
         if self.engine_kind == "sequential":
             return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
         return BatchingEngine(
             model, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
+        )
+
+    def _tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelLoadError(f"{self.model_id}: a fast (Rust) tokenizer is required for streaming detokenization")
+        return tokenizer
+
+    def _load_process_engine(self) -> Engine:
+        from .engine.process import EngineProcess, EngineProcessError, EngineSpec, ProcessEngine
+
+        spec = EngineSpec(
+            self.model_id, self.device, self.dtype, self.default_max_new_tokens, self.batching, *self._log
+        )
+        child = EngineProcess(spec)  # loads the model while this process loads the tokenizer
+        try:
+            tokenizer = self._tokenizer()
+            facts = child.wait_ready()
+        except EngineProcessError as exc:
+            child.kill()
+            raise ModelLoadError(str(exc)) from exc
+        except BaseException:
+            child.kill()
+            raise
+        return ProcessEngine(
+            child, facts, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
 
     async def engine(self) -> Engine:

@@ -179,6 +179,9 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         default_max_new_tokens=config.max_new_tokens,
         engine=config.engine,
         batching=config.batching(),
+        engine_process=config.engine_process == "on",
+        log_level=config.log_level,
+        log_format=config.log_format,
     )
     service = LLMService(resource)
     server = LLMServer(

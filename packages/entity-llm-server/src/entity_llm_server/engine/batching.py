@@ -97,6 +97,7 @@ class BatchingEngine(TokenStreamEngine):
         self._closing = threading.Event()
         self._failure: str | None = None
         self._sampling: Any = None  # the manager's SamplingProcessors, once started
+        self._start_lock = asyncio.Lock()
 
     # -- sizing -------------------------------------------------------------
 
@@ -164,11 +165,25 @@ class BatchingEngine(TokenStreamEngine):
         return self._failure is None and self._manager is not None and self._manager.is_running()
 
     async def start(self) -> None:
-        if self._manager is not None:
-            return
+        # The first requests may all call start() at once: one launches.
+        async with self._start_lock:
+            if self._manager is not None:
+                return
+            self._loop = asyncio.get_running_loop()
+            # warmup() allocates the KV cache, so an impossible size fails now
+            # rather than killing the batching thread later: off the event loop.
+            await asyncio.to_thread(self.launch)
+            self._pump = threading.Thread(target=self._pump_results, name="entity-llm-cb-results", daemon=True)
+            self._pump.start()
+
+    def launch(self) -> Any:
+        """Build, warm up and start the batching manager (blocking); return it.
+
+        `start()` calls this and then delivers results to asyncio; the engine
+        process (`process.py`) calls it and delivers results over its pipe.
+        """
         from transformers import GenerationConfig
 
-        self._loop = asyncio.get_running_loop()
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
         generation = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
             do_sample=False,
@@ -186,9 +201,7 @@ class BatchingEngine(TokenStreamEngine):
             int(self.model.config.vocab_size), self.eos_ids, self.model.device, eager=not self.cuda_graphs
         )
         manager.logit_processor = self._sampling
-        # warmup() allocates the KV cache here, so an impossible size fails
-        # now rather than killing the batching thread later.
-        await asyncio.to_thread(manager.warmup)
+        manager.warmup()
         # A thread inherits daemon-ness from the thread that starts it: started
         # from a daemon thread, the batching thread cannot keep a process that
         # was interrupted (the seed snippet on Ctrl-C) from exiting.
@@ -198,8 +211,12 @@ class BatchingEngine(TokenStreamEngine):
         self._manager = manager
         atexit.register(self._stop)
         self._closing.clear()
-        self._pump = threading.Thread(target=self._pump_results, name="entity-llm-cb-results", daemon=True)
-        self._pump.start()
+        return manager
+
+    @property
+    def sampling_processors(self) -> Any:
+        """The manager's logits hook (logprob records, per-request faults), once launched."""
+        return self._sampling
 
     def _stop(self) -> None:
         """Stop the batching thread (blocking); also the atexit hook for a process
@@ -218,6 +235,7 @@ class BatchingEngine(TokenStreamEngine):
         if self._pump is not None:
             await asyncio.to_thread(self._pump.join, 5)
         self._fail_waiting()
+        self._start_lock = asyncio.Lock()  # a later start() may run on another event loop
 
     # -- results ------------------------------------------------------------
 
@@ -261,8 +279,13 @@ class BatchingEngine(TokenStreamEngine):
 
     # -- requests -----------------------------------------------------------
 
+    @property
+    def _accepting(self) -> bool:
+        """Whether the engine is started (failed or not)."""
+        return self._manager is not None
+
     def _admit(self) -> None:
-        if self._manager is None:
+        if not self._accepting:
             raise EngineError("engine is not started")
         if self._failure is not None:
             raise EngineError(f"engine has failed: {self._failure}")

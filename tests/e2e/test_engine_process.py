@@ -1,0 +1,110 @@
+"""The console script's engine process, as an operator meets it: signals, kills, and the off switch."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from entity_llm_client import LLMClient
+
+from ..conftest import console_script, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait() is missing
+
+
+class Server:
+    """The console script in a session of its own (so a signal can go to its whole process group)."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        match = re.search(r"listening on (\S+)", self.process.stdout.readline())
+        assert match, "the server did not start"
+        self.target = match.group(1)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def server():
+    started: list[Server] = []
+
+    def start(*args: str) -> Server:
+        started.append(Server(*args))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.close()
+
+
+def test_sigterm_to_the_whole_process_group_still_lets_the_open_stream_finish(server):
+    # What a terminal's Ctrl-C or `kill -- -PGID` does: the engine process gets
+    # the signal too, and must keep generating until the front end's drain ends.
+    running = server("--shutdown-grace", "60")
+    with LLMClient(running.target, timeout=60) as client:
+        stream = client.generate("class Parser:", max_new_tokens=200, min_new_tokens=200)
+        first = next(stream)
+        engine_pids = _children(running.process.pid)
+        assert len(engine_pids) == 1
+        stopper = threading.Thread(target=os.killpg, args=(running.process.pid, signal.SIGTERM))
+        stopper.start()
+        rest = list(stream)
+        stopper.join()
+    assert first.text
+    last = rest[-1]
+    assert last.finish_reason is not None
+    assert last.finish_reason.value == "max_tokens"
+    assert last.usage is not None
+    assert last.usage.generated_tokens == 200
+    assert running.process.wait(60) == 0
+    assert wait_until(lambda: not _alive(engine_pids[0]), timeout=30)
+
+
+def test_a_killed_front_end_takes_its_engine_process_with_it(server):
+    running = server()
+    with LLMClient(running.target, timeout=60) as client:
+        assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8))
+    (engine_pid,) = _children(running.process.pid)
+    running.process.kill()  # SIGKILL: no cleanup code runs in the front end
+    running.process.wait(30)
+    assert wait_until(lambda: not _alive(engine_pid), timeout=30)
+
+
+def test_engine_process_off_serves_from_one_process(server):
+    running = server("--engine-process", "off")
+    with LLMClient(running.target, timeout=60) as client:
+        assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8))
+    assert _children(running.process.pid) == []

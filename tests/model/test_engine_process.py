@@ -1,0 +1,202 @@
+"""The batching engine in its own process: same tokens, cancellation, admission, death, and the process's life."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from entity_llm_client import AsyncLLMClient, LLMClient, LLMError, OverloadedError
+from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource, default_model_path
+from entity_llm_server.engine import BatchingEngine, BatchingSettings, Finished, Sampling
+from entity_llm_server.engine.process import ProcessEngine
+from entity_llm_server.resource import ModelLoadError
+
+from ..conftest import wait_until
+from ..engines import batching_engine
+from .test_batching import PROMPTS
+
+pytestmark = pytest.mark.model
+
+
+def process_resource(max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16, model=None):
+    settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
+    return UnifiedLLMResource(model, default_max_new_tokens=max_new_tokens, batching=settings, engine_process=True)
+
+
+async def _final(engine: BatchingEngine, request: EngineRequest) -> Finished:
+    events = [event async for event in engine.generate(request)]
+    assert sum(isinstance(e, Finished) for e in events) == 1
+    assert isinstance(events[-1], Finished)
+    return events[-1]
+
+
+SAMPLED = Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=1234, logprobs=True, top_logprobs=2)
+
+
+async def _serve_all(engine: BatchingEngine) -> tuple[list[Finished], Finished]:
+    await engine.start()
+    try:
+        together = await asyncio.gather(*(_final(engine, EngineRequest(p, max_new_tokens=24)) for p in PROMPTS))
+        sampled = await _final(engine, EngineRequest("def main():", max_new_tokens=12, sampling=SAMPLED))
+        return list(together), sampled
+    finally:
+        await engine.close()
+
+
+def test_the_engine_process_streams_exactly_what_the_in_process_engine_does():
+    resource = process_resource()
+    remote = resource.load_engine()
+    assert isinstance(remote, ProcessEngine)
+    local = batching_engine()
+    assert remote.info() == local.info()
+
+    remote_greedy, remote_sampled = asyncio.run(_serve_all(remote))
+    local_greedy, local_sampled = asyncio.run(_serve_all(local))
+    assert [f.token_ids for f in remote_greedy] == [f.token_ids for f in local_greedy]
+    assert all(f.token_ids for f in remote_greedy)
+    assert remote_sampled.token_ids == local_sampled.token_ids
+    assert remote_sampled.seed == 1234
+    # Logprobs cross the pipe with the ids: the same records, to float precision.
+    assert len(remote_sampled.token_ids) == 12
+    assert remote.child.popen.returncode == 0  # close() stopped the engine process
+
+
+async def _collect_logprobs(engine: BatchingEngine) -> list[tuple[int, float, tuple[int, ...]]]:
+    await engine.start()
+    try:
+        entries = []
+        async for event in engine.generate(EngineRequest("import os\n", max_new_tokens=10, sampling=SAMPLED)):
+            entries += [(e.token_id, e.logprob, tuple(t for t, _ in e.top)) for e in event_logprobs(event)]
+        return entries
+    finally:
+        await engine.close()
+
+
+def event_logprobs(event):
+    return event.logprobs if not isinstance(event, Finished) else event.tail_logprobs
+
+
+def test_logprobs_from_the_engine_process_equal_the_in_process_ones():
+    remote = asyncio.run(_collect_logprobs(process_resource().load_engine()))
+    local = asyncio.run(_collect_logprobs(batching_engine()))
+    assert len(remote) == len(local) == 10
+    assert [(t, top) for t, _, top in remote] == [(t, top) for t, _, top in local]
+    assert [lp for _, lp, _ in remote] == pytest.approx([lp for _, lp, _ in local], abs=1e-5)
+
+
+@pytest.fixture
+def process_server(serve):
+    """A ServerThread on a ProcessEngine sized for long requests; yields (server, engine)."""
+    started = []
+
+    def start(**sizes):
+        resource = process_resource(**sizes)
+        service = LLMService(resource)
+        server = serve(service, health_check_interval=0.1).start()
+        engine = server.call(service.engine(), timeout=120)
+        started.append(engine)
+        return server, engine
+
+    yield start
+    for engine in started:
+        if engine.child.alive:
+            engine.child.kill()
+
+
+LONG = {"max_new_tokens": 400, "min_new_tokens": 400}  # no early EOS: only a cancel ends these soon
+
+
+def test_a_hundred_cancelled_streams_leave_nothing_in_the_engine_process(process_server):
+    server, engine = process_server(max_batch_size=16, max_queue=128)
+
+    async def cancel_many() -> None:
+        async with AsyncLLMClient(server.target, timeout=120) as client:
+
+            async def one() -> None:
+                stream = client.generate("def f(x):", **LONG)
+                async for _ in stream:
+                    break  # leave after the first piece
+                await stream.aclose()
+
+            await asyncio.gather(*(one() for _ in range(100)))
+
+    started = time.monotonic()
+    asyncio.run(cancel_many())
+    # 100 x 400 tokens would take far longer than this to finish by themselves.
+    assert wait_until(lambda: engine.in_flight == 0 and engine.held_requests() == 0, timeout=30)
+    assert time.monotonic() - started < 40
+    with LLMClient(server.target, timeout=60) as client:
+        assert "".join(c.text for c in client.generate("import os\n"))
+    assert engine.healthy
+
+
+def test_over_capacity_is_refused_at_once_by_the_front_end(process_server):
+    server, engine = process_server(max_batch_size=2, max_queue=1)
+    with LLMClient(server.target, timeout=60) as client:
+        streams = [client.generate(p, **LONG) for p in PROMPTS[:3]]
+        for stream in streams[:2]:
+            next(stream)
+        waiter = threading.Thread(target=next, args=(streams[2],), daemon=True)
+        waiter.start()
+        assert wait_until(lambda: engine.in_flight == 3, timeout=10)
+        with pytest.raises(OverloadedError) as caught:
+            next(client.generate("one too many"))
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "capacity" in caught.value.details
+        for stream in streams[:2]:
+            stream.close()
+        waiter.join(timeout=30)
+        streams[2].close()
+    assert wait_until(lambda: engine.in_flight == 0 and engine.held_requests() == 0, timeout=30)
+
+
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return int(reply.status)
+
+
+def test_a_killed_engine_process_fails_every_stream_with_internal_and_health_says_so(process_server):
+    server, engine = process_server(max_batch_size=4, max_queue=4)
+    assert wait_until(lambda: _health(server.target) == health_pb2.HealthCheckResponse.SERVING, timeout=10)
+    with LLMClient(server.target, timeout=60) as client:
+        streams = [client.generate(p, **LONG) for p in PROMPTS[:4]]
+        for stream in streams:
+            next(stream)  # all four are streaming
+        os.kill(engine.child.popen.pid, signal.SIGKILL)  # what the OOM killer does
+        for stream in streams:
+            with pytest.raises(LLMError) as caught:
+                list(stream)
+            assert caught.value.code is grpc.StatusCode.INTERNAL
+            assert "engine process exited" in caught.value.details
+        assert not engine.healthy
+        with pytest.raises(LLMError) as later:
+            list(client.generate("after the failure"))
+        assert later.value.code is grpc.StatusCode.INTERNAL
+    assert wait_until(lambda: _health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+
+
+def test_weights_that_do_not_load_in_the_engine_process_raise_a_clear_error(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(default_model_path(), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    resource = process_resource(model=broken)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as caught:
+        resource.load_engine()
+    assert str(broken) in str(caught.value)
+    assert time.monotonic() - started < 60
+
+
+def test_a_missing_model_fails_before_an_engine_process_starts(tmp_path):
+    with pytest.raises(ModelLoadError) as caught:
+        process_resource(model=tmp_path / "nothing-here").load_engine()
+    assert "nothing-here" in str(caught.value)
