@@ -286,6 +286,8 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> tuple[lis
         big = streams >= 32
         ratios.append(ratio(f"{name} grpc / cb at {streams}", grpc_row, cb, 0.9 if big else 0.0))
         ratios.append(ratio(f"{name} grpc / sequential at {streams}", grpc_row, seq, 8.0 if big else 0.0))
+        # The ceiling of the line above: raw continuous batching itself over sequential.
+        ratios.append(ratio(f"{name} cb / sequential at {streams}", cb, seq))
     return rows, ratios
 
 

@@ -99,28 +99,30 @@ class UnifiedLLMResource:
 
     def load_engine(self) -> Engine:
         """Load the tokenizer and model (blocking) and return an unstarted engine."""
-        from transformers.utils import logging as hf_logging
-
-        # A server logs; it does not draw progress bars. (transformers leaves this unannotated.)
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
         log.info("loading model %s on %s (%s)", self.model_id, self.device, self.dtype)
         if self.engine_process:
             return self._load_process_engine()
-        from transformers import AutoModelForCausalLM
-
-        try:
-            tokenizer = self._tokenizer()
-            model: Any = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
-            model.to(self.device)
-        except Exception as exc:  # OSError, ValueError, safetensors' own errors...: one clear message
-            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
-        model.eval()
+        tokenizer = self._tokenizer()
+        model = self.load_model()
         if self.engine_kind == "sequential":
             return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
         return BatchingEngine(
             model, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
+
+    def load_model(self) -> Any:
+        """Load the model's weights onto the device, in eval mode (blocking)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        # A server logs; it does not draw progress bars. (transformers leaves this unannotated.)
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        try:
+            model: Any = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
+            model.to(self.device)
+        except Exception as exc:  # OSError, ValueError, safetensors' own errors...: one clear message
+            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
+        return model.eval()
 
     def _tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -142,6 +144,7 @@ class UnifiedLLMResource:
         child = EngineProcess(spec)  # loads the model while this process loads the tokenizer
         try:
             tokenizer = self._tokenizer()
+            child.send_tokenizer(tokenizer)
             facts = child.wait_ready()
         except EngineProcessError as exc:
             child.kill()

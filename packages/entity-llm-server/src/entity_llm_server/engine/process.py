@@ -99,6 +99,23 @@ class ModelFacts:
         return self.device_type
 
 
+@dataclass(frozen=True, slots=True)
+class TokenizerFacts:
+    """What the batching engine reads of a tokenizer, sent by the front end.
+
+    Loading a tokenizer through transformers takes most of a second on a
+    small CPU; the engine process only needs these three facts, and gets them
+    while it loads the weights.
+    """
+
+    pad_token_id: int | None
+    eos_token_id: int | None
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class EngineProcess:
     """A started engine process and the front end's end of its pipe."""
 
@@ -117,6 +134,12 @@ class EngineProcess:
         theirs.close()
         self.conn = ours
         self.conn.send(spec)
+
+    def send_tokenizer(self, tokenizer: Any) -> None:
+        """Tell the engine process what it needs of the tokenizer (it loads none itself)."""
+        facts = TokenizerFacts(tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer))
+        with contextlib.suppress(OSError):  # a child that died already: wait_ready() says why
+            self.conn.send(facts)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> ModelFacts:
         """Block until the model is loaded and warmed up; its facts, or EngineProcessError."""
@@ -439,15 +462,12 @@ def serve(fd: int) -> int:
 
     configure_logging(spec.log_level, spec.log_format)
     try:
-        resource = UnifiedLLMResource(
-            spec.model,
-            device=spec.device,
-            dtype=spec.dtype,
-            default_max_new_tokens=spec.default_max_new_tokens,
-            batching=spec.batching,
+        resource = UnifiedLLMResource(spec.model, device=spec.device, dtype=spec.dtype)
+        model = resource.load_model()
+        tokenizer: TokenizerFacts = conn.recv()
+        engine = BatchingEngine(
+            model, tokenizer, settings=spec.batching, default_max_new_tokens=spec.default_max_new_tokens
         )
-        engine = resource.load_engine()
-        assert isinstance(engine, BatchingEngine)
         manager = engine.launch()
     except Exception as exc:  # anything: the front end reports it and exits cleanly
         message = str(exc)
