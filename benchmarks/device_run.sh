@@ -20,12 +20,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import sys, torch, transformers, grpc; print(sys.version.split()[0], torch.__version__, transformers.__version__, grpc.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 timeout 75 python3 benchmarks/cuda_check.py --device cuda 2>&1 | grep -v "it/s]" | tee "$OUT/cuda_check.log"
 timeout 300 python3 benchmarks/model_path.py --device cuda --dtype bfloat16 --models qwen2-0.5b \
-    --streams "${STREAMS:-1,64}" --new-tokens 128 --sequential-limit 8 --compare-no-graphs --compare-sampling 2>&1 \
+    --streams "${STREAMS:-1,64}" --new-tokens 128 --sequential-limit 8 --repeat 1 --compare-in-process \
+    --compare-no-graphs --compare-sampling 2>&1 \
     | grep -v "it/s]" | tee "$OUT/cuda.log"
 cp benchmarks/results/model_path_cuda.json "$OUT/" 2>/dev/null
 # The CPU comparison on this machine's 16 cores (the GPU hidden), if time is left.
 [ "${CPU:-1}" = 0 ] && exit 0
-CUDA_VISIBLE_DEVICES="" timeout 110 python3 benchmarks/model_path.py --models demo,llama-35m --streams 1,8,32 \
-    --sequential-limit 4 2>&1 | grep -v "it/s]" | tee "$OUT/cpu16.log"
+CUDA_VISIBLE_DEVICES="" timeout 110 python3 benchmarks/model_path.py --models demo,llama-35m --streams 32 \
+    --sequential-limit 4 --repeat 1 --compare-in-process 2>&1 | grep -v "it/s]" | tee "$OUT/cpu16.log"
 cp benchmarks/results/model_path_cpu.json "$OUT/model_path_cpu16.json" 2>/dev/null
 exit 0

@@ -195,7 +195,7 @@ class ProcessEngine(BatchingEngine):
         self._send_lock = threading.Lock()
         self._started = False
         self._active = 0
-        self._held_replies: dict[int, list[int]] = {}
+        self._held_replies: dict[int, int] = {}
         self._held_events: dict[int, threading.Event] = {}
 
     @property
@@ -246,7 +246,7 @@ class ProcessEngine(BatchingEngine):
                         if pending is not None:  # None: the request was cancelled; drop its stragglers
                             pending.put_nowait((ids, logprobs, finished, error))
                 elif kind == "held":
-                    self._held_replies[message[1]] = [message[2]]
+                    self._held_replies[message[1]] = message[2]
                     if (event := self._held_events.get(message[1])) is not None:
                         event.set()
                 elif kind == "dead":
@@ -312,7 +312,7 @@ class ProcessEngine(BatchingEngine):
             self._send(("held", token))
             if not event.wait(30):
                 raise EngineError("the engine process did not answer")
-            return self._held_replies.pop(token)[0]
+            return self._held_replies.pop(token)
         finally:
             del self._held_events[token]
 
