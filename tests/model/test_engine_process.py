@@ -147,6 +147,8 @@ def test_over_capacity_is_refused_at_once_by_the_front_end(process_server):
         waiter = threading.Thread(target=next, args=(streams[2],), daemon=True)
         waiter.start()
         assert wait_until(lambda: engine.in_flight == 3, timeout=10)
+        # Metrics read the load: two decode (the engine process says so with each step), one waits.
+        assert wait_until(lambda: engine.load() == (2, 1), timeout=10)
         with pytest.raises(OverloadedError) as caught:
             next(client.generate("one too many"))
         assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -200,3 +202,51 @@ def test_a_missing_model_fails_before_an_engine_process_starts(tmp_path):
     with pytest.raises(ModelLoadError) as caught:
         process_resource(model=tmp_path / "nothing-here").load_engine()
     assert "nothing-here" in str(caught.value)
+
+
+def test_a_request_the_manager_refuses_fails_alone_and_the_engine_serves_on():
+    engine = process_resource().load_engine()
+    assert isinstance(engine, ProcessEngine)
+
+    async def main() -> tuple[tuple, Finished]:
+        await engine.start()
+        try:
+            # What the front end never sends (its own checks come first): ids
+            # the manager cannot take. Only that request may fail.
+            refused: asyncio.Queue = asyncio.Queue()
+            engine._queues["req-bad"] = refused
+            engine._send(("add", "req-bad", None, 4, Sampling()))
+            answer = await asyncio.wait_for(refused.get(), 30)
+            del engine._queues["req-bad"]
+            after = await _final(engine, EngineRequest("import os\n", max_new_tokens=8))
+            return answer, after
+        finally:
+            await engine.close()
+
+    (ids, _, finished, error), after = asyncio.run(main())
+    assert ids == []
+    assert finished
+    assert "refused the request: TypeError" in error
+    assert after.generated_tokens == 8
+
+
+def test_an_unreadable_message_from_the_engine_fails_streams_instead_of_losing_them(process_server):
+    import pickle
+
+    server, engine = process_server(max_batch_size=4, max_queue=4)
+    with LLMClient(server.target, timeout=60) as client:
+        stream = client.generate("import os\n", **LONG)
+        next(stream)
+        real_recv = engine._conn.recv
+
+        def corrupt():
+            engine._conn.recv = real_recv
+            raise pickle.UnpicklingError("invalid load key")
+
+        engine._conn.recv = corrupt  # the next message read on the event loop is garbage
+        with pytest.raises(LLMError) as caught:
+            list(stream)
+        assert caught.value.code is grpc.StatusCode.INTERNAL
+        assert "unreadable message" in caught.value.details
+    assert wait_until(lambda: not engine.child.alive, timeout=10)  # a pipe out of step is not reused
+    assert not engine.healthy

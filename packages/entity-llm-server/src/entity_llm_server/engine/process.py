@@ -258,6 +258,12 @@ class ProcessEngine(BatchingEngine):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.child.popen.wait(1)
                 self._on_death(f"the engine process exited (code {self.child.popen.returncode})")
+        except Exception as exc:  # an unreadable message: the pipe's framing can no longer be trusted
+            assert self._loop is not None
+            self._loop.remove_reader(self._conn.fileno())
+            self._on_death(f"unreadable message from the engine process: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(OSError):
+                self.child.popen.kill()
 
     # -- requests -------------------------------------------------------------
 
@@ -376,18 +382,22 @@ class _Worker:
                     self.seen[rid] = 0
                     if sampling.wants_logprobs:
                         self.sampling.logprobs[rid] = []
-                added = manager.add_request(
-                    ids,
-                    request_id=rid,
-                    max_new_tokens=max_new_tokens,
-                    streaming=True,
-                    sampling=sampling,
-                    prompt_len=len(ids),
-                )
-                if added is None:
+                try:
+                    added = manager.add_request(
+                        ids,
+                        request_id=rid,
+                        max_new_tokens=max_new_tokens,
+                        streaming=True,
+                        sampling=sampling,
+                        prompt_len=len(ids),
+                    )
+                    refused = None if added is not None else "the batching thread is not running"
+                except Exception as exc:  # this request only: the others go on
+                    refused = f"the engine refused the request: {type(exc).__name__}: {exc}"
+                if refused is not None:
                     with self.lock:
                         self._forget(rid)
-                    self.outbox.put(("step", [(rid, [], None, True, "the batching thread is not running")], 0))
+                    self.outbox.put(("step", [(rid, [], None, True, refused)], 0))
             elif kind == "cancel":
                 with self.lock:
                     self._forget(rid := message[1])
@@ -398,6 +408,13 @@ class _Worker:
                 return
 
     def _pump(self) -> None:
+        try:
+            self._pump_steps()
+        except Exception as exc:  # a bug here would leave every stream waiting: fail them instead
+            log.exception("the engine process's result pump failed")
+            self.outbox.put(("dead", f"the engine's result pump failed: {type(exc).__name__}: {exc}"))
+
+    def _pump_steps(self) -> None:
         manager = self.manager
         records = self.sampling.logprobs
         faults = self.sampling.faults
