@@ -40,6 +40,21 @@ def rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+def children(pid: int) -> list[int]:
+    """A process's child processes (the console script's engine process)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def server_rss_mib(pid: int) -> tuple[float, float]:
+    """(front end, engine process) resident set sizes of the console script, in MiB.
+
+    The server must have its engine process (the default): the model, its KV
+    cache and every request's state live there.
+    """
+    (engine,) = children(pid)
+    return rss_mib(pid), rss_mib(engine)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not FIGURES:
         return

@@ -10,7 +10,7 @@ import grpc
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 
 from ..conftest import RunningServer
-from .conftest import record, rss_mib, size
+from .conftest import record, server_rss_mib, size
 
 CONCURRENCY = 16
 
@@ -37,13 +37,15 @@ def test_rss_after_all_requests_is_within_5_percent_of_rss_after_the_first_tenth
         pid = server.process.pid
         started = time.perf_counter()
         asyncio.run(requests(server.target, first, 0))
-        after_first = rss_mib(pid)
+        after_first = server_rss_mib(pid)
         asyncio.run(requests(server.target, total - first, first))
-        after_all = rss_mib(pid)
+        after_all = server_rss_mib(pid)
         seconds = time.perf_counter() - started
         assert server.stop() == 0, server.stderr()
     record(f"soak: requests (8 new tokens, concurrency {CONCURRENCY})", total)
-    record(f"soak: server RSS MiB after {first} / after {total}", f"{after_first:.1f} / {after_all:.1f}")
-    record("soak: growth", f"{(after_all / after_first - 1) * 100:+.2f}%")
+    for name, before, after in zip(("front end", "engine process"), after_first, after_all, strict=True):
+        record(f"soak: {name} RSS MiB after {first} / after {total}", f"{before:.1f} / {after:.1f}")
+        record(f"soak: {name} growth", f"{(after / before - 1) * 100:+.2f}%")
     record("soak: requests/s", round(total / seconds, 1))
-    assert after_all <= after_first * 1.05
+    assert after_all[0] <= after_first[0] * 1.05
+    assert after_all[1] <= after_first[1] * 1.05
