@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 
+import grpc
+import pytest
+
+from entity_llm_client import LLMClient, LLMError, OverloadedError
 from entity_llm_server import UnifiedLLMResource
 from entity_llm_server.engine import BatchingEngine, BatchingSettings
 
@@ -29,3 +34,26 @@ def slow_forward(engine: BatchingEngine, seconds: float, fail_after: int | None 
         return forward(*args, **kwargs)
 
     model.forward = slow
+
+
+def assert_engine_failed(client: LLMClient, streams: Iterable[Iterator[object]], cause: str) -> None:
+    """Every open stream ends with INTERNAL naming `cause`, and so does the next request: never a hang."""
+    for stream in streams:
+        with pytest.raises(LLMError) as caught:
+            list(stream)
+        assert caught.value.code is grpc.StatusCode.INTERNAL
+        assert cause in caught.value.details
+    with pytest.raises(LLMError) as later:
+        list(client.generate("after the failure"))
+    assert later.value.code is grpc.StatusCode.INTERNAL
+    assert "failed" in later.value.details
+
+
+def assert_refused_at_capacity(client: LLMClient) -> None:
+    """One request more than the server holds is refused at once: RESOURCE_EXHAUSTED, saying why."""
+    started = time.monotonic()
+    with pytest.raises(OverloadedError) as caught:
+        next(client.generate("one too many"))
+    assert time.monotonic() - started < 10  # refused, not queued behind the work in flight
+    assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "capacity" in caught.value.details

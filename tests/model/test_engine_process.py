@@ -13,14 +13,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from entity_llm_client import AsyncLLMClient, LLMClient, LLMError, OverloadedError
+from entity_llm_client import AsyncLLMClient, LLMClient, LLMError
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource, default_model_path
 from entity_llm_server.engine import BatchingEngine, BatchingSettings, Finished, Sampling
 from entity_llm_server.engine.process import ProcessEngine
 from entity_llm_server.resource import ModelLoadError
 
 from ..conftest import wait_until
-from ..engines import batching_engine
+from ..engines import assert_engine_failed, assert_refused_at_capacity, batching_engine
 from .test_batching import PROMPTS
 
 pytestmark = pytest.mark.model
@@ -149,10 +149,7 @@ def test_over_capacity_is_refused_at_once_by_the_front_end(process_server):
         assert wait_until(lambda: engine.in_flight == 3, timeout=10)
         # Metrics read the load: two decode (the engine process says so with each step), one waits.
         assert wait_until(lambda: engine.load() == (2, 1), timeout=10)
-        with pytest.raises(OverloadedError) as caught:
-            next(client.generate("one too many"))
-        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "capacity" in caught.value.details
+        assert_refused_at_capacity(client)
         for stream in streams[:2]:
             stream.close()
         waiter.join(timeout=30)
@@ -174,15 +171,8 @@ def test_a_killed_engine_process_fails_every_stream_with_internal_and_health_say
         for stream in streams:
             next(stream)  # all four are streaming
         os.kill(engine.child.popen.pid, signal.SIGKILL)  # what the OOM killer does
-        for stream in streams:
-            with pytest.raises(LLMError) as caught:
-                list(stream)
-            assert caught.value.code is grpc.StatusCode.INTERNAL
-            assert "engine process exited" in caught.value.details
-        assert not engine.healthy
-        with pytest.raises(LLMError) as later:
-            list(client.generate("after the failure"))
-        assert later.value.code is grpc.StatusCode.INTERNAL
+        assert_engine_failed(client, streams, "engine process exited")
+    assert not engine.healthy
     assert wait_until(lambda: _health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
 
 
