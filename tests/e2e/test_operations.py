@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 
 import grpc
@@ -164,3 +165,27 @@ def test_help_documents_the_operations_flags():
     client = subprocess.run([console_script("entity-llm"), "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--tls", "--root-certificates", "--client-cert", "--client-key", "--api-key", "ENTITY_LLM_API_KEY"):
         assert flag in client.stdout
+
+
+def test_a_probe_during_the_model_load_gets_not_serving_then_serving():
+    # The port opens before the model loads (the "listening" line comes after
+    # it): a probe in between must get NOT_SERVING, not a refused connection.
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    argv = [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", "8"]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            probe = health_pb2.HealthCheckRequest(service="")
+            first = health.Check(probe, timeout=60, wait_for_ready=True).status  # as soon as the port opens
+            assert server.stdout is not None
+            assert "listening on" in server.stdout.readline()  # the model is loaded now
+            assert health.Check(probe, timeout=5).status == SERVING
+        assert first == NOT_SERVING
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        if server.stdout is not None:
+            server.stdout.close()
