@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -108,3 +110,50 @@ def test_engine_process_off_serves_from_one_process(server):
     with LLMClient(running.target, timeout=60) as client:
         assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8))
     assert _children(running.process.pid) == []
+
+
+def test_a_front_end_killed_while_the_model_loads_leaves_no_engine_process():
+    # The engine process reads its pipe only once the weights are loaded; it
+    # must notice a dead front end before that, not keep loading for minutes.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", str(port)]
+    front = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _children(front.pid), timeout=30)
+        (engine_pid,) = _children(front.pid)
+    finally:
+        front.kill()
+        front.wait(30)
+    assert wait_until(lambda: not _alive(engine_pid), timeout=10)
+
+
+ORPHAN = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {inner!r}, str(os.getpid())])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+WATCHED = """
+import sys, threading, time
+from entity_llm_server.engine.process import _exit_when_orphaned
+threading.Thread(target=_exit_when_orphaned, args=(int(sys.argv[1]),), daemon=True).start()
+time.sleep(120)
+"""
+
+
+def test_the_engine_process_watchdog_exits_once_its_parent_is_gone():
+    # The mechanism alone, with a process that would otherwise sleep for two
+    # minutes, and whose parent may well die before it has imported anything.
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN.format(inner=WATCHED)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        watched = int(parent.stdout.readline())
+        assert _alive(watched)
+    finally:
+        parent.kill()
+        parent.wait(30)
+        if parent.stdout is not None:
+            parent.stdout.close()
+    assert wait_until(lambda: not _alive(watched), timeout=10)

@@ -171,7 +171,7 @@ def test_a_killed_engine_process_fails_every_stream_with_internal_and_health_say
         for stream in streams:
             next(stream)  # all four are streaming
         os.kill(engine.child.popen.pid, signal.SIGKILL)  # what the OOM killer does
-        assert_engine_failed(client, streams, "engine process exited")
+        assert_engine_failed(client, streams, "the engine process was killed by SIGKILL")
     assert not engine.healthy
     assert wait_until(lambda: _health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
 
@@ -240,3 +240,11 @@ def test_an_unreadable_message_from_the_engine_fails_streams_instead_of_losing_t
         assert "unreadable message" in caught.value.details
     assert wait_until(lambda: not engine.child.alive, timeout=10)  # a pipe out of step is not reused
     assert not engine.healthy
+
+
+def test_closing_an_engine_that_was_never_started_stops_its_process():
+    engine = process_resource().load_engine()
+    assert isinstance(engine, ProcessEngine)
+    assert engine.child.alive
+    asyncio.run(engine.close())
+    assert not engine.child.alive

@@ -5,7 +5,7 @@ one GIL: every token's detokenization, stop matching, protobuf and gRPC write
 waits for the batching loop's Python scheduling between torch calls, and the
 other way round (profiled at 32 streams: the batching thread busy about 78% of
 the time, the event loop 14%, hardly ever at once). Here the model runs in a
-child process (`python -m entity_llm_server.engine.worker FD`) and the gRPC
+child process (`python -m entity_llm_server.engine.worker FD PID`) and the gRPC
 process keeps only the tokenizer, so the two loops run in parallel.
 
 What crosses the pipe (pickled tuples over a `multiprocessing` connection):
@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe
@@ -47,7 +49,7 @@ from .tokens import Prepared, Step
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 600.0  # seconds for the engine process to load and warm up a model
+STOP_TIMEOUT = 45.0  # seconds a stopping engine process gets (its own stop waits up to 40)
 
 
 class EngineProcessError(RuntimeError):
@@ -116,6 +118,12 @@ class TokenizerFacts:
         return self.size
 
 
+def _kill_quietly(popen: subprocess.Popen[bytes]) -> None:
+    if popen.poll() is None:
+        with contextlib.suppress(OSError):
+            popen.kill()
+
+
 class EngineProcess:
     """A started engine process and the front end's end of its pipe."""
 
@@ -126,13 +134,15 @@ class EngineProcess:
         except (AttributeError, OSError, ValueError):  # a replaced stderr (pytest's capture)
             stdout = None
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "entity_llm_server.engine.worker", str(theirs.fileno())],
+            [sys.executable, "-m", "entity_llm_server.engine.worker", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
         )
         theirs.close()
         self.conn = ours
+        # An engine that nobody closes (a load abandoned half way) dies with its owner.
+        weakref.finalize(self, _kill_quietly, self.popen)
         self.conn.send(spec)
 
     def send_tokenizer(self, tokenizer: Any) -> None:
@@ -141,34 +151,48 @@ class EngineProcess:
         with contextlib.suppress(OSError):  # a child that died already: wait_ready() says why
             self.conn.send(facts)
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> ModelFacts:
-        """Block until the model is loaded and warmed up; its facts, or EngineProcessError."""
-        deadline = time.monotonic() + timeout
-        while not self.conn.poll(0.1):
-            if self.popen.poll() is not None:
-                raise EngineProcessError(f"the engine process exited with code {self.popen.returncode} while starting")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise EngineProcessError(f"the engine process was not ready after {timeout:g} s")
+    def wait_ready(self) -> ModelFacts:
+        """Block until the model is loaded and warmed up (however long a download or
+        a graph capture takes, as in process); its facts, or EngineProcessError."""
         try:
             message = self.conn.recv()
         except (EOFError, OSError) as exc:
-            raise EngineProcessError(f"the engine process closed its pipe while starting: {exc!r}") from exc
+            raise EngineProcessError(f"the engine process {self.exit_status()} while starting") from exc
         if message[0] == "failed":
-            self.popen.wait(10)
+            self.kill()
             raise EngineProcessError(message[1])
         facts: ModelFacts = message[1]
         return facts
+
+    def exit_status(self, wait: float = 10) -> str:
+        """How the engine process ended, for messages: "exited (code N)" or "was killed by SIGNAME"."""
+        try:
+            code = self.popen.wait(wait)
+        except subprocess.TimeoutExpired:
+            return "closed its pipe"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited (code {code})"
 
     @property
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def kill(self) -> None:
+        """Stop the engine process now (blocking until it is gone) and close the pipe."""
         with contextlib.suppress(OSError):
             self.popen.kill()
         self.popen.wait()
         self.conn.close()
+
+    def stop(self) -> None:
+        """Wait for a stopping engine process (blocking), killing it past STOP_TIMEOUT."""
+        try:
+            self.popen.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("the engine process did not stop within %g s; killing it", STOP_TIMEOUT)
+        self.kill()
 
 
 class ProcessEngine(BatchingEngine):
@@ -194,6 +218,7 @@ class ProcessEngine(BatchingEngine):
         self._conn = child.conn
         self._send_lock = threading.Lock()
         self._started = False
+        self._closed = False
         self._active = 0
         self._held_replies: dict[int, int] = {}
         self._held_events: dict[int, threading.Event] = {}
@@ -212,17 +237,17 @@ class ProcessEngine(BatchingEngine):
         self._started = True
 
     async def close(self) -> None:
-        if not self._started or self._loop is None:
+        if self._closed:
             return
-        self._started = False
-        with contextlib.suppress(EngineError):
-            self._send(("stop",))
-        self._loop.remove_reader(self._conn.fileno())
-        try:
-            await asyncio.to_thread(self.child.popen.wait, 30)
-        except subprocess.TimeoutExpired:
-            log.warning("the engine process did not stop within 30 s; killing it")
-        self.child.kill()
+        self._closed = True
+        if self._started and self._loop is not None:
+            self._started = False
+            self._loop.remove_reader(self._conn.fileno())
+            with contextlib.suppress(EngineError):
+                self._send(("stop",))
+            await asyncio.to_thread(self.child.stop)
+        else:  # loaded, never started: nothing runs there worth waiting for
+            await asyncio.to_thread(self.child.kill)
         self._fail_waiting()
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -255,9 +280,8 @@ class ProcessEngine(BatchingEngine):
             assert self._loop is not None
             self._loop.remove_reader(self._conn.fileno())
             if self._failure is None and self._started:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.child.popen.wait(1)
-                self._on_death(f"the engine process exited (code {self.child.popen.returncode})")
+                # Its pipe closes as it exits: the status is there now or in a moment.
+                self._on_death(f"the engine process {self.child.exit_status(wait=0.2)}")
         except Exception as exc:  # an unreadable message: the pipe's framing can no longer be trusted
             assert self._loop is not None
             self._loop.remove_reader(self._conn.fileno())
@@ -277,6 +301,8 @@ class ProcessEngine(BatchingEngine):
         self._queues[rid] = pending
         done = False
         try:
+            if self._failure is not None:  # it failed after _admit(), before this queue existed
+                raise EngineError(f"engine has failed: {self._failure}")
             self._send(("add", rid, prepared.ids, prepared.max_new_tokens, prepared.sampling))
             while not done:
                 item = await pending.get()
@@ -302,6 +328,11 @@ class ProcessEngine(BatchingEngine):
                 with contextlib.suppress(EngineError):
                     self._send(("cancel", rid))
 
+    def _fail_waiting(self) -> None:
+        super()._fail_waiting()
+        for event in list(self._held_events.values()):  # held_requests() answers 0 at once
+            event.set()
+
     def held_requests(self) -> int:
         """Requests the engine process still holds; call it from a thread other than the event loop."""
         if not self.healthy:
@@ -318,9 +349,10 @@ class ProcessEngine(BatchingEngine):
             self._send(("held", token))
             if not event.wait(30):
                 raise EngineError("the engine process did not answer")
-            return self._held_replies.pop(token)
+            return self._held_replies.get(token, 0)  # 0: woken by the engine's death
         finally:
             del self._held_events[token]
+            self._held_replies.pop(token, None)
 
     def load(self) -> tuple[int, int]:
         held = self.in_flight
@@ -362,6 +394,9 @@ class _Worker:
                 self.conn.send(message)
             except OSError:  # the front end is gone; the receiver sees EOF and stops us
                 return
+            except Exception:  # a silent sender would leave every stream waiting: end it all
+                log.exception("the engine process cannot send a message; exiting")
+                os._exit(1)
 
     def _forget(self, rid: str) -> None:
         self.seen.pop(rid, None)
@@ -403,7 +438,12 @@ class _Worker:
                     self._forget(rid := message[1])
                 manager.cancel_request(rid)
             elif kind == "held":
-                self.outbox.put(("held", message[1], self.engine.held_requests()))
+                try:
+                    held = self.engine.held_requests()
+                except Exception:  # a diagnostic: never worth the engine
+                    log.exception("counting the held requests failed")
+                    held = -1
+                self.outbox.put(("held", message[1], held))
             elif kind == "stop":
                 return
 
@@ -465,14 +505,29 @@ class _Worker:
             return len(self.seen)
 
 
-def serve(fd: int) -> int:
-    """The engine process's life, on the pipe whose end is file descriptor `fd`; its exit code."""
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def serve(fd: int, parent: int) -> int:
+    """The engine process's life, on the pipe whose end is file descriptor `fd`; its exit code.
+
+    `parent` is the front end's pid, passed by the front end itself: read here
+    with getppid(), it would already be init's if the front end died while
+    this process was starting.
+    """
     conn = Connection(fd)
     # A drain in the front end needs this process to finish the streams in
     # flight: a Ctrl-C sent to the whole process group must not stop it. It
     # stops when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # It reads its pipe only once the weights are loaded: a front end that dies
+    # before (SIGKILL, or SIGTERM before its handlers are set) must not leave
+    # it loading for minutes, holding the memory a restarted server needs.
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="entity-llm-engine-parent", daemon=True).start()
     spec: EngineSpec = conn.recv()
     from ..logs import configure_logging
     from ..resource import UnifiedLLMResource
