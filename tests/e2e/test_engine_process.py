@@ -5,34 +5,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from entity_llm_client import LLMClient
 
-from ..conftest import console_script, wait_until
+from ..conftest import alive, children, console_script, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait() is missing
 
 
 class Server:
@@ -79,7 +62,7 @@ def test_sigterm_to_the_whole_process_group_still_lets_the_open_stream_finish(se
     with LLMClient(running.target, timeout=60) as client:
         stream = client.generate("class Parser:", max_new_tokens=200, min_new_tokens=200)
         first = next(stream)
-        engine_pids = _children(running.process.pid)
+        engine_pids = children(running.process.pid)
         assert len(engine_pids) == 1
         stopper = threading.Thread(target=os.killpg, args=(running.process.pid, signal.SIGTERM))
         stopper.start()
@@ -92,41 +75,38 @@ def test_sigterm_to_the_whole_process_group_still_lets_the_open_stream_finish(se
     assert last.usage is not None
     assert last.usage.generated_tokens == 200
     assert running.process.wait(60) == 0
-    assert wait_until(lambda: not _alive(engine_pids[0]), timeout=30)
+    assert wait_until(lambda: not alive(engine_pids[0]), timeout=30)
 
 
 def test_a_killed_front_end_takes_its_engine_process_with_it(server):
     running = server()
     with LLMClient(running.target, timeout=60) as client:
         assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8))
-    (engine_pid,) = _children(running.process.pid)
+    (engine_pid,) = children(running.process.pid)
     running.process.kill()  # SIGKILL: no cleanup code runs in the front end
     running.process.wait(30)
-    assert wait_until(lambda: not _alive(engine_pid), timeout=30)
+    assert wait_until(lambda: not alive(engine_pid), timeout=30)
 
 
 def test_engine_process_off_serves_from_one_process(server):
     running = server("--engine-process", "off")
     with LLMClient(running.target, timeout=60) as client:
         assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8))
-    assert _children(running.process.pid) == []
+    assert children(running.process.pid) == []
 
 
 def test_a_front_end_killed_while_the_model_loads_leaves_no_engine_process():
     # The engine process reads its pipe only once the weights are loaded; it
     # must notice a dead front end before that, not keep loading for minutes.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", str(port)]
+    argv = [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", str(free_port())]
     front = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_until(lambda: _children(front.pid), timeout=30)
-        (engine_pid,) = _children(front.pid)
+        assert wait_until(lambda: children(front.pid), timeout=30)
+        (engine_pid,) = children(front.pid)
     finally:
         front.kill()
         front.wait(30)
-    assert wait_until(lambda: not _alive(engine_pid), timeout=10)
+    assert wait_until(lambda: not alive(engine_pid), timeout=10)
 
 
 ORPHAN = """
@@ -150,10 +130,10 @@ def test_the_engine_process_watchdog_exits_once_its_parent_is_gone():
     try:
         assert parent.stdout is not None
         watched = int(parent.stdout.readline())
-        assert _alive(watched)
+        assert alive(watched)
     finally:
         parent.kill()
         parent.wait(30)
         if parent.stdout is not None:
             parent.stdout.close()
-    assert wait_until(lambda: not _alive(watched), timeout=10)
+    assert wait_until(lambda: not alive(watched), timeout=10)

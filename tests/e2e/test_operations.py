@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 
 import grpc
@@ -16,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from entity_llm_client import FinishReason, LLMClient, UnauthenticatedError, UnavailableError
 
-from ..conftest import RunningServer, console_script
+from ..conftest import RunningServer, console_script, free_port
 from ..pki import Pki, make_pki
 
 pytestmark = pytest.mark.e2e
@@ -170,9 +169,7 @@ def test_help_documents_the_operations_flags():
 def test_a_probe_during_the_model_load_gets_not_serving_then_serving():
     # The port opens before the model loads (the "listening" line comes after
     # it): a probe in between must get NOT_SERVING, not a refused connection.
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        port = probe_socket.getsockname()[1]
+    port = free_port()
     argv = [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", "8"]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

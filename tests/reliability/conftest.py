@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import ROOT
+from ..conftest import ROOT, children
 
 pytestmark = pytest.mark.reliability
 
@@ -38,11 +38,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def children(pid: int) -> list[int]:
-    """A process's child processes (the console script's engine process)."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 def server_rss_mib(pid: int) -> tuple[float, float]:
