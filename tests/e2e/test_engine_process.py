@@ -117,7 +117,7 @@ time.sleep(120)
 """
 WATCHED = """
 import sys, threading, time
-from entity_llm_server.engine.process import _exit_when_orphaned
+from entity_llm_server.engine.worker import _exit_when_orphaned
 threading.Thread(target=_exit_when_orphaned, args=(int(sys.argv[1]),), daemon=True).start()
 time.sleep(120)
 """
