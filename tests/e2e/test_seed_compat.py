@@ -14,6 +14,8 @@ import pytest
 
 from entity_llm_client import LLMClient
 
+from ..conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SEED_PROTO = ROOT / "tests" / "pipeline" / "seed" / "llm.proto"
 
@@ -61,17 +63,19 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise AssertionError(f"nothing listens on {port}")
 
 
-def test_the_seed_snippet_runs_unchanged(tmp_path):
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", 50051)) != 0, "port 50051 (the snippet's) is taken"
+def test_the_seed_snippet_runs_with_only_its_port_changed(tmp_path):
+    # Only the port changes: the snippet's fixed 50051 would collide with any
+    # other server on this machine (or a second run of this suite).
+    port = free_port()
     script = tmp_path / "seed_server.py"
-    script.write_text(SEED_SNIPPET)
+    script.write_text(SEED_SNIPPET.replace('"[::]:50051"', f'"[::]:{port}"'))
+    assert str(port) in script.read_text()
     with subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL) as process:
         try:
-            _wait_for_port(50051, process)
+            _wait_for_port(port, process)
             from grpc_services import llm_pb2, llm_pb2_grpc
 
-            with grpc.insecure_channel("127.0.0.1:50051") as channel:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = llm_pb2_grpc.LLMServiceStub(channel)
                 tokens = [r.token for r in stub.Generate(llm_pb2.GenerateRequest(prompt="def f(x):"), timeout=120)]
             assert "".join(tokens).strip()
