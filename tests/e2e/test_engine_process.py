@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 
+import grpc
 import pytest
 
-from entity_llm_client import LLMClient
+from entity_llm_client import LLMClient, LLMError
 
 from ..conftest import alive, children, console_script, free_port, wait_until
 
@@ -137,3 +138,47 @@ def test_the_engine_process_watchdog_exits_once_its_parent_is_gone():
         if parent.stdout is not None:
             parent.stdout.close()
     assert wait_until(lambda: not alive(watched), timeout=10)
+
+
+def _health(target: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    return int(reply.status)
+
+
+def _kill_the_engine_mid_stream(running: Server) -> LLMError:
+    """SIGKILL the engine process while a stream is open; return the error that stream ended with."""
+    with LLMClient(running.target, timeout=60) as client:
+        stream = client.generate("class Parser:", max_new_tokens=400, min_new_tokens=400)
+        assert next(stream).text is not None
+        (engine_pid,) = children(running.process.pid)
+        os.kill(engine_pid, signal.SIGKILL)
+        with pytest.raises(LLMError) as ended:
+            list(stream)
+    assert ended.value.code is grpc.StatusCode.INTERNAL
+    assert "SIGKILL" in str(ended.value)
+    return ended.value
+
+
+def test_by_default_a_failed_engine_leaves_the_server_up_and_not_serving(server):
+    from grpc_health.v1 import health_pb2
+
+    running = server("--health-check-interval", "0.2")
+    assert _health(running.target) == health_pb2.HealthCheckResponse.SERVING
+    _kill_the_engine_mid_stream(running)
+    assert wait_until(lambda: _health(running.target) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+    # Still up for the orchestrator's probe, and a new request fails at once.
+    assert running.process.poll() is None
+    with LLMClient(running.target, timeout=10) as client, pytest.raises(LLMError) as refused:
+        list(client.generate("import os\n", max_new_tokens=4))
+    assert refused.value.code is grpc.StatusCode.INTERNAL
+    assert running.process.poll() is None
+
+
+def test_on_engine_failure_exit_ends_the_process_with_code_3(server):
+    running = server("--on-engine-failure", "exit", "--health-check-interval", "0.2", "--shutdown-grace", "60")
+    _kill_the_engine_mid_stream(running)
+    # Not the 60 s grace: nothing is left to drain once every stream has failed.
+    assert running.process.wait(20) == 3

@@ -19,7 +19,7 @@ def test_flags_set_every_field():
         ["--model", "/m", "--host", "127.0.0.1", "--port", "0", "--device", "cuda:1", "--dtype", "bfloat16",
          "--max-new-tokens", "7", "--shutdown-grace", "2.5", "--log-level", "DEBUG", "--engine", "sequential",
          "--max-batch-size", "3", "--max-queue", "0", "--kv-cache-tokens", "4096", "--kv-block-size", "32",
-         "--max-batch-tokens", "512", "--cuda-graphs", "off", "--engine-process", "off"],
+         "--max-batch-tokens", "512", "--cuda-graphs", "off", "--engine-process", "off", "--on-engine-failure", "exit"],
         env={},
     )  # fmt: skip
     assert config == ServerConfig(
@@ -39,6 +39,7 @@ def test_flags_set_every_field():
         512,
         "off",
         engine_process="off",
+        on_engine_failure="exit",
     )
     assert config.batching() == BatchingSettings(
         max_batch_size=3, max_queue=0, kv_block_size=32, kv_cache_tokens=4096, max_batch_tokens=512, cuda_graphs=False
@@ -62,6 +63,7 @@ def test_environment_sets_defaults_and_flags_win():
         (["--max-queue", "-1"], {}, "--max-queue"),
         (["--engine", "vllm"], {}, "--engine"),
         (["--cuda-graphs", "yes"], {}, "--cuda-graphs"),
+        (["--on-engine-failure", "restart"], {}, "--on-engine-failure"),
         ([], {"ENTITY_LLM_PORT": "-1"}, "--port"),
     ],
 )

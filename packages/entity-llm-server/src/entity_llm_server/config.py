@@ -56,6 +56,10 @@ class ServerConfig:
         engine_process: `on` runs the batching engine's model in a process of
             its own, so token streaming and the batching loop do not share a
             GIL; `off` keeps it in the server's process.
+        on_engine_failure: `stay` keeps the process up once the engine has
+            failed (health NOT_SERVING, every Generate INTERNAL) for an
+            orchestrator's probe to restart it; `exit` ends the process with
+            code 3, for a supervisor (systemd, a container restart policy).
     """
 
     model: str | None = None
@@ -81,6 +85,7 @@ class ServerConfig:
     metrics_port: int = 0
     health_check_interval: float = 1.0
     engine_process: str = "on"
+    on_engine_failure: str = "stay"
 
     def batching(self) -> BatchingSettings:
         """The batching engine's settings."""
@@ -167,6 +172,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     add("--metrics-port", type=_port, help="serve Prometheus metrics on http://HOST:PORT/metrics; 0: off")
     add("--health-check-interval", type=_positive_float, help="seconds between two looks at the engine's health")
+    add(
+        "--on-engine-failure",
+        choices=("stay", "exit"),
+        help="once the engine has failed: stay up reporting NOT_SERVING, or exit with code 3 for a supervisor",
+    )
     return parser
 
 

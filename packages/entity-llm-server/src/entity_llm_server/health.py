@@ -48,6 +48,9 @@ class HealthMonitor:
         self.servicer = HealthServicer()
         self.status: health_pb2.HealthCheckResponse.ServingStatus | None = None
         self.draining = False
+        # Set when the engine fails after having served: the console script
+        # may end the process on it (--on-engine-failure exit).
+        self.engine_failed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def engine_ready(self) -> bool:
@@ -65,6 +68,7 @@ class HealthMonitor:
             log.info("health: SERVING")
         elif previous == SERVING:
             log.warning("health: NOT_SERVING (the engine has failed)")
+            self.engine_failed.set()
 
     async def update(self) -> None:
         """Look at the engine now and publish what it says."""

@@ -29,6 +29,10 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # How long a drain waits, once every RPC's handler is done, for their last
 # messages and status to go out before the remaining streams are cancelled.
 FLUSH_GRACE = 1.0
+# --on-engine-failure exit: the exit code, and the drain's longest grace (every
+# Generate has failed already; this is for a Tokenize or GetModelInfo in flight).
+ENGINE_FAILED = 3
+ENGINE_FAILURE_GRACE = 2.0
 
 # Long generations can stream for minutes between client messages: accept
 # client keepalive pings without counting them as abuse ("too many pings").
@@ -225,7 +229,17 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     if ready is not None:
         ready.set()
     waiter = asyncio.create_task(server.wait_for_termination())
-    await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    endings = [waiter, asyncio.create_task(stop.wait())]
+    if config.on_engine_failure == "exit":
+        endings.append(failed := asyncio.create_task(server.health.engine_failed.wait()))
+    await asyncio.wait(endings, return_when=asyncio.FIRST_COMPLETED)
+    if config.on_engine_failure == "exit" and failed.done():
+        # Every Generate already ends INTERNAL; what may be left in flight is
+        # quick (Tokenize, GetModelInfo) or endless (health Watch streams).
+        log.error("the engine has failed: exiting (code %d) for a supervisor to restart the server", ENGINE_FAILED)
+        await server.stop(min(config.shutdown_grace, ENGINE_FAILURE_GRACE))
+        await resource.close()
+        return ENGINE_FAILED
     log.info("shutting down; in-flight streams get %.1fs (signal again to stop now)", config.shutdown_grace)
 
     def hurry() -> None:
