@@ -46,7 +46,8 @@ def test_eos_ends_with_eos_and_counts_it(serve, tokenizer):
     with LLMClient(server.target, timeout=30) as client:
         done = client.complete("def f(n):")
     assert (done.text, done.finish_reason) == (" return n", FinishReason.EOS)
-    prompt_ids = tokenizer("def f(n):", add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer("def f(n):")["input_ids"]  # the start token and the text's
+    assert prompt_ids[0] == tokenizer.bos_token_id
     text_ids = tokenizer(" return n", add_special_tokens=False)["input_ids"]
     assert done.usage == Usage(input_tokens=len(prompt_ids), generated_tokens=len(text_ids) + 1)
 
@@ -95,6 +96,12 @@ def test_truncation_and_context_limits(serve, tokenizer):
         with pytest.raises(InvalidArgumentError) as too_many:
             client.complete("a", max_new_tokens=64)
         assert "max_new_tokens" in too_many.value.details
+        # A prompt past BIG_INPUT_CHARS is encoded off the event loop: same answers.
+        huge = "x = 1\n" * 5000
+        with pytest.raises(InvalidArgumentError) as too_long:
+            client.complete(huge)
+        assert "prompt" in too_long.value.details
+        assert client.complete(huge, truncate_input_tokens=16, max_new_tokens=5).usage.input_tokens == 16
 
 
 def test_invalid_requests_get_bad_request_details_naming_every_field(serve, tokenizer):
@@ -132,11 +139,15 @@ def test_tokenize_and_model_info_describe_the_served_model(serve):
 
     tokens, last_two, info = asyncio.run(run())
     engine = server.call(server.service.engine())
-    expected = engine.tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
+    # What the model is given for a prompt: `tokenizer(text)`, its start token included.
+    expected = engine.tokenizer("def fibonacci(n):")["input_ids"]
+    assert expected[0] == engine.tokenizer.bos_token_id
     assert list(tokens.ids) == expected
     assert tokens.count == len(expected)
-    assert engine.tokenizer.convert_tokens_to_string(list(tokens.pieces)) == "def fibonacci(n):"
-    assert last_two.ids == tokens.ids[-2:]
+    assert tokens.pieces[0] == engine.tokenizer.bos_token
+    assert engine.tokenizer.convert_tokens_to_string(list(tokens.pieces[1:])) == "def fibonacci(n):"
+    # Truncation keeps the start token and the last of the text.
+    assert last_two.ids == (tokens.ids[0], tokens.ids[-1])
     assert info.model_id == resource.model_id
     assert info.default_max_new_tokens == 24
     assert info.vocab_size == engine.vocab_size
@@ -158,3 +169,27 @@ def test_stop_sequences_on_the_batching_engine_with_real_text(serve):
         cut = client.complete("def fibonacci(n):", stop_sequences=[stop])
     assert cut.text == free.text[: free.text.index(stop)]
     assert (cut.finish_reason, cut.stop_sequence) == (FinishReason.STOP_SEQUENCE, stop)
+
+
+def test_a_huge_tokenize_neither_stalls_the_server_nor_overflows_its_reply(serve):
+    server = serve(LLMService(UnifiedLLMResource())).start()
+    text = "def double(x):\n    return x * 2\n" * 100_000  # 3.3 MB: over a million tokens, seconds of work
+
+    async def run():
+        async with AsyncLLMClient(server.target, timeout=120) as client:
+            await client.model_info()  # the model is loaded
+            big = asyncio.ensure_future(client.tokenize(text))
+            await asyncio.sleep(0.3)  # the server is tokenizing now
+            await client.model_info()
+            # Served while the big one is still being tokenized: the event loop was free.
+            answered_meanwhile = not big.done()
+            with pytest.raises(InvalidArgumentError) as caught:
+                await big
+            return answered_meanwhile, caught.value
+
+    answered_meanwhile, error = asyncio.run(run())
+    assert answered_meanwhile
+    # Its reply would be over the message limit: said in words, naming the field.
+    assert [v.field for v in error.field_violations] == ["text"]
+    assert "MiB message limit" in error.details
+    assert "truncate_input_tokens" in error.details

@@ -113,7 +113,7 @@ def test_greedy_logprobs_are_the_models_log_softmax(batching):
     assert final.seed is None  # greedy: no sampler seed
     # The reference: the model's own next-token distribution, step by step.
     model, tokenizer = batching.model, batching.tokenizer
-    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(PROMPT)["input_ids"]  # with the start token, as the server encodes a prompt
     with torch.inference_mode():
         for entry in entries:
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()

@@ -22,10 +22,10 @@ from .metrics import Metrics
 from .resource import UnifiedLLMResource
 from .service import LLMService
 from .tls import server_credentials
+from .validation import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # How long a drain waits, once every RPC's handler is done, for their last
 # messages and status to go out before the remaining streams are cancelled.
 FLUSH_GRACE = 1.0

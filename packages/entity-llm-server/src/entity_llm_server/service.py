@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -10,10 +11,11 @@ from typing import Any
 import grpc
 
 from ._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from .engine import Engine, EngineRequest, Finished, FinishReason, Sampling, TokenLogprob
+from .engine import Engine, EngineRequest, Finished, FinishReason, InvalidRequestError, Sampling, TokenLogprob
+from .engine.tokens import BIG_INPUT_CHARS
 from .errors import error_boundary
 from .resource import UnifiedLLMResource
-from .validation import validate_generate, validate_tokenize
+from .validation import MAX_MESSAGE_BYTES, validate_generate, validate_tokenize
 
 _FINISH_REASONS = {
     FinishReason.MAX_TOKENS: llm_pb2.FINISH_REASON_MAX_TOKENS,
@@ -139,8 +141,19 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
         async with error_boundary(context):
             validate_tokenize(request)
             engine = await self.engine()
-            tokens = engine.tokenize(request.text, _optional(request, "truncate_input_tokens"))
-        return llm_pb2.TokenizeResponse(token_ids=tokens.ids, pieces=tokens.pieces, token_count=len(tokens.ids))
+            truncate = _optional(request, "truncate_input_tokens")
+            if len(request.text) > BIG_INPUT_CHARS:  # seconds of work: not on the event loop
+                tokens = await asyncio.to_thread(engine.tokenize, request.text, truncate)
+            else:
+                tokens = engine.tokenize(request.text, truncate)
+            reply = llm_pb2.TokenizeResponse(token_ids=tokens.ids, pieces=tokens.pieces, token_count=len(tokens.ids))
+            if (size := reply.ByteSize()) > MAX_MESSAGE_BYTES:
+                raise InvalidRequestError(
+                    "text",
+                    f"its {len(tokens.ids):,} tokens make a {size / 2**20:.1f} MiB reply, over the "
+                    f"{MAX_MESSAGE_BYTES / 2**20:g} MiB message limit; send less text or set truncate_input_tokens",
+                )
+        return reply
 
     async def GetModelInfo(  # noqa: N802  # the RPC's name in the protocol
         self, request: llm_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]

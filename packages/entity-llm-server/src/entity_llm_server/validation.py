@@ -16,6 +16,8 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_MESSAGES = 256
+# Either way: a request, and a reply (a Tokenize of megabytes of text).
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 class RequestValidationError(ValueError):

@@ -27,6 +27,11 @@ from .sampling import GREEDY, Sampling, TokenLogprob
 # asked for them, their logprobs (one per id).
 Step = tuple[list[int], list[TokenLogprob] | None]
 
+# Inputs longer than this (characters of prompt or chat messages) are encoded
+# in a worker thread: tokenizing megabytes takes seconds, and on the event loop
+# it would stall every other stream and health probe meanwhile.
+BIG_INPUT_CHARS = 16_384
+
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
@@ -124,10 +129,32 @@ class TokenStreamEngine(abc.ABC):
         ids = self.encode(text, truncate)
         return Tokens(tuple(ids), tuple(self.tokenizer.convert_ids_to_tokens(ids)))
 
-    def encode(self, text: str, truncate: int | None = None) -> list[int]:
-        """The token ids of `text`, keeping the last `truncate` when given."""
+    @functools.cached_property
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text (for most causal LMs: one start token)."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        return [], []
+
+    def encode(self, text: str, truncate: int | None = None, *, specials: bool = True) -> list[int]:
+        """The token ids of `text` as the model takes a prompt: with the
+        tokenizer's special tokens (its start token), as `tokenizer(text)`
+        gives them, unless `specials` is false (a rendered chat template
+        writes its own). A text that already starts with the start token
+        (a chat template rendered by the caller) does not get a second one.
+        With `truncate`, only the last tokens are kept, at most `truncate`
+        in all, the special ones included."""
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[-truncate:] if truncate else ids
+        head, tail = self._specials if specials else ([], [])
+        if head and ids[: len(head)] == head:
+            head = []
+        if truncate:
+            keep = max(truncate - len(head) - len(tail), 0)
+            ids = ids[len(ids) - keep :]
+        return [*head, *ids, *tail]
 
     def render(self, messages: tuple[tuple[str, str], ...]) -> str:
         """A conversation as prompt text: the chat template with a generation prompt."""
@@ -151,7 +178,7 @@ class TokenStreamEngine(abc.ABC):
         self.check_sampling(request.sampling)
         # The template writes its own special tokens (BOS): encode its text as is.
         prompt = self.render(request.messages) if request.messages else request.prompt
-        ids = self.encode(prompt, request.truncate_input_tokens)
+        ids = self.encode(prompt, request.truncate_input_tokens, specials=not request.messages)
         if not ids:
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else min(self.eos_ids, default=0)]
@@ -185,7 +212,8 @@ class TokenStreamEngine(abc.ABC):
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         self._admit()
-        prepared = self.prepare(request)
+        size = len(request.prompt) + sum(len(role) + len(content) for role, content in request.messages)
+        prepared = self.prepare(request) if size <= BIG_INPUT_CHARS else await asyncio.to_thread(self.prepare, request)
         decoder = _Decoder(self.tokenizer, prepared.ids)
         stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)
         deadline = None if request.time_limit_ms is None else time.monotonic() + request.time_limit_ms / 1000
