@@ -149,6 +149,9 @@ def test_plain_output_reports_the_seed(capsys):
         (("generate", "--message", "no-role-separator"), "ROLE:CONTENT"),
         (("generate", "--messages-json", "/nonexistent/chat.json"), "No such file"),
         (("generate", "x", "--top-k", "-1"), "top_k"),
+        (("generate", "x", "--temperature", "1e39"), "temperature"),  # was a traceback
+        # Bytes that are not UTF-8 reach argv as lone surrogates: was INTERNAL from the server.
+        (("tokenize", "\udcff\udcfe"), "text"),
     ],
 )
 def test_bad_flags_exit_two_before_any_call(args, message, capsys):
@@ -157,4 +160,4 @@ def test_bad_flags_exit_two_before_any_call(args, message, capsys):
         main(["--target", target, *args])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
-    assert servicer.attempts == 0
+    assert servicer.deadlines == []  # no call of any method arrived

@@ -142,6 +142,17 @@ BAD_CALLS = [
     pytest.param(("x",), {"top_k": -1}, ValueError, "top_k", id="negative"),
     pytest.param(("x",), {"seed": 2**64}, ValueError, "seed", id="seed-too-big"),
     pytest.param(("x",), {"stop_sequences": "\n"}, TypeError, "stop_sequences", id="stop-as-str"),
+    # Values the wire cannot carry: each once went out and came back as
+    # grpcio's INTERNAL "Exception serializing request!", not even an LLMError.
+    pytest.param(("x",), {"temperature": 1e39}, ValueError, "temperature", id="float32-overflow"),
+    pytest.param(("x",), {"max_new_tokens": 1.5}, TypeError, "max_new_tokens", id="float-for-uint"),
+    pytest.param(("x",), {"max_new_tokens": "5"}, TypeError, "max_new_tokens", id="str-for-uint"),
+    pytest.param(("x",), {"temperature": "0.5"}, TypeError, "temperature", id="str-for-float"),
+    pytest.param(("a\ud800b",), {}, ValueError, "prompt", id="lone-surrogate"),
+    pytest.param((), {"messages": [("user", "\udfff")]}, ValueError, r"messages\[0\]\.content", id="surrogate-chat"),
+    pytest.param(("x",), {"stop_sequences": ["\ud800"]}, ValueError, r"stop_sequences\[0\]", id="surrogate-stop"),
+    pytest.param(("x",), {"request_id": 7}, TypeError, "request_id", id="int-request-id"),
+    pytest.param(("x",), {"logprobs": "yes"}, TypeError, "logprobs", id="str-for-bool"),
 ]
 
 
@@ -163,3 +174,27 @@ def test_bad_arguments_fail_when_generate_is_called_before_any_rpc(args, kwargs,
 
         asyncio.run(run())
     assert servicer.attempts == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "truncate", "error", "match"),
+    [
+        (None, None, TypeError, "text"),
+        ("\udfff", None, ValueError, "text"),
+        ("x", 1.5, TypeError, "truncate_input_tokens"),
+        ("x", 2**32, ValueError, "truncate_input_tokens"),
+    ],
+)
+def test_bad_tokenize_arguments_fail_before_any_rpc(text, truncate, error, match):
+    servicer = CapturingServicer()
+    with running(servicer) as target, LLMClient(target, timeout=10) as client:
+        with pytest.raises(error, match=match):
+            client.tokenize(text, truncate_input_tokens=truncate)
+
+        async def run() -> None:
+            async with AsyncLLMClient(target, timeout=10) as aclient:
+                with pytest.raises(error, match=match):
+                    await aclient.tokenize(text, truncate_input_tokens=truncate)
+
+        asyncio.run(run())
+    assert servicer.deadlines == []  # no call of any method arrived

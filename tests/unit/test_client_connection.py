@@ -21,7 +21,8 @@ def test_options_override_the_defaults_by_name():
 def test_api_key_metadata():
     assert auth_metadata(None) == ()
     assert auth_metadata("k-1") == (("authorization", "Bearer k-1"),)
-    for bad in ("", "two words", "tab\there"):
+    # A header value: printable ASCII only ("é" once went out and came back INTERNAL).
+    for bad in ("", "two words", "tab\there", "clé", "k\x7f"):
         with pytest.raises(ValueError, match="api_key"):
             auth_metadata(bad)
 

@@ -77,8 +77,8 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata that presents `api_key` to the server."""
     if api_key is None:
         return ()
-    if not api_key or any(c.isspace() for c in api_key):
-        raise ValueError("api_key must be non-empty, without spaces")
+    if not api_key or not all("!" <= c <= "~" for c in api_key):
+        raise ValueError("api_key must be non-empty printable ASCII, without spaces (it travels in a header)")
     return (("authorization", f"Bearer {api_key}"),)
 
 

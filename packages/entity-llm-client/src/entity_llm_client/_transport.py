@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -78,22 +79,60 @@ class Methods:
 
 _UINT32 = ("max_new_tokens", "min_new_tokens", "truncate_input_tokens", "time_limit_ms", "top_k", "top_logprobs")
 _FLOATS = ("temperature", "top_p", "repetition_penalty")
+_FLOAT32_MAX = 3.4028234663852886e38  # the wire's floats are 32-bit
+
+
+def _unsigned(name: str, value: Any, bits: int = 32) -> int:
+    """`value` as a uint32/uint64 field: an int in range (a bool or a float is a TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"{name} must be between 0 and {2**bits - 1}, got {value}")
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if math.isfinite(number) and abs(number) > _FLOAT32_MAX:
+        raise ValueError(f"{name} is too large for the wire's 32-bit float: {value}")
+    return number
+
+
+def text(name: str, value: Any) -> str:
+    """`value` as a string field: a str that UTF-8 can encode (a lone surrogate cannot)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{name} is not valid text: {error.reason} at index {error.start}") from None
+    return value
 
 
 def _checked(options: GenerateOptions) -> dict[str, Any]:
-    """The options as GenerateRequest fields (None: not sent); a value the wire cannot carry is a ValueError."""
+    """The options as GenerateRequest fields (None: not sent).
+
+    A value of the wrong type is a TypeError, one the wire cannot carry a
+    ValueError, both naming the option.
+    """
     fields: dict[str, Any] = {name: value for name, value in options.items() if value is not None}
     for name, bits in [*((n, 32) for n in _UINT32), ("seed", 64)]:
-        value = fields.get(name)
-        if value is not None and not 0 <= value < 2**bits:
-            raise ValueError(f"{name} must be between 0 and {2**bits - 1}, got {value}")
+        if name in fields:
+            fields[name] = _unsigned(name, fields[name], bits)
     for name in _FLOATS:
-        if fields.get(name) is not None:
-            fields[name] = float(fields[name])
+        if name in fields:
+            fields[name] = _float(name, fields[name])
+    for name in ("include_stop_sequence", "logprobs"):
+        if name in fields and not isinstance(fields[name], bool):
+            raise TypeError(f"{name} must be a bool, got {type(fields[name]).__name__}")
+    if "request_id" in fields:
+        text("request_id", fields["request_id"])
     if "stop_sequences" in fields:
         if isinstance(fields["stop_sequences"], str):
             raise TypeError("stop_sequences takes a sequence of strings; put a single one in a list")
-        fields["stop_sequences"] = list(fields["stop_sequences"])
+        fields["stop_sequences"] = [text(f"stop_sequences[{i}]", s) for i, s in enumerate(fields["stop_sequences"])]
     return fields
 
 
@@ -104,7 +143,11 @@ def _chat(messages: Sequence[tuple[str, str]]) -> list[ChatMessage]:
     for i, message in enumerate(messages):
         if not (isinstance(message, tuple | list) and len(message) == 2 and all(isinstance(m, str) for m in message)):
             raise TypeError(f"messages[{i}] must be a (role, content) tuple of strings, got {message!r}")
-        turns.append(ChatMessage(role=message[0], content=message[1]))
+        turns.append(
+            ChatMessage(
+                role=text(f"messages[{i}].role", message[0]), content=text(f"messages[{i}].content", message[1])
+            )
+        )
     return turns
 
 
@@ -124,9 +167,7 @@ def generate_request(
     fields = _checked(options)
     if messages is not None:
         return GenerateRequest(messages=_chat(messages), **fields)
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    return GenerateRequest(prompt=prompt, **fields)
+    return GenerateRequest(prompt=text("prompt", prompt), **fields)
 
 
 def _logprobs(entries: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
@@ -170,8 +211,11 @@ def to_completion(chunks: list[Chunk]) -> Completion:
     )
 
 
-def tokenize_request(text: str, truncate_input_tokens: int | None) -> TokenizeRequest:
-    return TokenizeRequest(text=text, truncate_input_tokens=truncate_input_tokens)
+def tokenize_request(value: str, truncate_input_tokens: int | None) -> TokenizeRequest:
+    """The TokenizeRequest, checked before any call (TypeError, ValueError)."""
+    if truncate_input_tokens is not None:
+        _unsigned("truncate_input_tokens", truncate_input_tokens)
+    return TokenizeRequest(text=text("text", value), truncate_input_tokens=truncate_input_tokens)
 
 
 def to_tokens(response: TokenizeResponse) -> Tokens:

@@ -182,7 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "generate":
                 _generate(client, args, parser)
             elif args.command == "tokenize":
-                tokens = client.tokenize(args.text, truncate_input_tokens=args.truncate_input_tokens)
+                try:
+                    tokens = client.tokenize(args.text, truncate_input_tokens=args.truncate_input_tokens)
+                except (ValueError, TypeError) as error:  # found before any call (text that is not UTF-8)
+                    parser.error(f"tokenize: {error}")
                 if args.json:
                     print(json.dumps({"ids": list(tokens.ids), "pieces": list(tokens.pieces), "count": tokens.count}))
                 else:
