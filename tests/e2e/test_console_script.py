@@ -91,3 +91,12 @@ def test_a_port_in_use_fails_with_a_clear_message(console_server):
     assert out.returncode == 2, out.stderr
     assert f"127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_default_length_beyond_the_context_is_warned_about_and_reported_as_served():
+    with RunningServer("--max-new-tokens", "100000") as server, LLMClient(server.target, timeout=60) as client:
+        info = client.model_info()
+        log = server.stderr()
+    # The demo model's context is 512 tokens: a request without max_new_tokens gets at most 511.
+    assert (info.default_max_new_tokens, info.max_max_new_tokens) == (511, 511)
+    assert "--max-new-tokens 100000 is more than the model's 512-token context allows" in log

@@ -96,6 +96,9 @@ def test_truncation_and_context_limits(serve, tokenizer):
         with pytest.raises(InvalidArgumentError) as too_many:
             client.complete("a", max_new_tokens=64)
         assert "max_new_tokens" in too_many.value.details
+        # The engine's default (1000) does not fit: what a request gets is reported.
+        info = client.model_info()
+        assert (info.default_max_new_tokens, info.max_max_new_tokens) == (63, 63)
         # A prompt past BIG_INPUT_CHARS is encoded off the event loop: same answers.
         huge = "x = 1\n" * 5000
         with pytest.raises(InvalidArgumentError) as too_long:

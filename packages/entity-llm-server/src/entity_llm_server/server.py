@@ -203,7 +203,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         # (not a refused connection) until it is loaded and warmed up, and a
         # call that comes early waits for the load.
         await server.start()
-        await service.engine()
+        info = (await service.engine()).info()
         await server.health.update()  # SERVING now, not at the watcher's next look
     except BaseException:
         await server.stop(0)
@@ -222,6 +222,14 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     )
     if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, metrics_port)
+    if config.max_new_tokens > info.max_max_new_tokens:
+        log.warning(
+            "--max-new-tokens %d is more than the model's %d-token context allows: "
+            "requests that leave max_new_tokens unset get at most %d",
+            config.max_new_tokens,
+            info.context_length,
+            info.default_max_new_tokens,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -119,7 +119,8 @@ class TokenStreamEngine(abc.ABC):
             model_id=str(getattr(self.model, "name_or_path", "") or ""),
             context_length=self.max_sequence_tokens,
             vocab_size=self.vocab_size,
-            default_max_new_tokens=self.default_max_new_tokens,
+            # What a request that leaves max_new_tokens unset gets: never more than fits.
+            default_max_new_tokens=min(self.default_max_new_tokens, self.max_sequence_tokens - 1),
             max_max_new_tokens=self.max_sequence_tokens - 1,
             eos_token_ids=tuple(sorted(self.eos_ids)),
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
