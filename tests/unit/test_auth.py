@@ -31,6 +31,9 @@ def test_the_api_key_file_format(tmp_path):
         ((("authorization", "Bearer key-one-"),), "invalid API key"),
         ((("authorization", "Bearer key-one"),), None),
         ((("authorization", "bearer key-two"),), None),
+        # Two keys, the first valid: ambiguous, refused (it was let in).
+        ((("authorization", "Bearer key-one"), ("authorization", "Bearer nope")), "2 authorization entries"),
+        ((("authorization", "Bearer key-one"), ("authorization", "Bearer key-one")), "2 authorization entries"),
     ],
 )
 def test_api_key_checks(metadata, problem):

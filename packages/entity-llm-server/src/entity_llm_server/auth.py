@@ -51,9 +51,12 @@ class ApiKeys:
         """None if the metadata carries an accepted key, else the reason it does not."""
         if not self._keys:
             return None
-        presented = next((value for name, value in metadata or () if name == AUTHORIZATION), None)
-        if presented is None:
+        values = [value for name, value in metadata or () if name == AUTHORIZATION]
+        if not values:
             return f"missing API key: send metadata '{AUTHORIZATION}: Bearer <key>'"
+        if len(values) > 1:  # which one would count is a guess a proxy may make differently
+            return f"{len(values)} {AUTHORIZATION} entries: send exactly one"
+        presented = values[0]
         raw = presented if isinstance(presented, bytes) else presented.encode()
         scheme, _, key = raw.strip().partition(b" ")
         if scheme.lower() != b"bearer" or not key.strip():
