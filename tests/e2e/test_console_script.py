@@ -55,7 +55,7 @@ def test_sigterm_mid_stream_lets_the_stream_finish_and_exits_zero():
         RunningServer("--max-new-tokens", "96", "--shutdown-grace", "30") as server,
         LLMClient(server.target, timeout=60) as client,
     ):
-        stream = client.generate("class Parser:")
+        stream = client.generate("class Parser:", min_new_tokens=96)  # never cut short by an EOS
         first = next(stream)
         # SIGTERM while the stream is open: it must still complete normally.
         stopper = threading.Thread(target=server.stop)

@@ -32,7 +32,8 @@ def test_sigterm_drains_refuses_new_streams_finishes_the_open_one_and_exits_zero
     ):
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
         assert next(watch).status == SERVING  # loaded and warmed before the port was announced
-        first = client.generate("class Parser:")
+        # min_new_tokens: the length is the test's, never the model's EOS.
+        first = client.generate("class Parser:", min_new_tokens=480)
         assert next(first).text
 
         # A reflection stream left open, as a grpcurl session might: it is in

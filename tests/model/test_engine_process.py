@@ -248,3 +248,29 @@ def test_closing_an_engine_that_was_never_started_stops_its_process():
     assert engine.child.alive
     asyncio.run(engine.close())
     assert not engine.child.alive
+
+
+def test_a_stopped_engine_process_is_unhealthy_until_it_answers_again():
+    engine = process_resource().load_engine()
+    assert isinstance(engine, ProcessEngine)
+    engine.liveness_interval, engine.liveness_timeout = 0.05, 0.5
+    pid = engine.child.popen.pid
+
+    async def main() -> tuple[bool, bool, bool, Finished]:
+        await engine.start()
+        try:
+            await asyncio.sleep(0.3)
+            before = engine.healthy
+            os.kill(pid, signal.SIGSTOP)  # alive, but answering nothing: what exit status alone never shows
+            try:
+                stopped = await asyncio.to_thread(wait_until, lambda: not engine.healthy, 10)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            again = await asyncio.to_thread(wait_until, lambda: engine.healthy, 10)
+            return before, stopped, again, await _final(engine, EngineRequest("def f(x):", max_new_tokens=4))
+        finally:
+            await engine.close()
+
+    before, stopped, again, final = asyncio.run(main())
+    assert (before, stopped, again) == (True, True, True)
+    assert final.generated_tokens == 4

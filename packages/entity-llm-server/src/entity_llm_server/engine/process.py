@@ -11,12 +11,12 @@ process keeps only the tokenizer, so the two loops run in parallel.
 What crosses the pipe (pickled tuples over a `multiprocessing` connection):
 
 - front end to engine: ``("add", rid, ids, max_new_tokens, sampling)``,
-  ``("cancel", rid)``, ``("held", token)``, ``("stop",)``;
+  ``("cancel", rid)``, ``("held", token)``, ``("ping", token)``, ``("stop",)``;
 - engine to front end: ``("ready", facts)`` or ``("failed", message)`` once,
   then ``("step", [(rid, new_ids, logprobs, finished, error), ...], active)``
   per batch of results (one per decode step, every sequence's new tokens in
-  one message), ``("held", token, count)``, and ``("dead", reason)`` when the
-  batching thread dies.
+  one message), ``("held", token, count)``, ``("pong", token)``, and
+  ``("dead", reason)`` when the batching thread dies.
 
 Requests are validated, admitted and cancelled in the front end exactly as in
 `BatchingEngine` (this class is one); the engine process only runs the
@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ from .tokens import Prepared, Step
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 45.0  # seconds a stopping engine process gets (its own stop waits up to 40)
+# The front end pings the engine process every LIVENESS_INTERVAL seconds; one
+# that has not answered for LIVENESS_TIMEOUT (stopped, or its interpreter
+# wedged) is unhealthy until it answers again.
+LIVENESS_INTERVAL = 1.0
+LIVENESS_TIMEOUT = 10.0
 
 
 class EngineProcessError(RuntimeError):
@@ -220,10 +226,37 @@ class ProcessEngine(BatchingEngine):
         self._active = 0
         self._held_replies: dict[int, int] = {}
         self._held_events: dict[int, threading.Event] = {}
+        self.liveness_interval = LIVENESS_INTERVAL
+        self.liveness_timeout = LIVENESS_TIMEOUT
+        self._ping_sent: float | None = None  # when the ping not yet answered went out
+        self._liveness: asyncio.Task[None] | None = None
 
     @property
     def healthy(self) -> bool:
-        return self._started and self._failure is None and self.child.alive
+        return self._started and self._failure is None and self.child.alive and self.responsive
+
+    @property
+    def responsive(self) -> bool:
+        """False while a liveness ping has gone unanswered for `liveness_timeout` seconds."""
+        sent = self._ping_sent
+        return sent is None or time.monotonic() - sent < self.liveness_timeout
+
+    async def _ping(self) -> None:
+        warned = False
+        while self._started and self._failure is None:
+            if self._ping_sent is None:
+                if warned:
+                    log.warning("the engine process answers again")
+                    warned = False
+                self._ping_sent = time.monotonic()
+                try:
+                    self._send(("ping", next(self._ids)))
+                except EngineError:
+                    return  # gone: its pipe's EOF reports the death
+            elif not warned and not self.responsive:
+                log.warning("the engine process has not answered for %g s (stopped, or stuck)", self.liveness_timeout)
+                warned = True
+            await asyncio.sleep(self.liveness_interval)
 
     async def start(self) -> None:
         if self._started:
@@ -233,11 +266,14 @@ class ProcessEngine(BatchingEngine):
         # no thread of ours competes for this process's GIL.
         self._loop.add_reader(self._conn.fileno(), self._readable)
         self._started = True
+        self._liveness = self._loop.create_task(self._ping(), name="entity-llm-engine-ping")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._liveness is not None:
+            self._liveness.cancel()
         if self._started and self._loop is not None:
             self._started = False
             self._loop.remove_reader(self._conn.fileno())
@@ -268,6 +304,8 @@ class ProcessEngine(BatchingEngine):
                         pending = self._queues.get(rid)
                         if pending is not None:  # None: the request was cancelled; drop its stragglers
                             pending.put_nowait((ids, logprobs, finished, error))
+                elif kind == "pong":
+                    self._ping_sent = None
                 elif kind == "held":
                     self._held_replies[message[1]] = message[2]
                     if (event := self._held_events.get(message[1])) is not None:

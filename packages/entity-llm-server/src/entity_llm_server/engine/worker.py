@@ -107,6 +107,8 @@ class _Worker:
                     log.exception("counting the held requests failed")
                     held = -1
                 self.outbox.put(("held", message[1], held))
+            elif kind == "ping":  # the front end's liveness check: this process still runs
+                self.outbox.put(("pong", message[1]))
             elif kind == "stop":
                 return
 
