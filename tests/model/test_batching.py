@@ -10,7 +10,7 @@ import pytest
 
 from entity_llm_client import AsyncLLMClient, LLMClient
 from entity_llm_server import EngineRequest, LLMService
-from entity_llm_server.engine import BatchingEngine, Finished
+from entity_llm_server.engine import BatchingEngine, EngineOverloadedError, Finished
 
 from ..engines import assert_engine_failed, assert_refused_at_capacity, batching_engine, slow_forward
 
@@ -140,3 +140,30 @@ def test_concurrent_first_starts_launch_one_batching_thread():
             await engine.close()
 
     assert asyncio.run(main()) == 1
+
+
+def test_big_prompts_being_tokenized_count_against_capacity():
+    # A prompt over BIG_INPUT_CHARS is tokenized in a worker thread: while it
+    # is, its request must already hold a place, or any number of big prompts
+    # arriving together would all pass admission.
+    engine = batching_engine(max_batch_size=1, max_queue=1)
+    big = "x = 1\n" * 4000  # 24,000 characters
+
+    async def one() -> str:
+        try:
+            events = [e async for e in engine.generate(EngineRequest(big, max_new_tokens=2, truncate_input_tokens=8))]
+        except EngineOverloadedError:
+            return "refused"
+        assert isinstance(events[-1], Finished)
+        return "served"
+
+    async def main() -> list[str]:
+        await engine.start()
+        try:
+            return await asyncio.gather(*(one() for _ in range(6)))
+        finally:
+            await engine.close()
+
+    outcomes = asyncio.run(main())
+    assert sorted(outcomes) == ["refused"] * 4 + ["served"] * 2
+    assert engine.in_flight == 0

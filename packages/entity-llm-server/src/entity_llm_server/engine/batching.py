@@ -109,7 +109,7 @@ class BatchingEngine(TokenStreamEngine):
     @property
     def in_flight(self) -> int:
         """Requests admitted and not yet finished, cancelled or failed."""
-        return len(self._queues)
+        return max(self.admitted, len(self._queues))
 
     def _cache_tokens(self) -> int:
         s = self.settings
@@ -297,7 +297,8 @@ class BatchingEngine(TokenStreamEngine):
 
     async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
         manager = self._manager
-        assert manager is not None  # _admit checked
+        if manager is None:  # closed while the request was being prepared
+            raise EngineError("engine is not started")
         request_id = f"req-{next(self._ids)}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = queue

@@ -100,6 +100,10 @@ class TokenStreamEngine(abc.ABC):
         self.model = model
         self.tokenizer = tokenizer
         self.default_max_new_tokens = default_max_new_tokens
+        # Requests past `_admit()` whose `generate()` has not ended: they hold
+        # a place from admission on, through any await before the engine
+        # registers them (a big prompt's tokenization, the first step's wait).
+        self.admitted = 0
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
         eos = model.generation_config.eos_token_id
@@ -213,6 +217,17 @@ class TokenStreamEngine(abc.ABC):
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         self._admit()
+        self.admitted += 1
+        try:
+            # aclosing: a client that leaves closes the inner stream (and so
+            # cancels the request in the engine) at once, not at collection.
+            async with aclosing(self._generate(request)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.admitted -= 1
+
+    async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         size = len(request.prompt) + sum(len(role) + len(content) for role, content in request.messages)
         prepared = self.prepare(request) if size <= BIG_INPUT_CHARS else await asyncio.to_thread(self.prepare, request)
         decoder = _Decoder(self.tokenizer, prepared.ids)

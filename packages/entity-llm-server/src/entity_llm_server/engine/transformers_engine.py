@@ -70,7 +70,8 @@ class TransformersEngine(TokenStreamEngine):
             raise EngineError("engine is not started")
 
     async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
-        assert self._executor is not None  # _admit checked
+        if self._executor is None:  # closed while the request was being prepared
+            raise EngineError("engine is not started")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
