@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -10,6 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entity_llm_client import LLMClient
 from entity_llm_server import FakeEngine, LLMService
+
+from ..conftest import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -20,6 +23,7 @@ class BreakableEngine(FakeEngine):
     """A fake engine whose `healthy` can be turned off, as a batching thread that died turns it off."""
 
     broken = False
+    stalled = False  # as an engine process that does not answer pings (it may recover)
 
     @property
     def healthy(self) -> bool:
@@ -78,3 +82,19 @@ def test_a_drain_turns_health_not_serving_for_good_and_probes_still_get_answers(
         assert engine.healthy
         stream.close()  # the client leaves: nothing is in flight any more
         draining.result(timeout=30)
+
+
+def test_only_a_failed_engine_not_a_stalled_one_counts_as_engine_failure(serve):
+    # What --on-engine-failure exit ends the process on: an engine that does
+    # not answer may recover, so it turns health NOT_SERVING but is no failure.
+    engine = BreakableEngine()
+    server = serve(LLMService(engine=engine), health_check_interval=0.02).start()
+    failed = server.server.health.engine_failed
+    server.call(engine.start())
+    assert wait_until(lambda: check(server.target, "") == SERVING)
+    engine.broken = engine.stalled = True
+    assert wait_until(lambda: check(server.target, "") == NOT_SERVING)
+    time.sleep(0.2)  # ten looks of the watcher
+    assert not failed.is_set()
+    engine.stalled = False  # alive no more: a failure
+    assert wait_until(failed.is_set)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entity_llm_client import AsyncLLMClient, LLMClient, LLMError
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource, default_model_path
-from entity_llm_server.engine import BatchingEngine, BatchingSettings, Finished, Sampling
+from entity_llm_server.engine import BatchingEngine, BatchingSettings, EngineUnavailableError, Finished, Sampling
 from entity_llm_server.engine.process import ProcessEngine
 from entity_llm_server.resource import ModelLoadError
 
@@ -250,13 +250,13 @@ def test_closing_an_engine_that_was_never_started_stops_its_process():
     assert not engine.child.alive
 
 
-def test_a_stopped_engine_process_is_unhealthy_until_it_answers_again():
+def test_a_stopped_engine_process_is_unhealthy_and_refuses_requests_until_it_answers_again():
     engine = process_resource().load_engine()
     assert isinstance(engine, ProcessEngine)
-    engine.liveness_interval, engine.liveness_timeout = 0.05, 0.5
+    engine.liveness_interval, engine.liveness_timeout = 0.05, 2.0
     pid = engine.child.popen.pid
 
-    async def main() -> tuple[bool, bool, bool, Finished]:
+    async def main() -> tuple[bool, bool, bool, str, bool, Finished]:
         await engine.start()
         try:
             await asyncio.sleep(0.3)
@@ -264,13 +264,76 @@ def test_a_stopped_engine_process_is_unhealthy_until_it_answers_again():
             os.kill(pid, signal.SIGSTOP)  # alive, but answering nothing: what exit status alone never shows
             try:
                 stopped = await asyncio.to_thread(wait_until, lambda: not engine.healthy, 10)
+                stalled = engine.stalled  # unhealthy, yet not failed: it may come back
+                # Refused at once (UNAVAILABLE): nothing more goes into a pipe nobody reads.
+                with pytest.raises(EngineUnavailableError) as refused:
+                    await _final(engine, EngineRequest("def f(x):", max_new_tokens=4))
             finally:
                 os.kill(pid, signal.SIGCONT)
             again = await asyncio.to_thread(wait_until, lambda: engine.healthy, 10)
-            return before, stopped, again, await _final(engine, EngineRequest("def f(x):", max_new_tokens=4))
+            request = EngineRequest("def f(x):", max_new_tokens=4, sampling=Sampling(min_new_tokens=4))
+            final = await _final(engine, request)
+            return before, stopped, stalled, str(refused.value), again, final
         finally:
             await engine.close()
 
-    before, stopped, again, final = asyncio.run(main())
-    assert (before, stopped, again) == (True, True, True)
+    before, stopped, stalled, refused, again, final = asyncio.run(main())
+    assert (before, stopped, stalled, again) == (True, True, True, True)
+    assert "has not answered" in refused
     assert final.generated_tokens == 4
+    assert not engine.child.alive
+
+
+def test_closing_a_stopped_engine_process_kills_it_at_once():
+    engine = process_resource().load_engine()
+    assert isinstance(engine, ProcessEngine)
+    engine.liveness_interval, engine.liveness_timeout = 0.05, 0.5
+
+    async def main() -> float:
+        await engine.start()
+        os.kill(engine.child.popen.pid, signal.SIGSTOP)
+        assert await asyncio.to_thread(wait_until, lambda: engine.stalled, 10)
+        started = time.monotonic()
+        await engine.close()  # not the 45 s a graceful stop would wait for it
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 30
+    assert not engine.child.alive
+
+
+def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
+    # 150 prompts of 500 tokens are more than the pipe holds (~140 KB) while
+    # the engine process reads nothing: sending them must not stop the loop.
+    engine = process_resource(max_batch_size=8, max_queue=200).load_engine()
+    assert isinstance(engine, ProcessEngine)
+    engine.liveness_timeout = 600.0  # admitted all the same: this is about the sending
+    pid = engine.child.popen.pid
+    prompt = EngineRequest("x = 1\n" * 200, max_new_tokens=1, truncate_input_tokens=500)
+    answered: list[bool] = []
+
+    def probe(loop: asyncio.AbstractEventLoop) -> None:
+        """From outside the loop: does it still run coroutines? Then let the engine go on."""
+        time.sleep(1.0)
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
+            answered.append(True)
+        except TimeoutError:
+            answered.append(False)
+        os.kill(pid, signal.SIGCONT)
+
+    async def main() -> list[Finished]:
+        await engine.start()
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            prober = threading.Thread(target=probe, args=(asyncio.get_running_loop(),))
+            prober.start()
+            streams = [asyncio.ensure_future(_final(engine, prompt)) for _ in range(150)]
+            await asyncio.to_thread(prober.join)
+            return await asyncio.gather(*streams)
+        finally:
+            await engine.close()
+
+    finals = asyncio.run(main())
+    assert answered == [True]
+    assert len(finals) == 150
+    assert {f.input_tokens for f in finals} == {500}

@@ -16,7 +16,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .engine import EngineError, EngineOverloadedError, InvalidRequestError
+from .engine import EngineError, EngineOverloadedError, EngineUnavailableError, InvalidRequestError
 from .validation import RequestValidationError
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, Trailers]:
         return _bad_request([(exc.field, exc.description)], f"invalid request: {exc}")
     if isinstance(exc, EngineOverloadedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
+    if isinstance(exc, EngineUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), ()
     if isinstance(exc, EngineError):
         return grpc.StatusCode.INTERNAL, str(exc), ()
     return grpc.StatusCode.INTERNAL, f"unexpected server error: {type(exc).__name__}", ()

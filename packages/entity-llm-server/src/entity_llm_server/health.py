@@ -48,9 +48,11 @@ class HealthMonitor:
         self.servicer = HealthServicer()
         self.status: health_pb2.HealthCheckResponse.ServingStatus | None = None
         self.draining = False
-        # Set when the engine fails after having served: the console script
-        # may end the process on it (--on-engine-failure exit).
+        # Set when the engine fails after having served (not while it merely
+        # does not answer: that may pass): the console script may end the
+        # process on it (--on-engine-failure exit).
         self.engine_failed = asyncio.Event()
+        self._served = False
         self._task: asyncio.Task[None] | None = None
 
     def engine_ready(self) -> bool:
@@ -65,14 +67,23 @@ class HealthMonitor:
         for name in self.names:
             await self.servicer.set(name, status)
         if status == SERVING:
+            self._served = True
             log.info("health: SERVING")
         elif previous == SERVING:
-            log.warning("health: NOT_SERVING (the engine has failed)")
-            self.engine_failed.set()
+            why = "does not answer" if self._stalled() else "has failed"
+            log.warning("health: NOT_SERVING (the engine %s)", why)
+
+    def _stalled(self) -> bool:
+        """Whether the engine is alive but not answering (it may recover)."""
+        engine = self.service.current_engine
+        return bool(getattr(engine, "stalled", False))
 
     async def update(self) -> None:
         """Look at the engine now and publish what it says."""
-        await self._set(SERVING if self.engine_ready() else NOT_SERVING)
+        ready = self.engine_ready()
+        await self._set(SERVING if ready else NOT_SERVING)
+        if not ready and self._served and not self.draining and not self._stalled():
+            self.engine_failed.set()
 
     async def _watch(self) -> None:
         while True:

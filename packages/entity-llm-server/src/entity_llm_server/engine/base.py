@@ -122,6 +122,10 @@ class EngineOverloadedError(Exception):
     """The engine holds as many requests as it may; this one is refused."""
 
 
+class EngineUnavailableError(Exception):
+    """The engine cannot take a request now (it does not answer); a later try may succeed."""
+
+
 class InvalidRequestError(ValueError):
     """A request the engine cannot serve as given.
 

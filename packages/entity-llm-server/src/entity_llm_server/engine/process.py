@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Pipe
 from typing import Any
 
-from .base import EngineError, EngineRequest
+from .base import EngineError, EngineRequest, EngineUnavailableError
 from .batching import _DEAD, BatchingEngine, BatchingSettings
 from .tokens import Prepared, Step
 
@@ -54,6 +55,20 @@ STOP_TIMEOUT = 45.0  # seconds a stopping engine process gets (its own stop wait
 # wedged) is unhealthy until it answers again.
 LIVENESS_INTERVAL = 1.0
 LIVENESS_TIMEOUT = 10.0
+
+
+def _send_all(conn: Any, outbox: queue.SimpleQueue[tuple[Any, ...] | None], failure: list[BaseException]) -> None:
+    """The front end's sender thread: `outbox` to the engine process, in order, until None or a dead pipe.
+
+    It holds no reference to the engine object, so an engine nobody closes
+    can still be collected (and its process killed by the finalizer).
+    """
+    while (message := outbox.get()) is not None:
+        try:
+            conn.send(message)
+        except (OSError, ValueError) as exc:  # closed: the engine process is gone; its EOF reports that
+            failure.append(exc)
+            return
 
 
 class EngineProcessError(RuntimeError):
@@ -220,7 +235,17 @@ class ProcessEngine(BatchingEngine):
         super().__init__(facts, tokenizer, settings=settings, default_max_new_tokens=default_max_new_tokens)
         self.child = child
         self._conn = child.conn
-        self._send_lock = threading.Lock()
+        # Messages to the engine process go out from a thread of their own: a
+        # send blocks once the pipe is full (an engine process that reads
+        # nothing, a prompt of megabytes), and must never block the event loop.
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._send_failure: list[BaseException] = []
+        threading.Thread(
+            target=_send_all,
+            args=(self._conn, self._outbox, self._send_failure),
+            name="entity-llm-engine-send",
+            daemon=True,
+        ).start()
         self._started = False
         self._closed = False
         self._active = 0
@@ -240,6 +265,11 @@ class ProcessEngine(BatchingEngine):
         """False while a liveness ping has gone unanswered for `liveness_timeout` seconds."""
         sent = self._ping_sent
         return sent is None or time.monotonic() - sent < self.liveness_timeout
+
+    @property
+    def stalled(self) -> bool:
+        """Alive and not failed, but not answering: unhealthy, yet it may recover."""
+        return self._failure is None and self.child.alive and not self.responsive
 
     async def _ping(self) -> None:
         warned = False
@@ -274,22 +304,24 @@ class ProcessEngine(BatchingEngine):
         self._closed = True
         if self._liveness is not None:
             self._liveness.cancel()
-        if self._started and self._loop is not None:
+        if self._started and self._loop is not None and self.responsive:
             self._started = False
             self._loop.remove_reader(self._conn.fileno())
             with contextlib.suppress(EngineError):
                 self._send(("stop",))
             await asyncio.to_thread(self.child.stop)
-        else:  # loaded, never started: nothing runs there worth waiting for
+        else:  # never started, or not answering: nothing runs there worth waiting for
+            if self._started and self._loop is not None:
+                self._started = False
+                self._loop.remove_reader(self._conn.fileno())
             await asyncio.to_thread(self.child.kill)
+        self._outbox.put(None)  # the sender thread ends
         self._fail_waiting()
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError) as exc:  # a closed pipe: the engine process is gone
-            raise EngineError(f"engine has failed: the engine process is gone ({exc!r})") from exc
+        if self._send_failure:  # a closed pipe: the engine process is gone
+            raise EngineError(f"engine has failed: the engine process is gone ({self._send_failure[0]!r})")
+        self._outbox.put(message)
 
     # -- results (on the event loop) ------------------------------------------
 
@@ -330,6 +362,13 @@ class ProcessEngine(BatchingEngine):
     @property
     def _accepting(self) -> bool:
         return self._started
+
+    def _admit(self) -> None:
+        super()._admit()
+        if not self.responsive:  # its pipe may be full: add nothing more
+            raise EngineUnavailableError(
+                f"the engine process has not answered for {self.liveness_timeout:g} s; try again later"
+            )
 
     async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
         rid = f"req-{next(self._ids)}"
