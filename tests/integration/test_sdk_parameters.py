@@ -145,6 +145,7 @@ BAD_CALLS = [
     # Values the wire cannot carry: each once went out and came back as
     # grpcio's INTERNAL "Exception serializing request!", not even an LLMError.
     pytest.param(("x",), {"temperature": 1e39}, ValueError, "temperature", id="float32-overflow"),
+    pytest.param(("x",), {"top_p": 10**400}, ValueError, "top_p", id="int-beyond-float"),
     pytest.param(("x",), {"max_new_tokens": 1.5}, TypeError, "max_new_tokens", id="float-for-uint"),
     pytest.param(("x",), {"max_new_tokens": "5"}, TypeError, "max_new_tokens", id="str-for-uint"),
     pytest.param(("x",), {"temperature": "0.5"}, TypeError, "temperature", id="str-for-float"),

@@ -102,3 +102,17 @@ def test_health_needs_no_key_and_reflection_does(serve):
         with pytest.raises(grpc.RpcError) as refused:
             ProtoReflectionDescriptorDatabase(channel).get_services()
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_calls_own_authorization_replaces_the_clients_key(serve):
+    # Two authorization entries are refused; a per-call key must not add a second one.
+    server = serve(LLMService(engine=FakeEngine()), api_keys=KEYS).start()
+    with LLMClient(server.target, timeout=10, api_key="not-a-key") as client:
+        assert client.complete("x", metadata=[("authorization", "Bearer key-one")]).text == "Hello, world!"
+        with pytest.raises(UnauthenticatedError, match="invalid API key"):
+            client.complete("x")
+    with (
+        LLMClient(server.target, timeout=10, api_key="key-one") as client,
+        pytest.raises(UnauthenticatedError, match="invalid API key"),
+    ):
+        client.complete("x", metadata=[("authorization", "Bearer nope")])

@@ -137,3 +137,21 @@ def test_a_cancelled_stream_stops_decoding_and_frees_the_engine(demo_engine, ser
     events = server.call(next_request())
     assert [e.text for e in events if isinstance(e, TextDelta)] == [" x"] * 3
     assert engine.in_flight == 0
+
+
+def test_a_prompt_is_encoded_with_exactly_one_start_token_which_truncation_keeps(demo_engine):
+    tok = demo_engine.tokenizer
+    bos = tok.bos_token_id
+    text = tok("def f(x):\n    return x", add_special_tokens=False)["input_ids"]
+    assert demo_engine.encode("def f(x):\n    return x") == [bos, *text]
+    # A caller that wrote the start token itself does not get a second one.
+    assert demo_engine.encode(tok.bos_token + "def f(x):\n    return x") == [bos, *text]
+    assert demo_engine.encode("def f(x):\n    return x", 3) == [bos, *text[-2:]]
+    assert demo_engine.encode(tok.bos_token + "def f(x):\n    return x", 3) == [bos, *text[-2:]]
+    assert demo_engine.encode("def f(x):\n    return x", specials=False) == text
+    # A rendered chat template writes its own start token: truncation keeps it too.
+    rendered = demo_engine.render((("user", "Print hello, then print goodbye."),))
+    kept = demo_engine.encode(rendered, 4, specials=False)
+    assert len(kept) == 4
+    assert kept[0] == bos
+    assert kept[1:] == demo_engine.encode(rendered, specials=False)[-3:]

@@ -52,7 +52,12 @@ class _WithMetadata:
         self._metadata = metadata
 
     def __call__(self, request: Any, *, metadata: Iterable[tuple[str, str]] = (), **kwargs: Any) -> Any:
-        return self._call(request, metadata=(*self._metadata, *metadata), **kwargs)
+        extra = tuple(metadata)
+        # A call's own `authorization` replaces the client's key: the server
+        # refuses a call that carries two.
+        keys = {name.lower() for name, _ in extra}
+        own = tuple(entry for entry in self._metadata if entry[0] not in keys)
+        return self._call(request, metadata=(*own, *extra), **kwargs)
 
 
 class Methods:
@@ -94,7 +99,12 @@ def _unsigned(name: str, value: Any, bits: int = 32) -> int:
 def _float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        raise ValueError(
+            f"{name} is too large for the wire's 32-bit float: an int of {len(str(value))} digits"
+        ) from None
     if math.isfinite(number) and abs(number) > _FLOAT32_MAX:
         raise ValueError(f"{name} is too large for the wire's 32-bit float: {value}")
     return number

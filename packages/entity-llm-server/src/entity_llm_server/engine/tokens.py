@@ -110,6 +110,11 @@ class TokenStreamEngine(abc.ABC):
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        # Computed now: the first requests may encode on the event loop and in
+        # a worker thread at once, and a tokenizer's first call may set it up.
+        # (The engine process holds only TokenizerFacts: it never encodes.)
+        if callable(tokenizer):
+            _ = self._specials
         # A token's text decoded alone, for top_logprobs alternatives.
         self._piece_text = functools.lru_cache(maxsize=65536)(lambda token: str(tokenizer.decode([token])))
 
@@ -150,12 +155,15 @@ class TokenStreamEngine(abc.ABC):
         gives them, unless `specials` is false (a rendered chat template
         writes its own). A text that already starts with the start token
         (a chat template rendered by the caller) does not get a second one.
-        With `truncate`, only the last tokens are kept, at most `truncate`
-        in all, the special ones included."""
+        With `truncate`, the start token and the last tokens are kept, at
+        most `truncate` in all when it leaves room for the special ones."""
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        head, tail = self._specials if specials else ([], [])
-        if head and ids[: len(head)] == head:
-            head = []
+        start, end = self._specials
+        tail = end if specials else []
+        if start and ids[: len(start)] == start:  # the text's own start token: kept, not doubled
+            head, ids = start, ids[len(start) :]
+        else:
+            head = start if specials else []
         if truncate:
             keep = max(truncate - len(head) - len(tail), 0)
             ids = ids[len(ids) - keep :]
