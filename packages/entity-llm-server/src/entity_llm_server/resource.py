@@ -136,7 +136,8 @@ class UnifiedLLMResource:
         return tokenizer
 
     def _load_process_engine(self) -> Engine:
-        from .engine.process import EngineProcess, EngineProcessError, EngineSpec, ProcessEngine
+        from .engine.child import EngineProcess, EngineProcessError, EngineSpec
+        from .engine.process import ProcessEngine
 
         spec = EngineSpec(
             self.model_id, self.device, self.dtype, self.default_max_new_tokens, self.batching, *self._log

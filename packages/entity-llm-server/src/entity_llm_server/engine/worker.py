@@ -4,7 +4,7 @@ The child side of `engine.process` (read that module first). It loads the
 weights, runs the batching manager, and talks to the front end over the pipe
 whose end is file descriptor FD: a receiving loop (the main thread), a result
 pump and a sender. Everything it pickles is defined in other modules
-(`engine.process`, `engine.sampling`), so nothing is named `__main__`.
+(`engine.child`, `engine.sampling`), so nothing is named `__main__`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .batching import BatchingEngine
-from .process import EngineSpec, ModelFacts, TokenizerFacts
+from .child import EngineSpec, ModelFacts, TokenizerFacts
 
 log = logging.getLogger(__name__)
 
