@@ -237,11 +237,10 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     if ready is not None:
         ready.set()
     waiter = asyncio.create_task(server.wait_for_termination())
-    endings = [waiter, asyncio.create_task(stop.wait())]
-    if config.on_engine_failure == "exit":
-        endings.append(failed := asyncio.create_task(server.health.engine_failed.wait()))
+    failed = asyncio.create_task(server.health.engine_failed.wait()) if config.on_engine_failure == "exit" else None
+    endings = [waiter, asyncio.create_task(stop.wait()), *([failed] if failed else [])]
     await asyncio.wait(endings, return_when=asyncio.FIRST_COMPLETED)
-    if config.on_engine_failure == "exit" and failed.done():
+    if failed is not None and failed.done():
         # Every Generate already ends INTERNAL; what may be left in flight is
         # quick (Tokenize, GetModelInfo) or endless (health Watch streams).
         log.error("the engine has failed: exiting (code %d) for a supervisor to restart the server", ENGINE_FAILED)

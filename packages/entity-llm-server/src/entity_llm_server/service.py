@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -12,7 +11,7 @@ import grpc
 
 from ._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from .engine import Engine, EngineRequest, Finished, FinishReason, InvalidRequestError, Sampling, TokenLogprob
-from .engine.tokens import BIG_INPUT_CHARS
+from .engine.tokens import sized_call
 from .errors import error_boundary
 from .resource import UnifiedLLMResource
 from .validation import MAX_MESSAGE_BYTES, validate_generate, validate_tokenize
@@ -142,10 +141,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             validate_tokenize(request)
             engine = await self.engine()
             truncate = _optional(request, "truncate_input_tokens")
-            if len(request.text) > BIG_INPUT_CHARS:  # seconds of work: not on the event loop
-                tokens = await asyncio.to_thread(engine.tokenize, request.text, truncate)
-            else:
-                tokens = engine.tokenize(request.text, truncate)
+            tokens = await sized_call(len(request.text), engine.tokenize, request.text, truncate)
             reply = llm_pb2.TokenizeResponse(token_ids=tokens.ids, pieces=tokens.pieces, token_count=len(tokens.ids))
             if (size := reply.ByteSize()) > MAX_MESSAGE_BYTES:
                 raise InvalidRequestError(

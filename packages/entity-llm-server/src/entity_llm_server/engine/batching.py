@@ -109,7 +109,7 @@ class BatchingEngine(TokenStreamEngine):
     @property
     def in_flight(self) -> int:
         """Requests admitted and not yet finished, cancelled or failed."""
-        return max(self.admitted, len(self._queues))
+        return self.admitted
 
     def _cache_tokens(self) -> int:
         s = self.settings

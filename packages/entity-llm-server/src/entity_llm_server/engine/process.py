@@ -154,16 +154,16 @@ class ProcessEngine(BatchingEngine):
         self._closed = True
         if self._liveness is not None:
             self._liveness.cancel()
-        if self._started and self._loop is not None and self.responsive:
+        running = self._started and self._loop is not None
+        if running:
+            assert self._loop is not None
             self._started = False
             self._loop.remove_reader(self._conn.fileno())
+        if running and self.responsive:
             with contextlib.suppress(EngineError):
                 self._send(("stop",))
             await asyncio.to_thread(self.child.stop)
         else:  # never started, or not answering: nothing runs there worth waiting for
-            if self._started and self._loop is not None:
-                self._started = False
-                self._loop.remove_reader(self._conn.fileno())
             await asyncio.to_thread(self.child.kill)
         self._outbox.put(None)  # the sender thread ends
         self._fail_waiting()

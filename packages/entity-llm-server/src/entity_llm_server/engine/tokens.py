@@ -15,10 +15,10 @@ import dataclasses
 import functools
 import secrets
 import time
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .base import EngineEvent, EngineRequest, Finished, FinishReason, InvalidRequestError, ModelInfo, TextDelta, Tokens
 from .sampling import GREEDY, Sampling, TokenLogprob
@@ -31,6 +31,22 @@ Step = tuple[list[int], list[TokenLogprob] | None]
 # in a worker thread: tokenizing megabytes takes seconds, and on the event loop
 # it would stall every other stream and health probe meanwhile.
 BIG_INPUT_CHARS = 16_384
+_T = TypeVar("_T")
+
+
+async def sized_call(chars: int, work: Callable[..., _T], *args: Any) -> _T:
+    """`work(*args)` here for an input of `chars` characters, or in a worker thread past BIG_INPUT_CHARS."""
+    return work(*args) if chars <= BIG_INPUT_CHARS else await asyncio.to_thread(work, *args)
+
+
+def _special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids `tokenizer` puts before and after a text (for most causal LMs: one start token)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +126,10 @@ class TokenStreamEngine(abc.ABC):
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        # Computed now: the first requests may encode on the event loop and in
-        # a worker thread at once, and a tokenizer's first call may set it up.
-        # (The engine process holds only TokenizerFacts: it never encodes.)
-        if callable(tokenizer):
-            _ = self._specials
+        # Read now, not on a first request: those may encode on the event loop
+        # and in a worker thread at once, and a tokenizer's first call may set
+        # it up. (The engine process holds only TokenizerFacts: it never encodes.)
+        self._specials = _special_ids(tokenizer) if callable(tokenizer) else ([], [])
         # A token's text decoded alone, for top_logprobs alternatives.
         self._piece_text = functools.lru_cache(maxsize=65536)(lambda token: str(tokenizer.decode([token])))
 
@@ -138,16 +153,6 @@ class TokenStreamEngine(abc.ABC):
     def tokenize(self, text: str, truncate: int | None = None) -> Tokens:
         ids = self.encode(text, truncate)
         return Tokens(tuple(ids), tuple(self.tokenizer.convert_ids_to_tokens(ids)))
-
-    @functools.cached_property
-    def _specials(self) -> tuple[list[int], list[int]]:
-        """The ids the tokenizer puts before and after a text (for most causal LMs: one start token)."""
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        for start in range(len(full) - len(plain) + 1):
-            if full[start : start + len(plain)] == plain:
-                return full[:start], full[start + len(plain) :]
-        return [], []
 
     def encode(self, text: str, truncate: int | None = None, *, specials: bool = True) -> list[int]:
         """The token ids of `text` as the model takes a prompt: with the
@@ -237,7 +242,7 @@ class TokenStreamEngine(abc.ABC):
 
     async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         size = len(request.prompt) + sum(len(role) + len(content) for role, content in request.messages)
-        prepared = self.prepare(request) if size <= BIG_INPUT_CHARS else await asyncio.to_thread(self.prepare, request)
+        prepared = await sized_call(size, self.prepare, request)
         decoder = _Decoder(self.tokenizer, prepared.ids)
         stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)
         deadline = None if request.time_limit_ms is None else time.monotonic() + request.time_limit_ms / 1000
