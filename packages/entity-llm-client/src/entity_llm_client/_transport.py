@@ -110,7 +110,7 @@ def _float(name: str, value: Any) -> float:
     return number
 
 
-def text(name: str, value: Any) -> str:
+def _text(name: str, value: Any) -> str:
     """`value` as a string field: a str that UTF-8 can encode (a lone surrogate cannot)."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
@@ -138,11 +138,11 @@ def _checked(options: GenerateOptions) -> dict[str, Any]:
         if name in fields and not isinstance(fields[name], bool):
             raise TypeError(f"{name} must be a bool, got {type(fields[name]).__name__}")
     if "request_id" in fields:
-        text("request_id", fields["request_id"])
+        _text("request_id", fields["request_id"])
     if "stop_sequences" in fields:
         if isinstance(fields["stop_sequences"], str):
             raise TypeError("stop_sequences takes a sequence of strings; put a single one in a list")
-        fields["stop_sequences"] = [text(f"stop_sequences[{i}]", s) for i, s in enumerate(fields["stop_sequences"])]
+        fields["stop_sequences"] = [_text(f"stop_sequences[{i}]", s) for i, s in enumerate(fields["stop_sequences"])]
     return fields
 
 
@@ -155,7 +155,7 @@ def _chat(messages: Sequence[tuple[str, str]]) -> list[ChatMessage]:
             raise TypeError(f"messages[{i}] must be a (role, content) tuple of strings, got {message!r}")
         turns.append(
             ChatMessage(
-                role=text(f"messages[{i}].role", message[0]), content=text(f"messages[{i}].content", message[1])
+                role=_text(f"messages[{i}].role", message[0]), content=_text(f"messages[{i}].content", message[1])
             )
         )
     return turns
@@ -177,7 +177,7 @@ def generate_request(
     fields = _checked(options)
     if messages is not None:
         return GenerateRequest(messages=_chat(messages), **fields)
-    return GenerateRequest(prompt=text("prompt", prompt), **fields)
+    return GenerateRequest(prompt=_text("prompt", prompt), **fields)
 
 
 def _logprobs(entries: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
@@ -221,11 +221,11 @@ def to_completion(chunks: list[Chunk]) -> Completion:
     )
 
 
-def tokenize_request(value: str, truncate_input_tokens: int | None) -> TokenizeRequest:
+def tokenize_request(text: str, truncate_input_tokens: int | None) -> TokenizeRequest:
     """The TokenizeRequest, checked before any call (TypeError, ValueError)."""
     if truncate_input_tokens is not None:
         _unsigned("truncate_input_tokens", truncate_input_tokens)
-    return TokenizeRequest(text=text("text", value), truncate_input_tokens=truncate_input_tokens)
+    return TokenizeRequest(text=_text("text", text), truncate_input_tokens=truncate_input_tokens)
 
 
 def to_tokens(response: TokenizeResponse) -> Tokens:
