@@ -3,14 +3,63 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import pytest
 
 from entity_llm_client import LLMClient, LLMError, OverloadedError
 from entity_llm_server import UnifiedLLMResource
-from entity_llm_server.engine import BatchingEngine, BatchingSettings
+from entity_llm_server.engine import BatchingEngine, BatchingSettings, CoreState
+from entity_llm_server.engine.tokens import TokenStreamEngine
+
+from .conftest import wait_until
+
+# Every engine that serves the real model: continuous batching in this
+# process, the same in an engine process of its own (the console script's
+# default), and one request at a time.
+ENGINE_KINDS = ("batching", "process", "sequential")
+
+
+def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16) -> TokenStreamEngine:
+    """The engine `kind` (one of ENGINE_KINDS) on the embedded default model, not started."""
+    settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
+    resource = UnifiedLLMResource(
+        default_max_new_tokens=max_new_tokens,
+        batching=settings,
+        engine="sequential" if kind == "sequential" else "batching",
+        engine_process=kind == "process",
+    )
+    engine = resource.load_engine()
+    assert isinstance(engine, TokenStreamEngine)
+    assert type(engine).__name__ == {"batching": "BatchingEngine", "process": "ProcessEngine"}.get(
+        kind, "TransformersEngine"
+    )
+    return engine
+
+
+# Decode steps a core may take to drop every request of clients that left:
+# tests that use it give each request far more steps of work than this.
+BOUND = 100
+
+
+def wait_for_core(engine: TokenStreamEngine, held: Callable[[int], bool], timeout: float = 120) -> CoreState:
+    """The core's state once its held count satisfies `held` (`timeout` seconds is only a hang guard)."""
+    seen: list[CoreState] = []
+
+    def check() -> bool:
+        seen.append(engine.core_state())
+        return held(seen[-1].held)
+
+    assert wait_until(check, timeout=timeout), f"the core still holds {seen[-1].held} requests"
+    return seen[-1]
+
+
+def assert_dropped_within_bound(engine: TokenStreamEngine, before: CoreState) -> None:
+    """Every request leaves the core within BOUND decode steps of `before` (read just before the clients left)."""
+    dropped = wait_for_core(engine, lambda held: held == 0)
+    steps = dropped.steps - before.steps
+    assert steps <= BOUND, f"the core took {steps} decode steps to drop {before.held} abandoned requests"
 
 
 def batching_engine(max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16) -> BatchingEngine:
@@ -49,11 +98,17 @@ def assert_engine_failed(client: LLMClient, streams: Iterable[Iterator[object]],
     assert "failed" in later.value.details
 
 
-def assert_refused_at_capacity(client: LLMClient) -> None:
-    """One request more than the server holds is refused at once: RESOURCE_EXHAUSTED, saying why."""
-    started = time.monotonic()
+def assert_refused_at_capacity(client: LLMClient, engine: BatchingEngine) -> None:
+    """With the engine full, one request more is refused at once: RESOURCE_EXHAUSTED, saying why.
+
+    "At once": the core still holds every request it would have waited for,
+    before and after the refusal (none ended to make room for it).
+    """
+    before = engine.core_state()
     with pytest.raises(OverloadedError) as caught:
         next(client.generate("one too many"))
-    assert time.monotonic() - started < 10  # refused, not queued behind the work in flight
+    after = engine.core_state()
     assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "capacity" in caught.value.details
+    assert before.held == after.held == engine.capacity
+    assert engine.in_flight == engine.capacity

@@ -9,5 +9,5 @@ from entity_llm_server import UnifiedLLMResource
 
 @pytest.fixture(scope="session")
 def demo_engine():
-    """A TransformersEngine on the embedded default model (not started)."""
+    """The default engine (continuous batching, in process) on the embedded default model (not started)."""
     return UnifiedLLMResource(default_max_new_tokens=24).load_engine()

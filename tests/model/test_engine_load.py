@@ -7,44 +7,57 @@ import asyncio
 import pytest
 
 from entity_llm_server import EngineRequest
+from entity_llm_server.engine import Sampling
 
-from ..engines import batching_engine, slow_forward
+from ..conftest import wait_until
+from ..engines import batching_engine, load_engine
 
 pytestmark = pytest.mark.model
 
 
-def test_batching_engine_load_counts_decoding_and_waiting_requests():
-    engine = batching_engine(max_batch_size=2, max_queue=4)
+async def _loads_while_serving(engine, requests: int, wanted: tuple[int, int]) -> list[tuple[int, int]]:
+    """The engine's load before, while `requests` long requests run (until `wanted` is seen), and after."""
 
     async def consume(request: EngineRequest) -> None:
         async for _ in engine.generate(request):
             pass
 
-    async def run() -> list[tuple[int, int]]:
-        await engine.start()
-        try:
-            seen = [engine.load()]
-            slow_forward(engine, 0.02)
-            tasks = [asyncio.create_task(consume(EngineRequest(f"x{i}", max_new_tokens=200))) for i in range(5)]
-            for _ in range(500):
-                await asyncio.sleep(0.01)
-                seen.append(engine.load())
-                if seen[-1] == (2, 3):
-                    break
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    await engine.start()
+    try:
+        seen = [engine.load()]
+        long = Sampling(min_new_tokens=400)
+        tasks = [
+            asyncio.create_task(consume(EngineRequest(f"x{i}", max_new_tokens=400, sampling=long)))
+            for i in range(requests)
+        ]
+        deadline = asyncio.get_running_loop().time() + 60  # a hang guard: the load is polled until it shows
+        while seen[-1] != wanted and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
             seen.append(engine.load())
-            return seen
-        finally:
-            await engine.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # The sequential engine counts a request until its worker notices the cancel, a step later.
+        await asyncio.to_thread(wait_until, lambda: engine.load() == (0, 0), 60)
+        seen.append(engine.load())
+        return seen
+    finally:
+        await engine.close()
 
-    seen = asyncio.run(run())
+
+def test_batching_engine_load_counts_decoding_and_waiting_requests():
+    engine = batching_engine(max_batch_size=2, max_queue=4)
+    seen = asyncio.run(_loads_while_serving(engine, 5, (2, 3)))
     assert seen[0] == (0, 0)
     assert (2, 3) in seen, seen  # at most max_batch_size decode; the others wait
     assert all(active <= 2 and active + waiting <= 5 for active, waiting in seen)
     assert seen[-1] == (0, 0)
 
 
-def test_sequential_engine_load(demo_engine):
-    assert demo_engine.load() == (0, 0)
+def test_sequential_engine_load_counts_one_decoding_and_the_rest_waiting():
+    engine = load_engine("sequential")
+    seen = asyncio.run(_loads_while_serving(engine, 3, (1, 2)))
+    assert seen[0] == (0, 0)
+    assert (1, 2) in seen, seen
+    assert all(active <= 1 and active + waiting <= 3 for active, waiting in seen)
+    assert seen[-1] == (0, 0)

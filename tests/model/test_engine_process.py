@@ -7,19 +7,18 @@ import os
 import shutil
 import signal
 import threading
-import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from entity_llm_client import AsyncLLMClient, LLMClient, LLMError
+from entity_llm_client import LLMClient, LLMError
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource, default_model_path
 from entity_llm_server.engine import BatchingEngine, BatchingSettings, EngineUnavailableError, Finished, Sampling
 from entity_llm_server.engine.process import ProcessEngine
 from entity_llm_server.resource import ModelLoadError
 
-from ..conftest import wait_until
+from ..conftest import alive, children, wait_until
 from ..engines import assert_engine_failed, assert_refused_at_capacity, batching_engine
 from .test_batching import PROMPTS
 
@@ -111,31 +110,7 @@ def process_server(serve):
             engine.child.kill()
 
 
-LONG = {"max_new_tokens": 400, "min_new_tokens": 400}  # no early EOS: only a cancel ends these soon
-
-
-def test_a_hundred_cancelled_streams_leave_nothing_in_the_engine_process(process_server):
-    server, engine = process_server(max_batch_size=16, max_queue=128)
-
-    async def cancel_many() -> None:
-        async with AsyncLLMClient(server.target, timeout=120) as client:
-
-            async def one() -> None:
-                stream = client.generate("def f(x):", **LONG)
-                async for _ in stream:
-                    break  # leave after the first piece
-                await stream.aclose()
-
-            await asyncio.gather(*(one() for _ in range(100)))
-
-    started = time.monotonic()
-    asyncio.run(cancel_many())
-    # 100 x 400 tokens would take far longer than this to finish by themselves.
-    assert wait_until(lambda: engine.in_flight == 0 and engine.held_requests() == 0, timeout=30)
-    assert time.monotonic() - started < 40
-    with LLMClient(server.target, timeout=60) as client:
-        assert "".join(c.text for c in client.generate("import os\n"))
-    assert engine.healthy
+LONG = {"max_new_tokens": 500, "min_new_tokens": 500}  # no early EOS: only a cancel ends these soon
 
 
 def test_over_capacity_is_refused_at_once_by_the_front_end(process_server):
@@ -146,15 +121,15 @@ def test_over_capacity_is_refused_at_once_by_the_front_end(process_server):
             next(stream)
         waiter = threading.Thread(target=next, args=(streams[2],), daemon=True)
         waiter.start()
-        assert wait_until(lambda: engine.in_flight == 3, timeout=10)
+        assert wait_until(lambda: engine.core_state().held == 3, timeout=30)
         # Metrics read the load: two decode (the engine process says so with each step), one waits.
-        assert wait_until(lambda: engine.load() == (2, 1), timeout=10)
-        assert_refused_at_capacity(client)
+        assert wait_until(lambda: engine.load() == (2, 1), timeout=30)
+        assert_refused_at_capacity(client, engine)
         for stream in streams[:2]:
             stream.close()
-        waiter.join(timeout=30)
+        waiter.join(timeout=60)
         streams[2].close()
-    assert wait_until(lambda: engine.in_flight == 0 and engine.held_requests() == 0, timeout=30)
+    assert wait_until(lambda: engine.in_flight == 0 and engine.core_state().held == 0, timeout=60)
 
 
 def _health(target: str) -> int:
@@ -181,11 +156,13 @@ def test_weights_that_do_not_load_in_the_engine_process_raise_a_clear_error(tmp_
     shutil.copytree(default_model_path(), broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     resource = process_resource(model=broken)
-    started = time.monotonic()
+    before = set(children(os.getpid()))
     with pytest.raises(ModelLoadError) as caught:
         resource.load_engine()
     assert str(broken) in str(caught.value)
-    assert time.monotonic() - started < 60
+    assert "deserializing header" in str(caught.value)
+    # The engine process that failed to load is gone, not left behind.
+    assert all(not alive(pid) for pid in set(children(os.getpid())) - before)
 
 
 def test_a_missing_model_fails_before_an_engine_process_starts(tmp_path):
@@ -259,8 +236,7 @@ def test_a_stopped_engine_process_is_unhealthy_and_refuses_requests_until_it_ans
     async def main() -> tuple[bool, bool, bool, str, bool, Finished]:
         await engine.start()
         try:
-            await asyncio.sleep(0.3)
-            before = engine.healthy
+            before = await asyncio.to_thread(wait_until, lambda: engine.healthy, 30)
             os.kill(pid, signal.SIGSTOP)  # alive, but answering nothing: what exit status alone never shows
             try:
                 stopped = await asyncio.to_thread(wait_until, lambda: not engine.healthy, 10)
@@ -289,16 +265,19 @@ def test_closing_a_stopped_engine_process_kills_it_at_once():
     assert isinstance(engine, ProcessEngine)
     engine.liveness_interval, engine.liveness_timeout = 0.05, 0.5
 
-    async def main() -> float:
+    graceful: list[str] = []
+    stop = engine.child.stop
+    engine.child.stop = lambda: (graceful.append("waited"), stop())  # what close() must not do here
+
+    async def main() -> None:
         await engine.start()
         os.kill(engine.child.popen.pid, signal.SIGSTOP)
         assert await asyncio.to_thread(wait_until, lambda: engine.stalled, 10)
-        started = time.monotonic()
-        await engine.close()  # not the 45 s a graceful stop would wait for it
-        return time.monotonic() - started
+        await engine.close()  # a graceful stop would wait 45 s for a process that cannot answer
 
-    assert asyncio.run(main()) < 30
-    assert not engine.child.alive
+    asyncio.run(main())
+    assert graceful == []
+    assert engine.child.popen.returncode == -signal.SIGKILL
 
 
 def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
@@ -312,8 +291,10 @@ def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
     answered: list[bool] = []
 
     def probe(loop: asyncio.AbstractEventLoop) -> None:
-        """From outside the loop: does it still run coroutines? Then let the engine go on."""
-        time.sleep(1.0)
+        """Once every request is admitted and the pipe is full: does the loop still run coroutines?
+        Then let the engine go on."""
+        # The sender thread blocks on the full pipe, so later messages wait in its outbox.
+        assert wait_until(lambda: engine.in_flight == 150 and engine._outbox.qsize() > 0, timeout=60)
         try:
             asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
             answered.append(True)

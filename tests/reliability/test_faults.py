@@ -14,18 +14,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entity_llm_server import LLMService
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from entity_llm_server.engine import BatchingEngine
+from entity_llm_server.engine import BatchingEngine, CoreState
 
 from ..conftest import ROOT, ServerThread, wait_until
-from ..engines import batching_engine, slow_forward
+from ..engines import assert_dropped_within_bound, batching_engine, slow_forward, wait_for_core
 from .conftest import record, size
 
+LONG = 256  # every request's exact length (min_new_tokens): none ends by itself before it is cancelled
 
-def engine(max_batch_size: int = 16, max_queue: int = 48, step_seconds: float = 0.0) -> BatchingEngine:
-    built = batching_engine(max_batch_size, max_queue, max_new_tokens=256)
-    if step_seconds:
-        slow_forward(built, step_seconds)
-    return built
+
+def engine(max_batch_size: int = 16, max_queue: int = 48) -> BatchingEngine:
+    return batching_engine(max_batch_size, max_queue, max_new_tokens=LONG)
 
 
 @pytest.fixture
@@ -46,26 +45,28 @@ def test_mid_stream_cancels_leave_nothing_in_the_engine(served):
     built = engine()
     server = served(built)
     total = size(300, 1_000)
+    long = llm_pb2.GenerateRequest(prompt="class C:", max_new_tokens=LONG, min_new_tokens=LONG)
 
-    async def cancel_after_first_message(stub: llm_pb2_grpc.LLMServiceStub, i: int) -> None:
-        call = stub.Generate(llm_pb2.GenerateRequest(prompt=f"class C{i}:", max_new_tokens=256), timeout=60)
+    async def cancel_after_first_message(stub: llm_pb2_grpc.LLMServiceStub) -> None:
+        call = stub.Generate(long, timeout=60)
         async for _ in call:
             call.cancel()
             break
 
-    async def main() -> None:
+    async def main() -> CoreState:
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = llm_pb2_grpc.LLMServiceStub(channel)
-            for start in range(0, total, 32):
-                await asyncio.gather(*(cancel_after_first_message(stub, i) for i in range(start, start + 32)))
+            # Waves of 32 on 16 batch slots: each wave's second half waits for the first to leave.
+            for _ in range(0, total, 32):
+                await asyncio.gather(*(cancel_after_first_message(stub) for _ in range(32)))
+            return await asyncio.to_thread(built.core_state)
 
     started = time.perf_counter()
-    asyncio.run(main())
-    assert wait_until(lambda: built.in_flight == 0, timeout=30)
-    assert wait_until(lambda: built.held_requests() == 0, timeout=30)
+    last = asyncio.run(main())
+    assert_dropped_within_bound(built, last)
     record("faults: mid-stream cancels", total)
     record("faults: cancels/s", round(total / (time.perf_counter() - started), 1))
-    record("faults: requests left in the engine after cancels", built.held_requests())
+    record("faults: decode steps for all of them", built.core_state().steps)
 
     async def normal() -> list[llm_pb2.GenerateResponse]:
         async with grpc.aio.insecure_channel(server.target) as channel:
@@ -73,6 +74,7 @@ def test_mid_stream_cancels_leave_nothing_in_the_engine(served):
             return [m async for m in stub.Generate(llm_pb2.GenerateRequest(prompt="x", max_new_tokens=8))]
 
     assert asyncio.run(normal())[-1].generated_token_count == 8
+    assert built.in_flight == 0
 
 
 CLIENT = textwrap.dedent(
@@ -84,37 +86,39 @@ CLIENT = textwrap.dedent(
 
     channel = grpc.insecure_channel({target!r})
     stub = llm_pb2_grpc.LLMServiceStub(channel)
-    for message in stub.Generate(llm_pb2.GenerateRequest(prompt="def main():", max_new_tokens=480)):
+    request = llm_pb2.GenerateRequest(prompt="def main():", max_new_tokens={long}, min_new_tokens={long})
+    for message in stub.Generate(request):
         print("token", flush=True)
     """
 )
 
 
 def test_a_client_killed_mid_stream_frees_its_request(served):
-    built = engine(step_seconds=0.05)  # 480 tokens would take 24 s: only a freed request ends sooner
+    built = engine()
     server = served(built)
     src = str(ROOT / "packages" / "entity-llm-server" / "src")
-    script = CLIENT.format(src=src, target=server.target)
+    script = CLIENT.format(src=src, target=server.target, long=LONG)
     clients = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
     try:
         for client in clients:
             assert client.stdout is not None
             assert client.stdout.readline().strip() == "token"  # streaming has begun
-        assert built.in_flight == 4
+        before = wait_for_core(built, lambda held: held == 4)
         for client in clients:
             client.kill()  # SIGKILL: no goodbye on the connection
             client.wait(timeout=10)
         freed = time.perf_counter()
-        assert wait_until(lambda: built.in_flight == 0, timeout=20)
-        assert wait_until(lambda: built.held_requests() == 0, timeout=20)
-        seconds = round(time.perf_counter() - freed, 2)
-        record("faults: seconds from SIGKILL of 4 clients to their requests freed", seconds)
+        assert_dropped_within_bound(built, before)
+        record(
+            "faults: seconds from SIGKILL of 4 clients to their requests freed", round(time.perf_counter() - freed, 2)
+        )
     finally:
         for client in clients:
             if client.poll() is None:
                 client.kill()
             if client.stdout is not None:
                 client.stdout.close()
+    assert wait_until(lambda: built.in_flight == 0, timeout=60)
 
 
 def test_an_engine_fault_ends_every_stream_with_internal_never_a_hang(served):

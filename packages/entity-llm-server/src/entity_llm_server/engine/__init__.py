@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import (
+    CoreState,
     Engine,
     EngineError,
     EngineEvent,
@@ -24,6 +25,7 @@ from .transformers_engine import TransformersEngine
 __all__ = [
     "BatchingEngine",
     "BatchingSettings",
+    "CoreState",
     "Engine",
     "EngineError",
     "EngineEvent",

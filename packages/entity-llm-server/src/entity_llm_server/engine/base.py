@@ -107,6 +107,21 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class CoreState:
+    """What an engine's core holds, read from its own bookkeeping (for tests and operators).
+
+    Attributes:
+        held: requests the core still holds: queued, waiting or decoding. A
+            cancelled request leaves this count when the core drops it, not
+            when its stream closes in the front end.
+        steps: forward passes (decode steps) the core has run since it started.
+    """
+
+    held: int
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tokens:
     """A text's tokens (Tokenize)."""
 

@@ -35,7 +35,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import EngineError, EngineOverloadedError, EngineRequest, InvalidRequestError
+from .base import CoreState, EngineError, EngineOverloadedError, EngineRequest, InvalidRequestError
 from .sampling import Sampling
 from .tokens import Prepared, Step, TokenStreamEngine
 
@@ -346,18 +346,20 @@ class BatchingEngine(TokenStreamEngine):
             if not done and self._manager is not None:
                 manager.cancel_request(request_id)
 
-    def held_requests(self) -> int:
-        """Requests the batching thread still holds (queued, waiting or decoding).
+    def core_state(self) -> CoreState:
+        """The batching thread's own count of the requests it holds (queued,
+        waiting or decoding) and of its decode steps.
 
-        Diagnostics for tests and operators; it briefly pauses the batching
-        loop to read a consistent snapshot of the manager's internals.
+        It briefly pauses the batching loop to read a consistent snapshot of
+        the manager's internals; callable from any thread.
         """
         manager = self._manager
         if manager is None or not manager.is_running():
-            return 0
+            return CoreState(0, 0)
         with manager.pause():
             scheduler = manager.batch_processor.scheduler
-            return int(manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests))
+            held = manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests)
+            return CoreState(int(held), int(manager.current_batch))
 
     def load(self) -> tuple[int, int]:
         """(decoding, waiting) requests, for metrics: read without pausing the batching loop,

@@ -11,11 +11,11 @@ process keeps only the tokenizer, so the two loops run in parallel.
 What crosses the pipe (pickled tuples over a `multiprocessing` connection):
 
 - front end to engine: ``("add", rid, ids, max_new_tokens, sampling)``,
-  ``("cancel", rid)``, ``("held", token)``, ``("ping", token)``, ``("stop",)``;
+  ``("cancel", rid)``, ``("state", token)``, ``("ping", token)``, ``("stop",)``;
 - engine to front end: ``("ready", facts)`` or ``("failed", message)`` once,
   then ``("step", [(rid, new_ids, logprobs, finished, error), ...], active)``
   per batch of results (one per decode step, every sequence's new tokens in
-  one message), ``("held", token, count)``, ``("pong", token)``, and
+  one message), ``("state", token, CoreState)``, ``("pong", token)``, and
   ``("dead", reason)`` when the batching thread dies.
 
 Requests are validated, admitted and cancelled in the front end exactly as in
@@ -36,7 +36,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from .base import EngineError, EngineRequest, EngineUnavailableError
+from .base import CoreState, EngineError, EngineRequest, EngineUnavailableError
 from .batching import _DEAD, BatchingEngine, BatchingSettings
 from .child import EngineProcess, ModelFacts
 from .tokens import Prepared, Step
@@ -99,8 +99,8 @@ class ProcessEngine(BatchingEngine):
         self._started = False
         self._closed = False
         self._active = 0
-        self._held_replies: dict[int, int] = {}
-        self._held_events: dict[int, threading.Event] = {}
+        self._state_replies: dict[int, CoreState] = {}
+        self._state_events: dict[int, threading.Event] = {}
         self.liveness_interval = LIVENESS_INTERVAL
         self.liveness_timeout = LIVENESS_TIMEOUT
         self._ping_sent: float | None = None  # when the ping not yet answered went out
@@ -188,9 +188,9 @@ class ProcessEngine(BatchingEngine):
                             pending.put_nowait((ids, logprobs, finished, error))
                 elif kind == "pong":
                     self._ping_sent = None
-                elif kind == "held":
-                    self._held_replies[message[1]] = message[2]
-                    if (event := self._held_events.get(message[1])) is not None:
+                elif kind == "state":
+                    self._state_replies[message[1]] = message[2]
+                    if (event := self._state_events.get(message[1])) is not None:
                         event.set()
                 elif kind == "dead":
                     self._on_death(message[1])
@@ -255,29 +255,31 @@ class ProcessEngine(BatchingEngine):
 
     def _fail_waiting(self) -> None:
         super()._fail_waiting()
-        for event in list(self._held_events.values()):  # held_requests() answers 0 at once
+        for event in list(self._state_events.values()):  # core_state() answers at once
             event.set()
 
-    def held_requests(self) -> int:
-        """Requests the engine process still holds; call it from a thread other than the event loop."""
+    def core_state(self) -> CoreState:
+        """The engine process's own count of the requests it holds and of its
+        decode steps; call it from a thread other than the event loop."""
         if not self.healthy:
-            return 0
+            return CoreState(0, 0)
         try:
             here = asyncio.get_running_loop()
         except RuntimeError:  # no loop runs in this thread, as it must be
             here = None
         if here is not None and here is self._loop:
-            raise RuntimeError("held_requests() waits for the event loop: call it from another thread")
+            raise RuntimeError("core_state() waits for the event loop: call it from another thread")
         token = next(self._ids)
-        event = self._held_events[token] = threading.Event()
+        event = self._state_events[token] = threading.Event()
         try:
-            self._send(("held", token))
+            self._send(("state", token))
             if not event.wait(30):
                 raise EngineError("the engine process did not answer")
-            return self._held_replies.get(token, 0)  # 0: woken by the engine's death
+            # None: woken by the engine's death, which dropped every request
+            return self._state_replies.get(token) or CoreState(0, 0)
         finally:
-            del self._held_events[token]
-            self._held_replies.pop(token, None)
+            del self._state_events[token]
+            self._state_replies.pop(token, None)
 
     def load(self) -> tuple[int, int]:
         held = self.in_flight

@@ -20,7 +20,17 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .base import EngineEvent, EngineRequest, Finished, FinishReason, InvalidRequestError, ModelInfo, TextDelta, Tokens
+from .base import (
+    CoreState,
+    EngineEvent,
+    EngineRequest,
+    Finished,
+    FinishReason,
+    InvalidRequestError,
+    ModelInfo,
+    TextDelta,
+    Tokens,
+)
 from .sampling import GREEDY, Sampling, TokenLogprob
 
 # What an engine's `_token_ids` yields: new token ids and, when the request
@@ -219,6 +229,10 @@ class TokenStreamEngine(abc.ABC):
         if sampling.sampled and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         return Prepared(ids, min(wanted, room), clipped=wanted > room, sampling=sampling)
+
+    @abc.abstractmethod
+    def core_state(self) -> CoreState:
+        """What the core holds now and the decode steps it has run (blocking, briefly)."""
 
     @abc.abstractmethod
     def _admit(self) -> None:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from . import sampling as s
-from .base import EngineError, EngineRequest
+from .base import CoreState, EngineError, EngineRequest
 from .sampling import TokenLogprob
 from .tokens import Prepared, Step, TokenStreamEngine
 
@@ -45,6 +45,7 @@ class TransformersEngine(TokenStreamEngine):
         self._cache_name = "cache" if "cache" in forward else "past_key_values"
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight = 0  # requests submitted whose decode loop has not returned
+        self._steps = 0  # forward passes run, written by the worker thread alone
         self._count_lock = threading.Lock()
 
     @property
@@ -55,6 +56,10 @@ class TransformersEngine(TokenStreamEngine):
     @property
     def healthy(self) -> bool:
         return self._executor is not None
+
+    def core_state(self) -> CoreState:
+        """Requests submitted to the worker whose decode loop has not returned, and its forward passes."""
+        return CoreState(self._in_flight, self._steps)
 
     async def start(self) -> None:
         if self._executor is None:
@@ -113,6 +118,7 @@ class TransformersEngine(TokenStreamEngine):
         count = 0
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([prepared.ids], device=device), use_cache=True)
+            self._steps += 1
             logits = out.logits[:, -1]
             vocab = logits.shape[-1]
             eos_mask = s.eos_mask(self.eos_ids, vocab, device)
@@ -135,6 +141,7 @@ class TransformersEngine(TokenStreamEngine):
                     break
                 cache = {self._cache_name: getattr(out, self._cache_name)}
                 out = self.model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache)
+                self._steps += 1
                 logits = out.logits[:, -1]
 
     def load(self) -> tuple[int, int]:

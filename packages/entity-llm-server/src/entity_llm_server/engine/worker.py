@@ -20,6 +20,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .base import CoreState
 from .batching import BatchingEngine
 from .child import EngineSpec, ModelFacts, TokenizerFacts
 
@@ -100,13 +101,13 @@ class _Worker:
                 with self.lock:
                     self._forget(rid := message[1])
                 manager.cancel_request(rid)
-            elif kind == "held":
+            elif kind == "state":
                 try:
-                    held = self.engine.held_requests()
+                    state = self.engine.core_state()
                 except Exception:  # a diagnostic: never worth the engine
-                    log.exception("counting the held requests failed")
-                    held = -1
-                self.outbox.put(("held", message[1], held))
+                    log.exception("reading the engine's state failed")
+                    state = CoreState(-1, -1)
+                self.outbox.put(("state", message[1], state))
             elif kind == "ping":  # the front end's liveness check: this process still runs
                 self.outbox.put(("pong", message[1]))
             elif kind == "stop":

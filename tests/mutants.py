@@ -1,0 +1,203 @@
+"""Mutation check: each promise the README makes is guarded by a test that fails without it.
+
+`nox -s mutants` (or `python tests/mutants.py [NAME ...]` in a venv with both
+packages and the test dependencies) takes each mutation below, applies it to a
+copy of the installed `entity_llm_server` package, and runs the tests named
+for it with that copy first on PYTHONPATH (engine processes and subprocess
+clients inherit it), so the checkout itself is never changed. A mutation that
+the tests do not catch (they pass) is a survivor: the run lists it and exits 1.
+Figures go to benchmarks/results/mutants.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One line of `entity_llm_server` changed, and the tests that must then fail.
+
+    Attributes:
+        name: a short handle (pass it on the command line to run only this one).
+        promise: what the README promises that the line keeps.
+        path: the module, relative to the `entity_llm_server` package.
+        line: the exact text of the line (stripped).
+        mutant: what the line becomes (indentation is kept).
+        tests: pytest arguments selecting the tests that guard the promise.
+        occurrence: which of the module's `occurrences` lines of that text to change.
+    """
+
+    name: str
+    promise: str
+    path: str
+    line: str
+    mutant: str
+    tests: tuple[str, ...]
+    occurrence: int = 0
+    occurrences: int = 1
+
+
+MUTATIONS = (
+    Mutation(
+        "cancel-in-process",
+        "a client that leaves is dropped from the batch (batching engine in process)",
+        "engine/batching.py",
+        "manager.cancel_request(request_id)",
+        "pass",
+        ("tests/model/test_cancellation.py", "-k", "batching"),
+    ),
+    Mutation(
+        "cancel-engine-process",
+        "a client that leaves is dropped from the batch (the engine process)",
+        "engine/worker.py",
+        "manager.cancel_request(rid)",
+        "pass",
+        ("tests/model/test_cancellation.py", "-k", "process"),
+        occurrence=0,  # the front end's cancel (the other drops a request whose sampling failed)
+        occurrences=2,
+    ),
+    Mutation(
+        "cancel-sent",
+        "a client that leaves is dropped from the batch (the front end tells the engine process)",
+        "engine/process.py",
+        'self._send(("cancel", rid))',
+        "pass",
+        ("tests/model/test_cancellation.py", "-k", "process"),
+    ),
+    Mutation(
+        "cancel-sequential",
+        "a client that leaves stops its generation (sequential engine)",
+        "engine/transformers_engine.py",
+        "cancelled.set()",
+        "pass",
+        ("tests/model/test_cancellation.py", "-k", "sequential"),
+    ),
+    Mutation(
+        "seed-per-request",
+        "a seed reproduces a text, whatever else is in the batch",
+        "engine/sampling.py",
+        "step_key(sampling.seed or 0, step) if sampled else 0,",
+        "step_key(0, step) if sampled else 0,",
+        ("tests/model/test_sampling.py", "-k", "seed"),
+    ),
+    Mutation(
+        "drain-grace",
+        "SIGTERM lets the streams in flight finish within the grace period",
+        "server.py",
+        "if await self.gate.wait_idle(grace):",
+        "if await self.gate.wait_idle(0):",
+        ("tests/integration/test_drain.py",),
+    ),
+    Mutation(
+        "admission-bound",
+        "a request beyond max batch size + max queue is refused at once (RESOURCE_EXHAUSTED)",
+        "engine/batching.py",
+        "if self.in_flight >= self.capacity:",
+        "if False:",
+        ("tests/model/test_batching.py", "tests/model/test_engine_process.py", "-k", "capacity"),
+    ),
+    Mutation(
+        "stop-trimming",
+        "a stop sequence ends the stream and is trimmed from the text unless asked for",
+        "engine/tokens.py",
+        "end = index + len(stop) if self.include else index",
+        "end = index + len(stop)",
+        ("tests/model/test_generation_api.py", "-k", "stop"),
+    ),
+)
+
+
+def installed_package() -> Path:
+    spec = importlib.util.find_spec("entity_llm_server")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("entity_llm_server is not installed in this interpreter")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def target(package: Path, mutation: Mutation) -> tuple[list[str], int]:
+    """The module's lines and the index of the one `mutation` changes; exits if the code no longer matches."""
+    lines = (package / mutation.path).read_text().splitlines(keepends=True)
+    hits = [i for i, text in enumerate(lines) if text.strip() == mutation.line]
+    if len(hits) != mutation.occurrences:
+        raise SystemExit(
+            f"{mutation.name}: {mutation.line!r} occurs {len(hits)} times in {mutation.path}, "
+            f"not {mutation.occurrences}: update the mutation"
+        )
+    return lines, hits[mutation.occurrence]
+
+
+def mutate(package: Path, mutation: Mutation) -> None:
+    """Apply `mutation` to the copy of the package at `package`."""
+    lines, index = target(package, mutation)
+    text = lines[index]
+    lines[index] = text[: len(text) - len(text.lstrip())] + mutation.mutant + "\n"
+    (package / mutation.path).write_text("".join(lines))
+
+
+def run(mutation: Mutation, source: Path, each: bool = False) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="entity-mutant-") as tmp:
+        package = Path(tmp) / "entity_llm_server"
+        shutil.copytree(source, package, ignore=shutil.ignore_patterns("__pycache__"))
+        mutate(package, mutation)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *mutation.tests]
+        if not each:
+            command.append("-x")  # one failing test is enough to catch the mutant
+        started = time.monotonic()
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        seconds = round(time.monotonic() - started, 1)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    tail = [line[:160] for line in lines if line.startswith(("FAILED", "ERROR"))] + lines[-1:]
+    # pytest: 1 = tests failed (caught); 0 = all passed (survived); anything else = the run itself broke.
+    verdict = {0: "SURVIVED", 1: "caught"}.get(done.returncode, f"error (pytest exit {done.returncode})")
+    return {
+        "name": mutation.name,
+        "verdict": verdict,
+        "seconds": seconds,
+        "tests": " ".join(mutation.tests),
+        "tail": tail,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="run only these mutations (default: all)")
+    parser.add_argument("--each", action="store_true", help="run every selected test, not only up to the first failure")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    if unknown := set(args.names) - {m.name for m in MUTATIONS}:
+        raise SystemExit(f"unknown mutations: {', '.join(sorted(unknown))}")
+    source = installed_package()
+    for mutation in chosen:  # every line must be found before anything runs
+        target(source, mutation)
+    results = []
+    for mutation in chosen:
+        result = run(mutation, source, args.each)
+        results.append(result)
+        print(f"{result['verdict']:>8}  {mutation.name:<22} {result['seconds']:>6}s  {mutation.promise}", flush=True)
+        if result["verdict"] != "caught" or args.each:
+            print("          " + "\n          ".join(result["tail"]), flush=True)  # type: ignore[arg-type]
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mutants.json").write_text(json.dumps(results, indent=2) + "\n")
+    caught = sum(r["verdict"] == "caught" for r in results)
+    print(f"{caught} of {len(results)} mutations caught")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
