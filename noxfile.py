@@ -1,7 +1,8 @@
 """The one task runner. `nox` runs the default sessions: lint, breaking, tests.
 
-`nox -s bench` runs the benchmarks; `nox -s soak` the reliability suite's long mode; `nox -s demo` runs the
-main job: the server on the embedded default model, streamed by the client SDK.
+`nox -s bench` runs the benchmarks; `nox -s soak` the reliability suite's long mode; `nox -s mutants` the
+mutation check; `nox -s demo` runs the main job: the server on the embedded default model, streamed by the
+client SDK.
 """
 
 from __future__ import annotations
@@ -130,6 +131,16 @@ def soak(session: nox.Session) -> None:
     args = ("tests/reliability", "tests/integration/test_keepalive.py", "-p", "no:cacheprovider", "-o", "timeout=3600")
     args = (*args, *session.posargs)
     session.run("pytest", *args, env=env)
+
+
+@nox.session(python="3.11")
+def mutants(session: nox.Session) -> None:
+    """The mutation check: the tests guarding each promise fail when its line is changed (tests/mutants.py);
+    pass mutation names to run only those."""
+    session.install(*TEST)
+    _install_packages(session)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    session.run("python", "tests/mutants.py", *session.posargs, env=env)
 
 
 @nox.session(python="3.11")

@@ -63,8 +63,7 @@ def test_the_engine_process_streams_exactly_what_the_in_process_engine_does():
     assert all(f.token_ids for f in remote_greedy)
     assert remote_sampled.token_ids == local_sampled.token_ids
     assert remote_sampled.seed == 1234
-    # Logprobs cross the pipe with the ids: the same records, to float precision.
-    assert len(remote_sampled.token_ids) == 12
+    assert len(remote_sampled.token_ids) == 12  # its logprobs are compared by value below
     assert remote.child.popen.returncode == 0  # close() stopped the engine process
 
 
