@@ -161,7 +161,7 @@ def run(mutation: Mutation, source: Path, each: bool = False) -> dict[str, objec
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         seconds = round(time.monotonic() - started, 1)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    tail = [line[:160] for line in lines if line.startswith(("FAILED", "ERROR"))] + lines[-1:]
+    tail = [line[:160] for line in lines if line.startswith(("FAILED ", "ERROR tests"))] + lines[-1:]
     # pytest: 1 = tests failed (caught); 0 = all passed (survived); anything else = the run itself broke.
     verdict = {0: "SURVIVED", 1: "caught"}.get(done.returncode, f"error (pytest exit {done.returncode})")
     return {
