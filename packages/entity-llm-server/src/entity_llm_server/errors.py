@@ -17,7 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .engine import EngineError, EngineOverloadedError, EngineUnavailableError, InvalidRequestError
-from .validation import RequestValidationError
+from .validation import RequestValidationError, UndecodableRequestError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, Trailers]:
     """Map a domain exception to what a client sees: code, message, and trailers with details."""
     if isinstance(exc, RequestValidationError):
         return _bad_request(exc.violations, f"invalid request: {exc}")
+    if isinstance(exc, UndecodableRequestError):
+        return _bad_request(exc.violations, str(exc))
     if isinstance(exc, InvalidRequestError):
         return _bad_request([(exc.field, exc.description)], f"invalid request: {exc}")
     if isinstance(exc, EngineOverloadedError):

@@ -52,6 +52,9 @@ class HealthMonitor:
         # does not answer: that may pass): the console script may end the
         # process on it (--on-engine-failure exit).
         self.engine_failed = asyncio.Event()
+        # How many times `update()` has looked at the engine: what a test
+        # waits on to know the watcher has looked again, instead of sleeping.
+        self.looks = 0
         self._served = False
         self._task: asyncio.Task[None] | None = None
 
@@ -84,6 +87,7 @@ class HealthMonitor:
         await self._set(SERVING if ready else NOT_SERVING)
         if not ready and self._served and not self.draining and not self._stalled():
             self.engine_failed.set()
+        self.looks += 1
 
     async def _watch(self) -> None:
         while True:

@@ -11,8 +11,9 @@ not one per concern) and, per RPC:
 2. checks the API key (`authorization: Bearer <key>`) when keys are set;
 3. refuses new RPCs with UNAVAILABLE once a drain has begun, and counts the
    admitted ones so the drain can wait for them;
-4. answers INVALID_ARGUMENT, naming the problem, for request bytes that do not
-   parse (grpcio alone would answer UNKNOWN "Exception deserializing request");
+4. answers INVALID_ARGUMENT, naming the problem (and each string field that
+   is not UTF-8), for request bytes that do not parse (grpcio alone would
+   answer UNKNOWN "Exception deserializing request");
 5. records metrics and writes one log line when the RPC ends, with its final
    status code: OK, an abort's code, CANCELLED, DEADLINE_EXCEEDED or UNKNOWN.
 
@@ -32,12 +33,17 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from . import logs
 from .auth import ApiKeys
+from .errors import status_for
 from .health import HEALTH_SERVICE, LLM_SERVICE
 from .metrics import Metrics
-from .validation import MAX_REQUEST_ID_CHARS
+from .validation import MAX_REQUEST_ID_CHARS, UndecodableRequestError, non_utf8_fields
+
+if TYPE_CHECKING:
+    from google.protobuf.descriptor import Descriptor
 
 log = logging.getLogger("entity_llm_server.access")
 
@@ -93,11 +99,19 @@ class _Undecodable:
 
     __slots__ = ("error",)
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: UndecodableRequestError) -> None:
         self.error = error
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _request_type(method: str) -> Descriptor | None:
+    """The request message of `/package.Service/Method`, from the default descriptor pool."""
+    try:
+        return descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", ".")).input_type
+    except KeyError:
+        return None
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
@@ -105,7 +119,10 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
         try:
             return deserializer(data)
         except Exception as exc:  # handed to the behavior, which answers INVALID_ARGUMENT
-            return _Undecodable(str(exc) or type(exc).__name__)
+            request_type = _request_type(method)
+            fields = non_utf8_fields(request_type, data) if request_type is not None else []
+            error = str(exc) or type(exc).__name__
+            return _Undecodable(UndecodableRequestError(error, [(field, "not valid UTF-8") for field in fields]))
 
     return deserialize
 
@@ -193,7 +210,7 @@ class OperationsInterceptor(_Interceptor):
         behavior = self._stream(method, inner) if inspect.isasyncgenfunction(inner) else self._unary(method, inner)
         deserializer = handler.request_deserializer
         if not handler.request_streaming:
-            deserializer = _tolerant(deserializer)
+            deserializer = _tolerant(deserializer, method)
         return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
     def _unary(self, method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -274,7 +291,7 @@ class OperationsInterceptor(_Interceptor):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             call.gated = True
         if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be decoded: {request.error}")
+            await context.abort(*status_for(request.error))
 
     def _close(self, call: _Call, context: Any, error: BaseException | None) -> None:
         code = _final_code(error, context)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from .engine.sampling import MAX_TOP_LOGPROBS
 
 if TYPE_CHECKING:
+    from google.protobuf.descriptor import Descriptor
+
     from ._gen.entity.grpc import llm_pb2
 
 MAX_STOP_SEQUENCES = 6
@@ -18,6 +23,7 @@ MAX_REPETITION_PENALTY = 10.0
 MAX_MESSAGES = 256
 # Either way: a request, and a reply (a Tokenize of megabytes of text).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
 
 class RequestValidationError(ValueError):
@@ -30,6 +36,88 @@ class RequestValidationError(ValueError):
     def __init__(self, violations: list[tuple[str, str]]) -> None:
         super().__init__("; ".join(f"{field}: {description}" for field, description in violations))
         self.violations = violations
+
+
+class UndecodableRequestError(ValueError):
+    """Request bytes that do not parse.
+
+    Attributes:
+        violations: (field, "not valid UTF-8") for each string field whose
+            bytes are not UTF-8; empty when the wire format itself is broken.
+    """
+
+    def __init__(self, error: str, violations: list[tuple[str, str]]) -> None:
+        named = (f"{field}: {description}" for field, description in violations)
+        super().__init__("; ".join([f"request could not be decoded: {error}", *named]))
+        self.violations = violations
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = data[pos]  # IndexError: the varint runs past the end
+        value, pos = value | (byte & 0x7F) << shift, pos + 1
+        if byte < 0x80:
+            return value, pos
+    raise IndexError("a varint longer than 10 bytes")
+
+
+def _field(data: bytes, pos: int) -> tuple[int, int, int, int]:
+    """(field number, wire type, start, end) of the field at `pos`; IndexError where the wire format breaks."""
+    key, pos = _varint(data, pos)
+    number, wire_type = key >> 3, key & 7
+    start = pos
+    if number == 0 or wire_type in (4, 6, 7):  # an end-group here has no start
+        raise IndexError("not a field")
+    if wire_type == 0:
+        _, pos = _varint(data, pos)
+    elif wire_type == 2:
+        size, start = _varint(data, pos)
+        pos = start + size
+    elif wire_type == 3:  # a group (unknown fields only, in proto3): up to its end-group tag
+        while _varint(data, pos)[0] != number << 3 | 4:
+            pos = _field(data, pos)[3]
+        pos = _varint(data, pos)[1]
+    else:
+        pos += 8 if wire_type == 1 else 4
+    if pos > len(data):
+        raise IndexError("a field runs past the end")
+    return number, wire_type, start, pos
+
+
+def _walk(descriptor: Descriptor, data: bytes, prefix: str, found: list[str]) -> None:
+    seen: dict[int, int] = {}
+    pos = 0
+    while pos < len(data):
+        number, wire_type, start, pos = _field(data, pos)
+        field = descriptor.fields_by_number.get(number)
+        if wire_type != 2 or field is None or field.type not in (FieldDescriptor.TYPE_STRING, _MESSAGE):
+            continue
+        name = prefix + field.name
+        if field.is_repeated:
+            seen[number] = seen.get(number, -1) + 1
+            name += f"[{seen[number]}]"
+        if field.message_type is not None:
+            _walk(field.message_type, data[start:pos], name + ".", found)
+        else:
+            try:
+                data[start:pos].decode("utf-8")
+            except UnicodeDecodeError:
+                found.append(name)
+
+
+def non_utf8_fields(descriptor: Descriptor, data: bytes) -> list[str]:
+    """The string fields of a serialized message whose bytes are not UTF-8.
+
+    Named as in the proto (`prompt`, `stop_sequences[1]`, `messages[0].content`),
+    every occurrence on the wire, not only the one a parser keeps. Like a
+    parser, the walk stops where the wire format breaks; what it found before
+    that is returned.
+    """
+    found: list[str] = []
+    with contextlib.suppress(IndexError, RecursionError):  # RecursionError: groups nested past any parser's limit
+        _walk(descriptor, data, "", found)
+    return found
 
 
 def _positive(request: llm_pb2.GenerateRequest | llm_pb2.TokenizeRequest, field: str) -> list[tuple[str, str]]:
