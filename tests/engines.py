@@ -10,8 +10,7 @@ import pytest
 
 from entity_llm_client import LLMClient, LLMError, OverloadedError
 from entity_llm_server import UnifiedLLMResource
-from entity_llm_server.engine import BatchingEngine, BatchingSettings, CoreState
-from entity_llm_server.engine.tokens import TokenStreamEngine
+from entity_llm_server.engine import BatchingEngine, BatchingSettings, CoreState, FrontEnd
 
 from .conftest import wait_until
 
@@ -21,7 +20,7 @@ from .conftest import wait_until
 ENGINE_KINDS = ("batching", "process", "sequential")
 
 
-def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16) -> TokenStreamEngine:
+def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16) -> FrontEnd:
     """The engine `kind` (one of ENGINE_KINDS) on the embedded default model, not started."""
     settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
     resource = UnifiedLLMResource(
@@ -31,7 +30,7 @@ def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_
         engine_process=kind == "process",
     )
     engine = resource.load_engine()
-    assert isinstance(engine, TokenStreamEngine)
+    assert isinstance(engine, FrontEnd)
     assert type(engine).__name__ == {"batching": "BatchingEngine", "process": "ProcessEngine"}.get(
         kind, "TransformersEngine"
     )
@@ -43,7 +42,7 @@ def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_
 BOUND = 100
 
 
-def wait_for_core(engine: TokenStreamEngine, held: Callable[[int], bool], timeout: float = 120) -> CoreState:
+def wait_for_core(engine: FrontEnd, held: Callable[[int], bool], timeout: float = 120) -> CoreState:
     """The core's state once its held count satisfies `held` (`timeout` seconds is only a hang guard)."""
     seen: list[CoreState] = []
 
@@ -55,7 +54,7 @@ def wait_for_core(engine: TokenStreamEngine, held: Callable[[int], bool], timeou
     return seen[-1]
 
 
-def assert_dropped_within_bound(engine: TokenStreamEngine, before: CoreState) -> None:
+def assert_dropped_within_bound(engine: FrontEnd, before: CoreState) -> None:
     """Every request leaves the core within BOUND decode steps of `before` (read just before the clients left)."""
     dropped = wait_for_core(engine, lambda held: held == 0)
     steps = dropped.steps - before.steps

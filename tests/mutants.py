@@ -52,38 +52,40 @@ class Mutation:
 
 MUTATIONS = (
     Mutation(
-        "cancel-in-process",
-        "a client that leaves is dropped from the batch (batching engine in process)",
+        "cancel-core",
+        "a client that leaves is dropped from the batch (the batching core, in process or in the engine process)",
         "engine/batching.py",
-        "manager.cancel_request(request_id)",
-        "pass",
-        ("tests/model/test_cancellation.py", "-k", "batching"),
-    ),
-    Mutation(
-        "cancel-engine-process",
-        "a client that leaves is dropped from the batch (the engine process)",
-        "engine/worker.py",
         "manager.cancel_request(rid)",
         "pass",
-        ("tests/model/test_cancellation.py", "-k", "process"),
-        occurrence=0,  # the front end's cancel (the other drops a request whose sampling failed)
+        ("tests/model/test_cancellation.py", "-k", "batching or process"),
+        occurrence=1,  # BatchingCore.cancel (the other drops a request whose sampling failed)
         occurrences=2,
     ),
     Mutation(
         "cancel-sent",
         "a client that leaves is dropped from the batch (the front end tells the engine process)",
         "engine/process.py",
-        'self._send(("cancel", rid))',
+        "self._send(Cancel(rid))",
         "pass",
         ("tests/model/test_cancellation.py", "-k", "process"),
     ),
     Mutation(
+        "cancel-front-end",
+        "a client that leaves is dropped from the batch (the front end tells its core, whichever it is)",
+        "engine/frontend.py",
+        "self.core.cancel(rid)",
+        "pass",
+        ("tests/model/test_cancellation.py",),
+    ),
+    Mutation(
         "cancel-sequential",
         "a client that leaves stops its generation (sequential engine)",
-        "engine/transformers_engine.py",
-        "cancelled.set()",
+        "engine/sequential.py",
+        "flag.set()",
         "pass",
         ("tests/model/test_cancellation.py", "-k", "sequential"),
+        occurrence=1,  # SequentialCore.cancel (the other is close())
+        occurrences=2,
     ),
     Mutation(
         "seed-per-request",
@@ -104,15 +106,15 @@ MUTATIONS = (
     Mutation(
         "admission-bound",
         "a request beyond max batch size + max queue is refused at once (RESOURCE_EXHAUSTED)",
-        "engine/batching.py",
-        "if self.in_flight >= self.capacity:",
+        "engine/frontend.py",
+        "if self.capacity is not None and self.in_flight >= self.capacity:",
         "if False:",
         ("tests/model/test_batching.py", "tests/model/test_engine_process.py", "-k", "capacity"),
     ),
     Mutation(
         "stop-trimming",
         "a stop sequence ends the stream and is trimmed from the text unless asked for",
-        "engine/tokens.py",
+        "engine/text.py",
         "end = index + len(stop) if self.include else index",
         "end = index + len(stop)",
         ("tests/model/test_generation_api.py", "-k", "stop"),

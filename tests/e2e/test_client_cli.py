@@ -10,6 +10,7 @@ import pytest
 from entity_llm_client import LLMClient
 
 from ..conftest import console_script
+from .conftest import FIBONACCI, FIBONACCI_12
 
 pytestmark = pytest.mark.e2e
 
@@ -19,12 +20,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_streams_the_same_text_as_the_sdk(console_server):
-    out = _cli("--target", console_server.target, "generate", "def fibonacci(n):", "--max-new-tokens", "12")
+    out = _cli("--target", console_server.target, "generate", FIBONACCI, "--max-new-tokens", "12")
     assert out.returncode == 0, out.stderr
     with LLMClient(console_server.target, timeout=60) as client:
-        expected = client.complete("def fibonacci(n):", max_new_tokens=12)
-    assert out.stdout == expected.text + "\n"
-    assert f"[{expected.finish_reason.value}, {expected.usage.input_tokens} in / 12 out]" in out.stderr
+        expected = client.complete(FIBONACCI, max_new_tokens=12)
+    assert expected.text == FIBONACCI_12
+    assert out.stdout == FIBONACCI_12 + "\n"
+    assert "[max_tokens, 10 in / 12 out]" in out.stderr  # the start token and 9 of the prompt
 
 
 def test_generate_json_gives_one_object_per_chunk_and_a_final_one(console_server):
@@ -32,6 +34,7 @@ def test_generate_json_gives_one_object_per_chunk_and_a_final_one(console_server
                "--request-id", "cli-1")  # fmt: skip
     assert out.returncode == 0, out.stderr
     chunks = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "".join(c["text"] for c in chunks) == "\nimport os\nimport"  # greedy
     assert chunks[-1]["finish_reason"] == "max_tokens"
     assert chunks[-1]["usage"]["generated_tokens"] == 5
     assert {c["request_id"] for c in chunks} == {"cli-1"}
@@ -40,19 +43,24 @@ def test_generate_json_gives_one_object_per_chunk_and_a_final_one(console_server
 
 def test_tokenize_and_info(console_server):
     tokens = json.loads(_cli("--target", console_server.target, "--json", "tokenize", "def f(x):").stdout)
-    assert tokens["count"] == len(tokens["ids"]) == len(tokens["pieces"]) > 0
+    assert tokens == {
+        "ids": [0, 319, 290, 11, 91, 304],
+        "pieces": ["<|endoftext|>", "def", "\u0120f", "(", "x", "):"],  # byte-level BPE: "\u0120" is a space
+        "count": 6,
+    }
     info = json.loads(_cli("--target", console_server.target, "--json", "info").stdout)
     assert info["default_max_new_tokens"] == 32  # the fixture's --max-new-tokens
-    assert info["context_length"] > 0
-    plain = _cli("--target", console_server.target, "info")
-    assert "context_length:" in plain.stdout
+    assert (info["context_length"], info["vocab_size"], info["max_max_new_tokens"]) == (512, 4096, 511)
+    assert (info["eos_token_ids"], info["has_chat_template"]) == ([0], True)
+    plain = _cli("--target", console_server.target, "info").stdout.splitlines()
+    assert "context_length: 512" in plain
+    assert "default_max_new_tokens: 32" in plain
 
 
 def test_a_failed_call_exits_one_with_the_status(console_server):
     out = _cli("--target", console_server.target, "generate", "x", "--max-new-tokens", "0")
     assert out.returncode == 1
-    assert "INVALID_ARGUMENT" in out.stderr
-    assert "max_new_tokens" in out.stderr
+    assert out.stderr == "entity-llm: INVALID_ARGUMENT: invalid request: max_new_tokens: must be at least 1 when set\n"
     unreachable = _cli("--target", "127.0.0.1:1", "--timeout", "5", "info")
     assert unreachable.returncode == 1
     assert "UNAVAILABLE" in unreachable.stderr

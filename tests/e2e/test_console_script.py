@@ -10,23 +10,24 @@ import threading
 
 import pytest
 
-from entity_llm_client import AsyncLLMClient, LLMClient
+from entity_llm_client import AsyncLLMClient, FinishReason, LLMClient
 
 from ..conftest import RunningServer, console_script
+from .conftest import FIBONACCI, FIBONACCI_32, IMPORT_OS_8
 
 pytestmark = pytest.mark.e2e
 
 
 def test_console_script_streams_the_default_model_sync_and_async(console_server):
     with LLMClient(console_server.target, timeout=60) as client:
-        text = "".join(c.text for c in client.generate("def fibonacci(n):"))
-    assert text.strip()
+        text = "".join(c.text for c in client.generate(FIBONACCI))
+    assert text == FIBONACCI_32  # the server's --max-new-tokens 32 of the greedy continuation
 
     async def run() -> str:
         async with AsyncLLMClient(console_server.target, timeout=60) as client:
-            return "".join([c.text async for c in client.generate("def fibonacci(n):")])
+            return "".join([c.text async for c in client.generate(FIBONACCI)])
 
-    assert asyncio.run(run()) == text  # greedy: the same prompt gives the same text
+    assert asyncio.run(run()) == FIBONACCI_32
 
 
 @pytest.mark.parametrize("command", [["-m", "entity_llm_server"], []])
@@ -44,7 +45,7 @@ def test_python_dash_m_serves_too():
             line = server.stdout.readline()  # type: ignore[union-attr]
             target = line.split("listening on ")[1].strip()
             with LLMClient(target, timeout=60) as client:
-                assert "".join(c.text for c in client.generate("import os\n")).strip()
+                assert "".join(c.text for c in client.generate("import os\n")) == IMPORT_OS_8
         finally:
             server.send_signal(signal.SIGTERM)
             assert server.wait(timeout=60) == 0
@@ -60,11 +61,13 @@ def test_sigterm_mid_stream_lets_the_stream_finish_and_exits_zero():
         # SIGTERM while the stream is open: it must still complete normally.
         stopper = threading.Thread(target=server.stop)
         stopper.start()
-        rest = [chunk.text for chunk in stream]
+        rest = list(stream)
         stopper.join(timeout=60)
         assert server.process.returncode == 0, server.stderr()
     assert first.text
-    assert len(rest) > 0
+    assert rest[-1].finish_reason is FinishReason.MAX_TOKENS
+    assert rest[-1].usage is not None
+    assert rest[-1].usage.generated_tokens == 96
 
 
 def test_a_model_that_does_not_exist_fails_with_a_clear_message(tmp_path):

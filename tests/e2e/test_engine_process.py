@@ -15,6 +15,7 @@ import pytest
 from entity_llm_client import LLMClient, LLMError
 
 from ..conftest import alive, children, console_script, free_port, wait_until
+from .conftest import IMPORT_OS_8
 
 pytestmark = pytest.mark.e2e
 
@@ -82,7 +83,7 @@ def test_sigterm_to_the_whole_process_group_still_lets_the_open_stream_finish(se
 def test_a_killed_front_end_takes_its_engine_process_with_it(server):
     running = server()
     with LLMClient(running.target, timeout=60) as client:
-        assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8))
+        assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8)) == IMPORT_OS_8
     (engine_pid,) = children(running.process.pid)
     running.process.kill()  # SIGKILL: no cleanup code runs in the front end
     running.process.wait(30)
@@ -92,7 +93,7 @@ def test_a_killed_front_end_takes_its_engine_process_with_it(server):
 def test_engine_process_off_serves_from_one_process(server):
     running = server("--engine-process", "off")
     with LLMClient(running.target, timeout=60) as client:
-        assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8))
+        assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8)) == IMPORT_OS_8
     assert children(running.process.pid) == []
 
 

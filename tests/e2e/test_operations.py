@@ -105,6 +105,7 @@ def test_tls_api_keys_and_json_logs_with_request_ids(pki, tmp_path):
         with LLMClient(server.target, timeout=60, root_certificates=ca, api_key="s3cret-key") as client:
             done = client.complete("def f(x):", metadata=[("x-request-id", "e2e-trace-1")])
         assert done.request_id == "e2e-trace-1"
+        assert done.text == " return (self, x): return ("  # greedy, 8 tokens
         with (
             LLMClient(server.target, timeout=60, root_certificates=ca) as client,
             pytest.raises(UnauthenticatedError, match="missing API key"),
@@ -134,7 +135,13 @@ def test_tls_api_keys_and_json_logs_with_request_ids(pki, tmp_path):
     assert len(ours) == 1
     assert ours[0]["grpc_method"] == "/entity.grpc.LLMService/Generate"
     assert (ours[0]["code"], ours[0]["tokens"]) == ("OK", 8)
-    assert {"OK", "UNAUTHENTICATED"} <= {e["code"] for e in finished}
+    # Every RPC at INFO (health probes log at DEBUG): the SDK's two calls, then the command's two.
+    assert [(e["grpc_method"].rsplit("/", 1)[1], e["code"]) for e in finished] == [
+        ("Generate", "OK"),
+        ("GetModelInfo", "UNAUTHENTICATED"),
+        ("GetModelInfo", "OK"),
+        ("GetModelInfo", "UNAUTHENTICATED"),
+    ]
     assert all(e["request_id"] not in ("", "-") for e in finished)
     assert "s3cret-key" not in log
 

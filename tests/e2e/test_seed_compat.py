@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -14,7 +13,8 @@ import pytest
 
 from entity_llm_client import LLMClient
 
-from ..conftest import free_port
+from ..conftest import free_port, wait_until
+from .conftest import FIBONACCI, FIBONACCI_32, FIBONACCI_GREEDY
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_PROTO = ROOT / "tests" / "pipeline" / "seed" / "llm.proto"
@@ -52,15 +52,11 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
 """
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the snippet's server exited"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
+def _listening(port: int, process: subprocess.Popen[bytes]) -> bool:
+    """Whether the snippet's server accepts connections on `port` (it prints nothing to wait on)."""
+    assert process.poll() is None, "the snippet's server exited"
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_the_seed_snippet_runs_with_only_its_port_changed(tmp_path):
@@ -72,13 +68,13 @@ def test_the_seed_snippet_runs_with_only_its_port_changed(tmp_path):
     assert str(port) in script.read_text()
     with subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL) as process:
         try:
-            _wait_for_port(port, process)
+            assert wait_until(lambda: _listening(port, process), timeout=120), f"nothing listens on {port}"
             from grpc_services import llm_pb2, llm_pb2_grpc
 
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = llm_pb2_grpc.LLMServiceStub(channel)
-                tokens = [r.token for r in stub.Generate(llm_pb2.GenerateRequest(prompt="def f(x):"), timeout=120)]
-            assert "".join(tokens).strip()
+                tokens = [r.token for r in stub.Generate(llm_pb2.GenerateRequest(prompt=FIBONACCI), timeout=120)]
+            assert "".join(tokens) == FIBONACCI_GREEDY  # the embedded model, greedy, up to its EOS
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=60)
@@ -92,8 +88,7 @@ def test_the_seed_example_prints_tokens_and_exits_zero():
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("def fibonacci(n):")
-    assert len(out.stdout.strip()) > len("def fibonacci(n):")
+    assert out.stdout == FIBONACCI + FIBONACCI_GREEDY + "\n"
 
 
 def test_a_client_compiled_from_the_seeds_proto_streams_from_the_server(tmp_path, console_server):
@@ -106,9 +101,8 @@ def test_a_client_compiled_from_the_seeds_proto_streams_from_the_server(tmp_path
         check=True,
     )  # fmt: skip
     (tmp_path / "seed_client.py").write_text(SEED_CLIENT)
-    prompt = "def fibonacci(n):"
     out = subprocess.run(
-        [sys.executable, "seed_client.py", console_server.target, prompt],
+        [sys.executable, "seed_client.py", console_server.target, FIBONACCI],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -116,6 +110,5 @@ def test_a_client_compiled_from_the_seeds_proto_streams_from_the_server(tmp_path
         check=True,
     )
     with LLMClient(console_server.target, timeout=60) as client:
-        expected = "".join(c.text for c in client.generate(prompt))
-    assert out.stdout == expected
-    assert expected.strip()
+        expected = "".join(c.text for c in client.generate(FIBONACCI))
+    assert out.stdout == expected == FIBONACCI_32  # the server's --max-new-tokens 32

@@ -10,8 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entity_llm_client import FinishReason, LLMClient, LLMError, UnavailableError
-from entity_llm_server import FakeEngine, LLMService
+from entity_llm_server import LLMService
 from entity_llm_server.engine import EngineEvent, EngineRequest
+from entity_llm_server.testing import FakeEngine
 
 from ..conftest import wait_until
 from .test_health import NOT_SERVING, SERVING, wait_for_status

@@ -8,7 +8,8 @@ import grpc
 import pytest
 
 from entity_llm_client import AsyncLLMClient, FieldViolation, InvalidArgumentError, LLMClient
-from entity_llm_server import FakeEngine, LLMService
+from entity_llm_server import LLMService
+from entity_llm_server.testing import FakeEngine
 
 PIECES = ("a", "b")
 

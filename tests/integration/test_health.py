@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entity_llm_client import LLMClient
-from entity_llm_server import FakeEngine, LLMService
+from entity_llm_server import LLMService
+from entity_llm_server.testing import FakeEngine
 
 from ..conftest import wait_until
 
@@ -94,7 +94,8 @@ def test_only_a_failed_engine_not_a_stalled_one_counts_as_engine_failure(serve):
     assert wait_until(lambda: check(server.target, "") == SERVING)
     engine.broken = engine.stalled = True
     assert wait_until(lambda: check(server.target, "") == NOT_SERVING)
-    time.sleep(0.2)  # ten looks of the watcher
+    looked = server.server.health.looks
+    assert wait_until(lambda: server.server.health.looks >= looked + 10)  # ten more looks at the stalled engine
     assert not failed.is_set()
     engine.stalled = False  # alive no more: a failure
     assert wait_until(failed.is_set)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from entity_llm_client import FinishReason, LLMClient
-from entity_llm_server import FakeEngine, LLMService
+from entity_llm_server import LLMService
+from entity_llm_server.testing import FakeEngine
 
 GAP = float(os.environ.get("ENTITY_LLM_TEST_KEEPALIVE_GAP", "7"))
 SECONDS = float(os.environ.get("ENTITY_LLM_TEST_KEEPALIVE_SECONDS", "20"))

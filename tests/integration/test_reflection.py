@@ -6,7 +6,8 @@ import grpc
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from entity_llm_server import FakeEngine, LLMService
+from entity_llm_server import LLMService
+from entity_llm_server.testing import FakeEngine
 
 
 def test_reflection_lists_the_services_and_resolves_generate(serve):

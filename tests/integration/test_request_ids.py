@@ -10,10 +10,11 @@ import grpc
 import pytest
 
 from entity_llm_client import InvalidArgumentError, LLMClient
-from entity_llm_server import FakeEngine, LLMService
+from entity_llm_server import LLMService
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import EngineEvent, EngineRequest
 from entity_llm_server.logs import JsonFormatter, RequestIdFilter
+from entity_llm_server.testing import FakeEngine
 
 from ..conftest import wait_until
 

@@ -9,8 +9,9 @@ import grpc
 import pytest
 
 from entity_llm_client import AsyncLLMClient, Chunk, FinishReason, LLMClient, LLMError, UnavailableError, Usage
-from entity_llm_server import FakeEngine, LLMService
+from entity_llm_server import LLMService
 from entity_llm_server.engine import EngineError, EngineEvent, EngineRequest
+from entity_llm_server.testing import FakeEngine
 
 from ..conftest import wait_until
 

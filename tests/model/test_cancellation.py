@@ -22,8 +22,7 @@ import pytest
 
 from entity_llm_server import LLMService
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from entity_llm_server.engine import CoreState
-from entity_llm_server.engine.tokens import TokenStreamEngine
+from entity_llm_server.engine import CoreState, FrontEnd
 
 from ..conftest import ROOT, ServerThread
 from ..engines import ENGINE_KINDS, assert_dropped_within_bound, load_engine, wait_for_core
@@ -37,7 +36,7 @@ HANG_GUARD = 120.0  # seconds: only so that a broken engine fails instead of han
 
 
 @pytest.fixture(params=ENGINE_KINDS)
-def served(request: pytest.FixtureRequest, serve) -> Iterator[tuple[ServerThread, TokenStreamEngine]]:
+def served(request: pytest.FixtureRequest, serve) -> Iterator[tuple[ServerThread, FrontEnd]]:
     """A server on the engine `request.param`, started, sized for STREAMS long requests."""
     engine = load_engine(request.param, max_batch_size=BATCH, max_queue=STREAMS, max_new_tokens=LONG)
     server = serve(LLMService(engine=engine)).start()

@@ -24,7 +24,7 @@ async def _loads_while_serving(engine, requests: int, wanted: tuple[int, int]) -
 
     await engine.start()
     try:
-        seen = [engine.load()]
+        seen = [engine.occupancy()]
         long = Sampling(min_new_tokens=400)
         tasks = [
             asyncio.create_task(consume(EngineRequest(f"x{i}", max_new_tokens=400, sampling=long)))
@@ -33,13 +33,13 @@ async def _loads_while_serving(engine, requests: int, wanted: tuple[int, int]) -
         deadline = asyncio.get_running_loop().time() + 60  # a hang guard: the load is polled until it shows
         while seen[-1] != wanted and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
-            seen.append(engine.load())
+            seen.append(engine.occupancy())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         # The sequential engine counts a request until its worker notices the cancel, a step later.
-        await asyncio.to_thread(wait_until, lambda: engine.load() == (0, 0), 60)
-        seen.append(engine.load())
+        await asyncio.to_thread(wait_until, lambda: engine.occupancy() == (0, 0), 60)
+        seen.append(engine.occupancy())
         return seen
     finally:
         await engine.close()

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from entity_llm_client import LLMClient, LLMError
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource, default_model_path
 from entity_llm_server.engine import BatchingEngine, BatchingSettings, EngineUnavailableError, Finished, Sampling
+from entity_llm_server.engine.ipc import Add
 from entity_llm_server.engine.process import ProcessEngine
 from entity_llm_server.resource import ModelLoadError
 
@@ -122,7 +123,7 @@ def test_over_capacity_is_refused_at_once_by_the_front_end(process_server):
         waiter.start()
         assert wait_until(lambda: engine.core_state().held == 3, timeout=30)
         # Metrics read the load: two decode (the engine process says so with each step), one waits.
-        assert wait_until(lambda: engine.load() == (2, 1), timeout=30)
+        assert wait_until(lambda: engine.occupancy() == (2, 1), timeout=30)
         assert_refused_at_capacity(client, engine)
         for stream in streams[:2]:
             stream.close()
@@ -181,7 +182,7 @@ def test_a_request_the_manager_refuses_fails_alone_and_the_engine_serves_on():
             # the manager cannot take. Only that request may fail.
             refused: asyncio.Queue = asyncio.Queue()
             engine._queues["req-bad"] = refused
-            engine._send(("add", "req-bad", None, 4, Sampling()))
+            engine.process._send(Add("req-bad", None, 4, Sampling()))
             answer = await asyncio.wait_for(refused.get(), 30)
             del engine._queues["req-bad"]
             after = await _final(engine, EngineRequest("import os\n", max_new_tokens=8))
@@ -189,10 +190,10 @@ def test_a_request_the_manager_refuses_fails_alone_and_the_engine_serves_on():
         finally:
             await engine.close()
 
-    (ids, _, finished, error), after = asyncio.run(main())
-    assert ids == []
-    assert finished
-    assert "refused the request: TypeError" in error
+    answer, after = asyncio.run(main())
+    assert answer.ids == ()
+    assert answer.finished
+    assert "refused the request: TypeError" in answer.error
     assert after.generated_tokens == 8
 
 
@@ -203,13 +204,13 @@ def test_an_unreadable_message_from_the_engine_fails_streams_instead_of_losing_t
     with LLMClient(server.target, timeout=60) as client:
         stream = client.generate("import os\n", **LONG)
         next(stream)
-        real_recv = engine._conn.recv
+        real_recv = engine.process._conn.recv
 
         def corrupt():
-            engine._conn.recv = real_recv
+            engine.process._conn.recv = real_recv
             raise pickle.UnpicklingError("invalid load key")
 
-        engine._conn.recv = corrupt  # the next message read on the event loop is garbage
+        engine.process._conn.recv = corrupt  # the next message read on the event loop is garbage
         with pytest.raises(LLMError) as caught:
             list(stream)
         assert caught.value.code is grpc.StatusCode.INTERNAL
@@ -229,7 +230,7 @@ def test_closing_an_engine_that_was_never_started_stops_its_process():
 def test_a_stopped_engine_process_is_unhealthy_and_refuses_requests_until_it_answers_again():
     engine = process_resource().load_engine()
     assert isinstance(engine, ProcessEngine)
-    engine.liveness_interval, engine.liveness_timeout = 0.05, 2.0
+    engine.process.liveness_interval, engine.process.liveness_timeout = 0.05, 2.0
     pid = engine.child.popen.pid
 
     async def main() -> tuple[bool, bool, bool, str, bool, Finished]:
@@ -262,7 +263,7 @@ def test_a_stopped_engine_process_is_unhealthy_and_refuses_requests_until_it_ans
 def test_closing_a_stopped_engine_process_kills_it_at_once():
     engine = process_resource().load_engine()
     assert isinstance(engine, ProcessEngine)
-    engine.liveness_interval, engine.liveness_timeout = 0.05, 0.5
+    engine.process.liveness_interval, engine.process.liveness_timeout = 0.05, 0.5
 
     graceful: list[str] = []
     stop = engine.child.stop
@@ -284,7 +285,7 @@ def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
     # the engine process reads nothing: sending them must not stop the loop.
     engine = process_resource(max_batch_size=8, max_queue=200).load_engine()
     assert isinstance(engine, ProcessEngine)
-    engine.liveness_timeout = 600.0  # admitted all the same: this is about the sending
+    engine.process.liveness_timeout = 600.0  # admitted all the same: this is about the sending
     pid = engine.child.popen.pid
     prompt = EngineRequest("x = 1\n" * 200, max_new_tokens=1, truncate_input_tokens=500)
     answered: list[bool] = []
@@ -293,7 +294,7 @@ def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
         """Once every request is admitted and the pipe is full: does the loop still run coroutines?
         Then let the engine go on."""
         # The sender thread blocks on the full pipe, so later messages wait in its outbox.
-        assert wait_until(lambda: engine.in_flight == 150 and engine._outbox.qsize() > 0, timeout=60)
+        assert wait_until(lambda: engine.in_flight == 150 and engine.process._outbox.qsize() > 0, timeout=60)
         try:
             asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
             answered.append(True)

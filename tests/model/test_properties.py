@@ -1,8 +1,9 @@
 """Property test: random valid and invalid Generate requests against a real server.
 
 Valid requests end with exactly one final message whose counts agree with
-what was streamed; invalid ones get INVALID_ARGUMENT naming the field; nothing
-crashes or hangs (every call has a deadline).
+what was streamed and whose logprobs agree by value; invalid ones get
+INVALID_ARGUMENT naming the field and the problem, in the message and in the
+BadRequest details; nothing crashes or hangs (every call has a deadline).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,13 +29,17 @@ from ..conftest import ServerThread
 pytestmark = pytest.mark.model
 
 UNSPECIFIED = llm_pb2.FINISH_REASON_UNSPECIFIED
+DEFAULT_LENGTH = 16  # the fixture's default_max_new_tokens
+EOS_ID = 0  # the demo model's <|endoftext|>
 # 40 in the suite; `ENTITY_LLM_PROPERTY_EXAMPLES=2000` for a deeper search.
 PROPERTY_EXAMPLES = int(os.environ.get("ENTITY_LLM_PROPERTY_EXAMPLES", "40"))
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    resource = UnifiedLLMResource(default_max_new_tokens=16, batching=BatchingSettings(max_batch_size=4, max_queue=4))
+    resource = UnifiedLLMResource(
+        default_max_new_tokens=DEFAULT_LENGTH, batching=BatchingSettings(max_batch_size=4, max_queue=4)
+    )
     thread = ServerThread(LLMService(resource)).start()
     yield thread
     thread.stop()
@@ -77,6 +84,19 @@ def valid_requests(draw: st.DrawFn) -> llm_pb2.GenerateRequest:
     return request
 
 
+def input_tokens(server: ServerThread, request: llm_pb2.GenerateRequest) -> int:
+    """How many ids the model gets for the request's prompt: Tokenize gives exactly those."""
+
+    async def call() -> int:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            truncate = request.truncate_input_tokens if request.HasField("truncate_input_tokens") else None
+            reply = await stub.Tokenize(llm_pb2.TokenizeRequest(text=request.prompt, truncate_input_tokens=truncate))
+            return reply.token_count
+
+    return server.call(call(), timeout=60)  # type: ignore[return-value]
+
+
 @settings(max_examples=PROPERTY_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=valid_requests())
 def test_valid_requests_end_with_one_consistent_final_message(server, request):
@@ -86,60 +106,91 @@ def test_valid_requests_end_with_one_consistent_final_message(server, request):
     assert messages[-1] is finals[0]
     last = finals[0]
     ids = [i for m in messages for i in m.token_ids]
+    wanted = request.max_new_tokens if request.HasField("max_new_tokens") else DEFAULT_LENGTH
     assert last.generated_token_count == len(ids)
-    if request.HasField("max_new_tokens"):
-        assert last.generated_token_count <= request.max_new_tokens
+    assert 1 <= len(ids) <= wanted
+    assert last.input_token_count == input_tokens(server, request)
+    # The prompt and the length always fit the context here: never TOKEN_LIMIT, and no time limit is set.
+    reasons = {llm_pb2.FINISH_REASON_MAX_TOKENS, llm_pb2.FINISH_REASON_EOS}
+    if request.stop_sequences:
+        reasons.add(llm_pb2.FINISH_REASON_STOP_SEQUENCE)
+    assert last.finish_reason in reasons
     if last.finish_reason == llm_pb2.FINISH_REASON_MAX_TOKENS:
-        assert last.generated_token_count == (request.max_new_tokens if request.HasField("max_new_tokens") else 16)
+        assert len(ids) == wanted
+    # An EOS ends the stream: it is the last id, and only then.
+    assert (last.finish_reason == llm_pb2.FINISH_REASON_EOS) == (ids[-1] == EOS_ID)
+    assert EOS_ID not in ids[:-1]
     if request.HasField("min_new_tokens") and last.finish_reason == llm_pb2.FINISH_REASON_EOS:
-        assert last.generated_token_count > request.min_new_tokens
+        assert len(ids) > request.min_new_tokens
     output = "".join(m.token for m in messages)
     if last.finish_reason == llm_pb2.FINISH_REASON_STOP_SEQUENCE:
         assert last.stop_sequence in request.stop_sequences
-        assert output.endswith(last.stop_sequence) == request.include_stop_sequence or not last.stop_sequence
+        assert output.endswith(last.stop_sequence) == request.include_stop_sequence
+    else:
+        assert last.stop_sequence == ""
     if not request.include_stop_sequence:
         assert not any(stop in output for stop in request.stop_sequences)
-    if request.logprobs or request.top_logprobs:
-        entries = [e for m in messages for e in m.logprobs]
-        assert [e.token_id for e in entries] == ids
-        assert all(len(e.top_logprobs) == request.top_logprobs for e in entries)
-        assert all(e.logprob <= 1e-4 and not math.isnan(e.logprob) for e in entries)
+    entries = [e for m in messages for e in m.logprobs]
     sampled = request.HasField("temperature") and request.temperature >= MIN_TEMPERATURE
+    if request.logprobs or request.top_logprobs:
+        assert [e.token_id for e in entries] == ids
+        for e in entries:
+            assert e.logprob <= 0  # NaN fails too
+            top = [(t.token_id, t.logprob) for t in e.top_logprobs]
+            assert len(top) == request.top_logprobs
+            assert [logprob for _, logprob in top] == sorted((logprob for _, logprob in top), reverse=True)
+            # Logprobs by value: the chosen token's is its entry among the likeliest, if it is there;
+            # greedy chooses the likeliest, so it is the first.
+            assert all(logprob == e.logprob for token, logprob in top if token == e.token_id)
+            if top and not sampled:
+                assert top[0] == (e.token_id, e.logprob)
+    else:
+        assert entries == []
     assert last.HasField("seed") == sampled
     if sampled and request.HasField("seed"):
         assert last.seed == request.seed
+    # The request id rides on the first and the last message only.
     assert messages[0].request_id
     assert last.request_id == messages[0].request_id
+    assert all(m.request_id == "" for m in messages[1:-1])
 
 
-# One broken field each; the field the error must name.
+# One broken field each: the field the error must name, and what it must say of it.
 INVALID = [
-    ({"temperature": -1.0}, "temperature"),
-    ({"temperature": math.inf}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.01}, "top_p"),
-    ({"top_p": math.nan}, "top_p"),
-    ({"repetition_penalty": -2.0}, "repetition_penalty"),
-    ({"top_logprobs": 11}, "top_logprobs"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"max_new_tokens": 100_000}, "max_new_tokens"),
-    ({"min_new_tokens": 5, "max_new_tokens": 4}, "min_new_tokens"),
-    ({"truncate_input_tokens": 0}, "truncate_input_tokens"),
-    ({"time_limit_ms": 0}, "time_limit_ms"),
-    ({"stop_sequences": ["a"] * 7}, "stop_sequences"),
-    ({"stop_sequences": [""]}, "stop_sequences[0]"),
-    ({"stop_sequences": ["x" * 241]}, "stop_sequences[0]"),
-    ({"request_id": "r" * 129}, "request_id"),
-    ({"request_id": "id\x1f"}, "request_id"),  # found by the fuzzer: invalid as metadata
-    ({"request_id": "café"}, "request_id"),
-    ({"messages": [llm_pb2.ChatMessage(role="user", content="hi")]}, "messages"),
+    ({"temperature": -1.0}, "temperature", "must be between 0 (greedy) and 100, got -1"),
+    ({"temperature": math.inf}, "temperature", "must be between 0 (greedy) and 100, got inf"),
+    ({"top_p": 0.0}, "top_p", "must be in (0, 1], got 0"),
+    ({"top_p": 1.01}, "top_p", "must be in (0, 1], got 1.01"),
+    ({"top_p": math.nan}, "top_p", "must be in (0, 1], got nan"),
+    ({"repetition_penalty": -2.0}, "repetition_penalty", "must be in (0, 10], got -2"),
+    ({"top_logprobs": 11}, "top_logprobs", "at most 10, got 11"),
+    ({"max_new_tokens": 0}, "max_new_tokens", "must be at least 1 when set"),
+    ({"max_new_tokens": 100_000}, "max_new_tokens", "100000 is more than this model's context allows (511)"),
+    ({"min_new_tokens": 5, "max_new_tokens": 4}, "min_new_tokens", "5 is more than max_new_tokens (4)"),
+    ({"truncate_input_tokens": 0}, "truncate_input_tokens", "must be at least 1 when set"),
+    ({"time_limit_ms": 0}, "time_limit_ms", "must be at least 1 when set"),
+    ({"stop_sequences": ["a"] * 7}, "stop_sequences", "at most 6, got 7"),
+    ({"stop_sequences": [""]}, "stop_sequences[0]", "must not be empty"),
+    ({"stop_sequences": ["x" * 241]}, "stop_sequences[0]", "longer than 240 bytes"),
+    ({"request_id": "r" * 129}, "request_id", "longer than 128 characters"),
+    (
+        {"request_id": "id\x1f"},
+        "request_id",
+        "only printable ASCII characters",
+    ),  # found by the fuzzer: invalid as metadata
+    ({"request_id": "café"}, "request_id", "only printable ASCII characters"),
+    (
+        {"messages": [llm_pb2.ChatMessage(role="user", content="hi")]},
+        "messages",
+        "send either prompt or messages, not both",
+    ),
 ]
 
 
 @settings(max_examples=PROPERTY_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(INVALID), valid=valid_requests())
 def test_invalid_requests_are_invalid_argument_naming_the_field(server, case, valid):
-    fields, field = case
+    fields, field, description = case
     request = llm_pb2.GenerateRequest()
     request.CopyFrom(valid)
     request.ClearField("min_new_tokens")  # a valid one could break the new max_new_tokens
@@ -153,5 +204,12 @@ def test_invalid_requests_are_invalid_argument_naming_the_field(server, case, va
             setattr(request, name, value)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         generate(server, request)
-    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert f"{field}:" in (caught.value.details() or "")
+    error = caught.value
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"invalid request: {field}: {description}"
+    status = rpc_status.from_call(error)
+    assert status is not None
+    (detail,) = status.details
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad)
+    assert [(v.field, v.description) for v in bad.field_violations] == [(field, description)]

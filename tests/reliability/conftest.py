@@ -16,7 +16,15 @@ import pytest
 
 from ..conftest import ROOT, children
 
-pytestmark = pytest.mark.reliability
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A conftest's `pytestmark` marks nothing: every test of this tier gets the marker here.
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.reliability)
+
 
 LONG = os.environ.get("ENTITY_LLM_RELIABILITY", "quick") == "long"
 FIGURES: dict[str, Any] = {}

@@ -1,31 +1,47 @@
 """Bad input: a hypothesis fuzzer of Generate requests, from odd fields to bytes that do not parse.
 
-Only the documented status codes may come back (OK, INVALID_ARGUMENT,
-RESOURCE_EXHAUSTED); never UNKNOWN or INTERNAL, never a hang (every call has
-a deadline), and the server keeps serving afterwards.
+Every request gets the one outcome the documented limits decide: OK, or
+INVALID_ARGUMENT naming exactly the fields that break them (in the message and
+in the `google.rpc.BadRequest` details); never UNKNOWN or INTERNAL, never a
+hang (every call has a deadline), and the server keeps serving afterwards.
+Bytes that do not parse are always INVALID_ARGUMENT; those that break only
+UTF-8 name each string field that is not UTF-8.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
-from entity_llm_server import LLMService, UnifiedLLMResource
-from entity_llm_server._gen.entity.grpc import llm_pb2
+from entity_llm_server import LLMService, UnifiedLLMResource, default_model_path
+from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import BatchingSettings
 
 from ..conftest import ServerThread
 from .conftest import record, size
 
-DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 METHOD = "/entity.grpc.LLMService/Generate"
 EXAMPLES = size(300, 10_000)
 SEEN: dict[str, int] = {}
+OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
+CONTEXT = 512  # the demo model's, and within the fixture's KV cache (8 sequences)
+NOT_UTF8 = "not valid UTF-8"
+PARSER = "request could not be decoded: Error parsing message with type 'entity.grpc.GenerateRequest': "
+BAD_UTF8 = PARSER + "String field had bad UTF-8"
+CORRUPT = PARSER + "Wire format was corrupt"
+PROMPT_TOO_LONG = "leave no room in the model's 512-token context; set truncate_input_tokens to keep only the last ones"
+
+Violations = list[tuple[str, str]]
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +52,124 @@ def server() -> Iterator[ServerThread]:
     yield thread
     # The server still serves after all of it.
     after = llm_pb2.GenerateRequest(prompt="x", max_new_tokens=2).SerializeToString()
-    assert call(thread, after)[0] is grpc.StatusCode.OK
+    assert call(thread, after)[0] is OK
     record("fuzz: requests", sum(SEEN.values()))
     record("fuzz: status codes", dict(sorted(SEEN.items())))
     record("fuzz: seconds", round(time.perf_counter() - started, 1))
     thread.stop()
 
 
-def call(server: ServerThread, payload: bytes) -> tuple[grpc.StatusCode, str]:
-    """Send raw request bytes; the call's status and details."""
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The demo model's tokenizer, to render chat messages as the server's template does."""
+    return AutoTokenizer.from_pretrained(default_model_path())
 
-    async def send() -> tuple[grpc.StatusCode, str]:
+
+def call(server: ServerThread, payload: bytes) -> tuple[grpc.StatusCode, str, Violations]:
+    """Send raw request bytes; the call's status, details and BadRequest field violations."""
+
+    async def send() -> tuple[grpc.StatusCode, str, Violations]:
         async with grpc.aio.insecure_channel(server.target) as channel:
             generate = channel.unary_stream(METHOD)  # no serializers: bytes on the wire, as given
             try:
                 async for _ in generate(payload, timeout=30):
                     pass
             except grpc.aio.AioRpcError as error:
-                return error.code(), error.details() or ""
-            return grpc.StatusCode.OK, ""
+                violations: Violations = []
+                if (status := rpc_status.from_call(error)) is not None:
+                    for detail in status.details:
+                        bad = error_details_pb2.BadRequest()
+                        assert detail.Unpack(bad), detail
+                        violations += [(v.field, v.description) for v in bad.field_violations]
+                return error.code(), error.details() or "", violations
+            return OK, "", []
 
-    code, details = server.call(send(), timeout=60)  # type: ignore[misc]
+    code, details, violations = server.call(send(), timeout=60)  # type: ignore[misc]
     SEEN[code.name] = SEEN.get(code.name, 0) + 1
-    return code, details
+    return code, details, violations
+
+
+def token_count(server: ServerThread, text: str) -> int:
+    """How many ids the model gets for `text`, up to the context (Tokenize gives exactly a prompt's ids)."""
+
+    async def tokenize() -> int:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            reply = await stub.Tokenize(llm_pb2.TokenizeRequest(text=text, truncate_input_tokens=CONTEXT), timeout=30)
+            return reply.token_count
+
+    return server.call(tokenize(), timeout=60)  # type: ignore[return-value]
+
+
+# -- what the documented limits say of a request ---------------------------------------------------
+
+
+def limit_violations(r: llm_pb2.GenerateRequest) -> Violations:
+    """The limits a request breaks, as validation reports them (every one, in this order)."""
+    found: Violations = []
+    for name in ("max_new_tokens", "truncate_input_tokens", "time_limit_ms"):
+        if r.HasField(name) and getattr(r, name) == 0:
+            found.append((name, "must be at least 1 when set"))
+    if len(r.stop_sequences) > 6:
+        found.append(("stop_sequences", f"at most 6, got {len(r.stop_sequences)}"))
+    for i, stop in enumerate(r.stop_sequences):
+        if not stop:
+            found.append((f"stop_sequences[{i}]", "must not be empty"))
+        elif len(stop.encode()) > 240:
+            found.append((f"stop_sequences[{i}]", "longer than 240 bytes"))
+    if len(r.request_id) > 128:
+        found.append(("request_id", "longer than 128 characters"))
+    elif any(not " " <= c <= "~" for c in r.request_id):
+        found.append(("request_id", "only printable ASCII characters"))
+    if r.HasField("temperature") and not (math.isfinite(r.temperature) and 0 <= r.temperature <= 100):
+        found.append(("temperature", f"must be between 0 (greedy) and 100, got {r.temperature:g}"))
+    if r.HasField("top_p") and not 0 < r.top_p <= 1:
+        found.append(("top_p", f"must be in (0, 1], got {r.top_p:g}"))
+    if r.HasField("repetition_penalty") and not 0 < r.repetition_penalty <= 10:
+        found.append(("repetition_penalty", f"must be in (0, 10], got {r.repetition_penalty:g}"))
+    if r.HasField("min_new_tokens") and r.HasField("max_new_tokens") and r.min_new_tokens > r.max_new_tokens:
+        found.append(("min_new_tokens", f"{r.min_new_tokens} is more than max_new_tokens ({r.max_new_tokens})"))
+    if r.top_logprobs > 10:
+        found.append(("top_logprobs", f"at most 10, got {r.top_logprobs}"))
+    if r.messages and r.prompt:
+        found.append(("messages", "send either prompt or messages, not both"))
+    found += [(f"messages[{i}].role", "must not be empty") for i, m in enumerate(r.messages) if not m.role]
+    return found
+
+
+def model_violation(server: ServerThread, tokenizer, r: llm_pb2.GenerateRequest) -> tuple[str, str] | None:
+    """What the model refuses in a request within the limits: a prompt that fills its context, or a length beyond it."""
+    text = r.prompt
+    if r.messages:
+        chat = [{"role": m.role, "content": m.content} for m in r.messages]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    truncated = r.HasField("truncate_input_tokens") and r.truncate_input_tokens < CONTEXT
+    if not truncated and token_count(server, text) >= CONTEXT:
+        return "prompt", PROMPT_TOO_LONG
+    if r.HasField("max_new_tokens") and r.max_new_tokens > CONTEXT - 1:
+        return "max_new_tokens", f"{r.max_new_tokens} is more than this model's context allows ({CONTEXT - 1})"
+    return None
+
+
+def assert_outcome(server, tokenizer, request: llm_pb2.GenerateRequest, outcome) -> None:
+    """The outcome of sending `request` is exactly what the limits and the model decide."""
+    code, details, violations = outcome
+    if expected := limit_violations(request):
+        event("refused: limits")
+        assert (code, violations) == (INVALID, expected), details
+    elif (refused := model_violation(server, tokenizer, request)) is not None:
+        event(f"refused by the model: {refused[0]}")
+        assert code is INVALID, details
+        ((field, said),) = expected = violations
+        if field == "prompt":  # its count: Tokenize here stops at the context, so only the bound is known
+            count, _, said = said.partition(" tokens ")
+            assert int(count) >= CONTEXT
+        assert (field, said) == refused
+    else:
+        event("served")
+        assert (code, details, violations) == (OK, "", [])
+        return
+    assert details == "invalid request: " + "; ".join(f"{field}: {said}" for field, said in expected)
 
 
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
@@ -97,47 +208,134 @@ def requests(draw: st.DrawFn) -> llm_pb2.GenerateRequest:
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=requests())
-def test_random_requests_get_only_documented_codes(server, request):
-    code, details = call(server, request.SerializeToString())
-    assert code in DOCUMENTED, (code, details)
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        assert ":" in details  # names the field
+def test_random_requests_get_exactly_the_outcome_the_limits_decide(server, tokenizer, request):
+    assert_outcome(server, tokenizer, request, call(server, request.SerializeToString()))
 
 
-def _with_bad_utf8(payload: bytes) -> bytes:
-    # Field 1 (prompt), length-delimited, with bytes that are not UTF-8.
-    return payload + b"\x0a\x03\xff\xfe\xfd"
+# -- bytes ------------------------------------------------------------------------------------------
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def length_delimited(number: int, value: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+# Bytes that make any UTF-8 text before them invalid, whatever follows: bytes
+# UTF-8 never uses (FF, F5), a continuation byte where a character must start,
+# an overlong encoding, a surrogate.
+NEVER_UTF8 = [b"\xff", b"\xf5\x80\x80\x80", b"\x80", b"\xc0\x80", b"\xed\xa0\x80"]
+
+
+@st.composite
+def not_utf8(draw: st.DrawFn) -> bytes:
+    return draw(text).encode() + draw(st.sampled_from(NEVER_UTF8)) + draw(st.binary(max_size=16))
+
+
+def with_bad_string(base: llm_pb2.GenerateRequest, where: str, bad: bytes) -> tuple[bytes, str]:
+    """`base` serialized, then one more string field whose bytes are `bad`; the field's name."""
+    payload = base.SerializeToString()
+    if where == "prompt":
+        return payload + length_delimited(1, bad), "prompt"
+    if where == "stop_sequences":
+        return payload + length_delimited(3, bad), f"stop_sequences[{len(base.stop_sequences)}]"
+    if where == "request_id":
+        return payload + length_delimited(7, bad), "request_id"
+    role, content = (bad, b"user") if where == "role" else (b"user", bad)
+    message = length_delimited(1, role) + length_delimited(2, content)
+    return payload + length_delimited(16, message), f"messages[{len(base.messages)}].{where}"
 
 
 @settings(max_examples=max(EXAMPLES // 3, 50), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     base=requests(),
-    noise=st.binary(max_size=64),
-    how=st.sampled_from(["random bytes", "truncated", "flipped", "bad utf-8"]),
+    bad=not_utf8(),
+    where=st.sampled_from(["prompt", "stop_sequences", "request_id", "role", "content"]),
 )
-def test_bytes_that_do_not_parse_are_invalid_argument(server, base, noise, how):
+def test_a_string_that_is_not_utf8_is_invalid_argument_naming_its_field(server, base, bad, where):
+    # Whatever else the request holds: the bytes do not parse, so no limit is even looked at.
+    payload, field = with_bad_string(base, where, bad)
+    assert call(server, payload) == (INVALID, f"{BAD_UTF8}; {field}: {NOT_UTF8}", [(field, NOT_UTF8)])
+
+
+@st.composite
+def broken_tails(draw: st.DrawFn) -> bytes:
+    """A field the wire format cannot hold, whatever came before it: each ends a parse at once."""
+    noise = draw(st.binary(max_size=32))
+    number = draw(st.integers(1, 2**29 - 1))
+    return draw(
+        st.sampled_from(
+            [
+                varint(number << 3 | 2)
+                + varint(len(noise) + draw(st.integers(1, 2**20)))
+                + noise,  # length past the end
+                b"\x00" + noise,  # field number 0
+                varint(number << 3 | draw(st.sampled_from([6, 7]))) + noise,  # no such wire type
+                varint(number << 3 | 4) + noise,  # an end-group tag without its start
+                varint(number << 3) + b"\xff" * draw(st.integers(0, 9)),  # a varint cut off by the end
+                varint(number << 3 | 5) + noise[:3],  # a fixed32 cut off by the end
+                varint(number << 3 | 1) + noise[:7],  # a fixed64 cut off by the end
+            ]
+        )
+    )
+
+
+@settings(max_examples=max(EXAMPLES // 3, 50), deadline=None, suppress_health_check=list(HealthCheck))
+@given(base=requests(), tail=broken_tails())
+def test_a_broken_wire_format_is_invalid_argument_naming_the_problem(server, base, tail):
+    assert call(server, base.SerializeToString() + tail) == (INVALID, CORRUPT, [])
+
+
+@settings(max_examples=max(EXAMPLES // 3, 50), deadline=None, suppress_health_check=list(HealthCheck))
+@given(base=requests(), noise=st.binary(max_size=64), how=st.sampled_from(["random bytes", "truncated", "flipped"]))
+def test_mangled_bytes_are_served_as_what_they_parse_to_or_refused(server, tokenizer, base, noise, how):
+    # These may or may not parse: the reference parser says which, and the
+    # server must agree with it either way.
     payload = base.SerializeToString()
     if how == "random bytes":
         payload = noise
     elif how == "truncated":
         payload = payload[: max(len(payload) - 1 - len(noise), 0)] + noise[:1]
-    elif how == "flipped" and payload:
+    elif payload:
         cut = len(noise) % len(payload)
         payload = payload[:cut] + bytes([payload[cut] ^ 0xFF]) + payload[cut + 1 :]
-    else:
-        payload = _with_bad_utf8(payload)
-    code, details = call(server, payload)
-    assert code in DOCUMENTED, (code, details)
+    outcome = call(server, payload)
+    parsed, error = reference_parse(payload)
+    if parsed is not None:
+        assert_outcome(server, tokenizer, parsed, outcome)
+        return
+    event(f"does not parse: {error.rsplit(': ', 1)[-1]}")
+    code, details, violations = outcome
+    assert code is INVALID
+    assert details == "; ".join([f"request could not be decoded: {error}", *(f"{f}: {d}" for f, d in violations)])
+    assert all(description == NOT_UTF8 for _, description in violations)
+    if details.startswith(BAD_UTF8):  # the parser met a string that is not UTF-8: it is named
+        assert violations
+
+
+def reference_parse(payload: bytes) -> tuple[llm_pb2.GenerateRequest | None, str]:
+    """The request google-protobuf parses from `payload`, or None and why it cannot."""
+    try:
+        return llm_pb2.GenerateRequest.FromString(payload), ""
+    except DecodeError as error:
+        return None, str(error)
 
 
 def test_an_oversized_request_is_resource_exhausted_and_the_server_goes_on(server):
-    code, _ = call(server, llm_pb2.GenerateRequest(prompt="x" * (9 << 20)).SerializeToString())
+    code, details, _ = call(server, llm_pb2.GenerateRequest(prompt="x" * (9 << 20)).SerializeToString())
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in details
     after = llm_pb2.GenerateRequest(prompt="y", max_new_tokens=2).SerializeToString()
-    assert call(server, after)[0] is grpc.StatusCode.OK
+    assert call(server, after) == (OK, "", [])
 
 
-def test_bad_utf8_in_the_prompt_names_the_problem(server):
-    code, details = call(server, _with_bad_utf8(b""))
-    assert code is grpc.StatusCode.INVALID_ARGUMENT
-    assert details
+def test_bad_utf8_in_the_prompt_names_the_problem_and_the_field(server):
+    # Field 1 (prompt), length-delimited, with bytes that are not UTF-8.
+    assert call(server, b"\x0a\x03\xff\xfe\xfd") == (INVALID, f"{BAD_UTF8}; prompt: {NOT_UTF8}", [("prompt", NOT_UTF8)])

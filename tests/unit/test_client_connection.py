@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
 from entity_llm_client import AsyncLLMClient, LLMClient
-from entity_llm_client._connection import CHANNEL_OPTIONS, auth_metadata, channel_credentials, channel_options
+from entity_llm_client._connection import (
+    CHANNEL_OPTIONS,
+    SERVICE_CONFIG,
+    auth_metadata,
+    channel_credentials,
+    channel_options,
+)
 
 
 def test_options_override_the_defaults_by_name():
@@ -14,8 +22,13 @@ def test_options_override_the_defaults_by_name():
     assert merged["grpc.keepalive_time_ms"] == 1_000
     assert merged["grpc.primary_user_agent"] == "me"
     assert merged["grpc.keepalive_timeout_ms"] == dict(CHANNEL_OPTIONS)["grpc.keepalive_timeout_ms"]
-    assert len(channel_options([])) == len(CHANNEL_OPTIONS) + 2  # the retry policy, and retries switched on
-    assert dict(channel_options([], retries=False))["grpc.enable_retries"] == 0
+    defaults = channel_options([])
+    assert defaults == [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
+    # The README's promise: UNAVAILABLE, and only it, is retried, up to 3 attempts.
+    (method,) = json.loads(SERVICE_CONFIG)["methodConfig"]
+    assert method["name"] == [{"service": "entity.grpc.LLMService"}]
+    assert (method["retryPolicy"]["maxAttempts"], method["retryPolicy"]["retryableStatusCodes"]) == (3, ["UNAVAILABLE"])
+    assert channel_options([], retries=False) == [*CHANNEL_OPTIONS, ("grpc.enable_retries", 0)]
 
 
 def test_api_key_metadata():

@@ -41,7 +41,6 @@ def test_server_surface():
         "BatchingSettings",
         "Engine",
         "EngineRequest",
-        "FakeEngine",
         "LLMServer",
         "LLMService",
         "ServerConfig",
@@ -52,6 +51,13 @@ def test_server_surface():
         "parse_config",
         "serve",
     ]
+
+
+def test_fakes_for_users_tests_live_in_the_testing_module():
+    import entity_llm_server.testing
+
+    assert entity_llm_server.testing.__all__ == ["FakeEngine"]
+    assert not hasattr(entity_llm_server, "FakeEngine")
 
 
 def test_seed_compat_surface():

@@ -6,7 +6,7 @@ Importing this package loads no model and imports no torch.
 from __future__ import annotations
 
 from .config import ServerConfig, parse_config
-from .engine import BatchingEngine, BatchingSettings, Engine, EngineRequest, FakeEngine, TransformersEngine
+from .engine import BatchingEngine, BatchingSettings, Engine, EngineRequest, TransformersEngine
 from .resource import UnifiedLLMResource, default_model_path
 from .server import LLMServer, build_server, serve
 from .service import LLMService
@@ -16,7 +16,6 @@ __all__ = [
     "BatchingSettings",
     "Engine",
     "EngineRequest",
-    "FakeEngine",
     "LLMServer",
     "LLMService",
     "ServerConfig",

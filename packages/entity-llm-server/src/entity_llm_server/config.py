@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import BatchingSettings
+from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingSettings
 from .logs import LOG_FORMATS
 from .resource import DTYPES, ENGINES
 
@@ -67,7 +67,7 @@ class ServerConfig:
     port: int = 50051
     device: str = "cpu"
     dtype: str = "auto"
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     engine: str = "batching"

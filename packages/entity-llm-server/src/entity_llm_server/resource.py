@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .engine import BatchingEngine, BatchingSettings, Engine, TransformersEngine
+from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingEngine, BatchingSettings, Engine, TransformersEngine
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class UnifiedLLMResource:
         *,
         device: str = "cpu",
         dtype: str = "auto",
-        default_max_new_tokens: int = 128,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         engine: str = "batching",
         batching: BatchingSettings | None = None,
         engine_process: bool = False,
@@ -136,7 +136,7 @@ class UnifiedLLMResource:
         return tokenizer
 
     def _load_process_engine(self) -> Engine:
-        from .engine.child import EngineProcess, EngineProcessError, EngineSpec
+        from .engine.launcher import EngineProcess, EngineProcessError, EngineSpec
         from .engine.process import ProcessEngine
 
         spec = EngineSpec(

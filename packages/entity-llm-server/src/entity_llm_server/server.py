@@ -103,7 +103,7 @@ class LLMServer:
 
     def _engine_load(self) -> tuple[int, int] | None:
         engine = self.service.current_engine
-        return None if engine is None else engine.load()
+        return None if engine is None else engine.occupancy()
 
     def add_port(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
         """Listen on `address` (TLS with `credentials`); return the port, which `:0` picks.

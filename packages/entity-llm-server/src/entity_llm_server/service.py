@@ -11,7 +11,7 @@ import grpc
 
 from ._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from .engine import Engine, EngineRequest, Finished, FinishReason, InvalidRequestError, Sampling, TokenLogprob
-from .engine.tokens import sized_call
+from .engine.text import sized_call
 from .errors import error_boundary
 from .resource import UnifiedLLMResource
 from .validation import MAX_MESSAGE_BYTES, validate_generate, validate_tokenize

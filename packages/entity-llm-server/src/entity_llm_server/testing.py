@@ -1,11 +1,13 @@
-"""A deterministic engine for transport tests: no model, no torch."""
+"""For users' tests: a deterministic engine that needs no model and no torch."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
-from .base import EngineEvent, EngineRequest, Finished, FinishReason, ModelInfo, TextDelta, Tokens
+from .engine import EngineEvent, EngineRequest, Finished, FinishReason, ModelInfo, TextDelta, Tokens
+
+__all__ = ["FakeEngine"]
 
 
 class FakeEngine:
@@ -61,5 +63,5 @@ class FakeEngine:
         finally:
             self.active -= 1
 
-    def load(self) -> tuple[int, int]:
+    def occupancy(self) -> tuple[int, int]:
         return (self.active, 0)

@@ -1,8 +1,16 @@
-"""Engines: the seam between the gRPC servicer and a model."""
+"""Engines: the seam between the gRPC servicer and a model.
+
+An engine is a front end (`frontend.FrontEnd`: tokenizing, admission,
+detokenizing, stop sequences) over a core that runs the model (`core.Core`):
+continuous batching in this process (`BatchingEngine`) or in an engine process
+of its own (`process.ProcessEngine`), or one request at a time
+(`TransformersEngine`).
+"""
 
 from __future__ import annotations
 
 from .base import (
+    DEFAULT_MAX_NEW_TOKENS,
     CoreState,
     Engine,
     EngineError,
@@ -17,12 +25,14 @@ from .base import (
     TextDelta,
     Tokens,
 )
-from .batching import BatchingEngine, BatchingSettings
-from .fake import FakeEngine
+from .batching import BatchingEngine
+from .frontend import FrontEnd
 from .sampling import Sampling, TokenLogprob
-from .transformers_engine import TransformersEngine
+from .sequential import TransformersEngine
+from .settings import BatchingSettings
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
     "BatchingEngine",
     "BatchingSettings",
     "CoreState",
@@ -32,9 +42,9 @@ __all__ = [
     "EngineOverloadedError",
     "EngineRequest",
     "EngineUnavailableError",
-    "FakeEngine",
     "FinishReason",
     "Finished",
+    "FrontEnd",
     "InvalidRequestError",
     "ModelInfo",
     "Sampling",

@@ -9,6 +9,10 @@ from typing import Protocol, runtime_checkable
 
 from .sampling import GREEDY, Sampling, TokenLogprob
 
+# The length of a request that leaves max_new_tokens unset, unless the server
+# is started with another (`--max-new-tokens`).
+DEFAULT_MAX_NEW_TOKENS = 128
+
 
 class FinishReason(enum.Enum):
     """Why a generation ended normally."""
@@ -188,6 +192,6 @@ class Engine(Protocol):
         """Release the engine's resources; idempotent."""
         ...
 
-    def load(self) -> tuple[int, int]:
+    def occupancy(self) -> tuple[int, int]:
         """(decoding, waiting) requests now, for metrics; may be read from another thread."""
         ...

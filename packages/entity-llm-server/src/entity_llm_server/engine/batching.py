@@ -1,26 +1,23 @@
-"""The transformers engine: many streams share one model through continuous batching.
+"""Continuous batching: many streams share one model in transformers' batching loop.
 
-transformers' `ContinuousBatchingManager` runs the model on its own thread and
-schedules every admitted request into each decode step. This engine adds what a
+`BatchingCore` runs transformers' `ContinuousBatchingManager` (its own
+thread schedules every admitted request into each decode step) and adds what a
 server needs around it:
 
-- admission: at most `max_batch_size + max_queue` requests are held; one more
-  is refused at once (`EngineOverloadedError`) instead of queueing forever;
-- validation before a request reaches the batching thread, because a bad
-  request there (an out-of-range token id, one longer than the KV cache) kills
-  the loop for every caller;
 - results: one pump thread drains the manager's output queue (a public API)
-  and hands each output to its request's asyncio queue; outputs of requests
-  that already left are dropped, so nothing accumulates;
-- cancellation: a stream closed early cancels its request, which the manager
-  drops at the next decode step and frees its KV blocks;
+  and reports, per step, each request's new tokens and logprobs (`SeqOutput`);
+  outputs of requests that already left are dropped, so nothing accumulates;
+- cancellation: a request whose client left is cancelled in the manager,
+  which drops it at the next decode step and frees its KV blocks;
 - failure: if the batching thread dies (seen on GPUs: CUDA out of memory),
-  every waiting and later request fails with `EngineError` and `healthy`
-  turns False;
+  the core reports it, and its front end fails every waiting request;
 - sampling: each request's temperature, top-k/top-p, repetition penalty,
   min_new_tokens, seed and logprobs are applied per row by
   `cb_sampling.SamplingProcessors`, in the manager's own logits-processing
   hook (see `sampling` for how seeds stay per request).
+
+The same core runs in the engine process (`worker`), reporting over its pipe.
+`BatchingEngine` is the front end over a core in this process.
 """
 
 from __future__ import annotations
@@ -28,48 +25,290 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import itertools
 import logging
 import threading
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import CoreState, EngineError, EngineOverloadedError, EngineRequest, InvalidRequestError
+from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
+from .core import CoreSink, ModelFacts, SeqOutput
+from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
-from .tokens import Prepared, Step, TokenStreamEngine
+from .settings import BatchingSettings, check_graph_sampling
 
 log = logging.getLogger(__name__)
 
-_DEAD = object()  # delivered to every waiting request when the batching thread dies
+Deliver = Callable[[Sequence[SeqOutput]], None]
+Fail = Callable[[str], None]
 
 
-@dataclass(frozen=True, slots=True)
-class BatchingSettings:
-    """How the continuous-batching engine is sized.
+def _post(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None], arg: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+        loop.call_soon_threadsafe(callback, arg)
 
-    Attributes:
-        max_batch_size: sequences decoded together in one step.
-        max_queue: admitted requests that may wait beyond those.
-        kv_block_size: tokens per KV-cache block.
-        kv_cache_tokens: KV-cache capacity in tokens across all sequences;
-            0 sizes it for `max_batch_size` sequences of the model's context
-            (capped at 1024 tokens each, which keeps a CPU server small).
-        max_batch_tokens: tokens processed per forward pass (prefill chunks
-            plus decodes); 0 picks 256 on CPU and 2048 elsewhere.
-        cuda_graphs: capture CUDA graphs (None: on CUDA devices only).
+
+class BatchingCore:
+    """transformers' continuous batching on threads of this process.
+
+    Args:
+        model: a transformers causal LM on its device, in eval mode.
+        facts: the model's facts.
+        settings: sizes of the batch, the queue and the KV cache.
+        pad_token_id: the tokenizer's padding id.
+        default_max_new_tokens: the manager's default length.
     """
 
-    max_batch_size: int = 32
-    max_queue: int = 64
-    kv_block_size: int = 16
-    kv_cache_tokens: int = 0
-    max_batch_tokens: int = 0
-    cuda_graphs: bool | None = None
+    def __init__(
+        self,
+        model: Any,
+        facts: ModelFacts,
+        settings: BatchingSettings,
+        *,
+        pad_token_id: int | None,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> None:
+        self.model = model
+        self.facts = facts
+        self.settings = settings
+        self.pad_token_id = pad_token_id
+        self.default_max_new_tokens = default_max_new_tokens
+        self.sampling: Any = None  # the manager's SamplingProcessors, once launched
+        self._manager: Any = None
+        self._pump: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._failure: str | None = None
+        self._lock = threading.Lock()  # `_seen` and the logprob records, between callers and the pump
+        self._seen: dict[str, int] = {}  # request id -> tokens already reported
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the manager captures CUDA graphs."""
+        return self.settings.graphs_on(self.facts.device_type)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the batching thread has died (or before start)."""
+        return self._failure is None and self._manager is not None and self._manager.is_running()
+
+    @property
+    def active(self) -> int:
+        try:
+            active = len(self._manager.batch_processor.scheduler.active_requests)
+        except AttributeError:  # not started yet, or another transformers layout
+            return 0
+        return min(active, self.settings.max_batch_size)
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        if self.cuda_graphs:
+            check_graph_sampling(sampling)
+
+    def check_admission(self) -> None:
+        pass  # the front end's capacity is this core's whole admission
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def cb_config(self) -> Any:
+        """The manager's configuration, as the settings size it (benchmarks size raw batching with it too)."""
+        from transformers import ContinuousBatchingConfig
+
+        s = self.settings
+        blocks = -(-s.cache_tokens(self.facts.context_length) // s.kv_block_size)
+        return ContinuousBatchingConfig(
+            page_size=s.kv_block_size,
+            num_blocks=blocks,
+            max_batch_tokens=s.max_batch_tokens or (2048 if self.facts.device_type == "cuda" else 256),
+            max_requests_per_batch=s.max_batch_size,
+            use_cuda_graph=self.cuda_graphs,
+            allow_block_sharing=False,
+            scheduler_type="fifo",
+        )
+
+    async def start(self, sink: CoreSink) -> None:
+        loop = asyncio.get_running_loop()
+        # warmup() allocates the KV cache, so an impossible size fails now
+        # rather than killing the batching thread later: off the event loop.
+        await asyncio.to_thread(
+            self.launch,
+            lambda outputs: _post(loop, sink.deliver, outputs),
+            lambda reason: _post(loop, sink.core_failed, reason),
+        )
+
+    def launch(self, deliver: Deliver, fail: Fail) -> None:
+        """Build, warm up and start the batching manager and its result pump (blocking).
+
+        `deliver` and `fail` are called on the pump thread: with each step's
+        outputs, and once if the batching thread dies.
+        """
+        from transformers import GenerationConfig
+
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
+        generation = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
+            do_sample=False,
+            max_new_tokens=self.default_max_new_tokens,
+            eos_token_id=list(self.facts.eos_ids) or -1,
+            pad_token_id=self.pad_token_id,
+        )
+        manager = self.model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=self.cb_config()
+        )
+        from .cb_sampling import SamplingProcessors  # deferred: imports torch and transformers
+
+        # Replaced before warmup() builds the batch processor that uses it.
+        self.sampling = SamplingProcessors(
+            int(self.model.config.vocab_size),
+            frozenset(self.facts.eos_ids),
+            self.model.device,
+            eager=not self.cuda_graphs,
+        )
+        manager.logit_processor = self.sampling
+        manager.warmup()
+        # A thread inherits daemon-ness from the thread that starts it: started
+        # from a daemon thread, the batching thread cannot keep a process that
+        # was interrupted (the seed snippet on Ctrl-C) from exiting.
+        starter = threading.Thread(target=manager.start, name="entity-llm-cb-start", daemon=True)
+        starter.start()
+        starter.join()
+        self._manager = manager
+        atexit.register(self._stop)
+        self._closing.clear()
+        self._pump = threading.Thread(
+            target=self._pump_results, args=(manager, deliver, fail), name="entity-llm-cb-results", daemon=True
+        )
+        self._pump.start()
+
+    def _stop(self) -> None:
+        """Stop the batching thread (blocking); also the atexit hook for a process
+        that exits without close() (Ctrl-C on the seed snippet), where a running
+        batching thread would make the C++ runtime abort."""
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            self._closing.set()
+            manager.stop(block=True, timeout=30, hard_stop=True)
+
+    async def close(self) -> None:
+        if self._manager is None:
+            return
+        atexit.unregister(self._stop)
+        await asyncio.to_thread(self.stop)
+
+    def stop(self) -> None:
+        """Stop the batching thread and the pump (blocking)."""
+        self._stop()
+        if self._pump is not None:
+            self._pump.join(5)
+
+    # -- results (on the pump thread) -------------------------------------------
+
+    def _pump_results(self, manager: Any, deliver: Deliver, fail: Fail) -> None:
+        try:
+            while not self._closing.is_set():
+                output = manager.get_result(timeout=0.1)
+                if output is not None:
+                    # Everything ready now at once (a decode step delivers one output per sequence).
+                    outputs = [output]
+                    while (more := manager.get_result(timeout=0)) is not None:
+                        outputs.append(more)
+                    if news := self._news(manager, outputs):
+                        deliver(news)
+                elif not manager.is_running() and not self._closing.is_set():
+                    error = manager.background_thread_status.fatal_error
+                    self._failure = f"the batching thread stopped: {error!r}"
+                    fail(self._failure)
+                    return
+        except Exception as exc:  # a bug here would leave every stream waiting: fail them instead
+            log.exception("the result pump failed")
+            self._failure = f"the engine's result pump failed: {type(exc).__name__}: {exc}"
+            fail(self._failure)
+
+    def _news(self, manager: Any, outputs: list[Any]) -> list[SeqOutput]:
+        """What each output brings that was not reported yet (outputs carry every token so far)."""
+        news = []
+        failed = []
+        records, faults = self.sampling.logprobs, self.sampling.faults
+        with self._lock:
+            for out in outputs:
+                rid = out.request_id
+                seen = self._seen.get(rid)
+                if seen is None:  # cancelled, or already ended
+                    continue
+                error = None
+                if out.error is not None:
+                    error = f"generation failed: {out.error}"
+                elif (fault := faults.get(rid)) is not None:
+                    error = f"sampling failed: {fault}"
+                tokens = out.generated_tokens
+                # The processors record a token's logprob before the manager
+                # delivers it, so the record is never behind the output.
+                record = records.get(rid)
+                logprobs = None if record is None else tuple(record[seen : len(tokens)])
+                finished = out.is_finished() or error is not None
+                news.append(SeqOutput(rid, tuple(tokens[seen:]), logprobs, finished, error))
+                if finished:
+                    self._forget(rid)
+                    if not out.is_finished():
+                        failed.append(rid)
+                else:
+                    self._seen[rid] = len(tokens)
+        for rid in failed:  # a request failed by its sampling: the manager drops it too
+            manager.cancel_request(rid)
+        return news
+
+    def _forget(self, rid: str) -> None:
+        self._seen.pop(rid, None)
+        self.sampling.logprobs.pop(rid, None)
+        self.sampling.faults.pop(rid, None)
+
+    # -- requests -----------------------------------------------------------
+
+    def add(self, rid: str, prepared: Prepared) -> None:
+        manager = self._manager
+        if manager is None:
+            raise EngineError("engine is not started")
+        with self._lock:
+            self._seen[rid] = 0
+            if prepared.sampling.wants_logprobs:
+                self.sampling.logprobs[rid] = []
+        try:
+            added = manager.add_request(
+                prepared.ids,
+                request_id=rid,
+                max_new_tokens=prepared.max_new_tokens,
+                streaming=True,
+                sampling=prepared.sampling,
+                prompt_len=len(prepared.ids),
+            )
+            refused = None if added is not None else "the batching thread is not running"
+        except Exception as exc:  # this request only: the others go on
+            refused = f"the engine refused the request: {type(exc).__name__}: {exc}"
+        if refused is not None:
+            with self._lock:
+                self._forget(rid)
+            raise EngineError(refused)
+
+    def cancel(self, rid: str) -> None:
+        with self._lock:
+            self._forget(rid)
+        if (manager := self._manager) is not None:
+            manager.cancel_request(rid)
+
+    def state(self) -> CoreState:
+        """The batching thread's own count of the requests it holds (queued,
+        waiting or decoding) and of its decode steps.
+
+        It briefly pauses the batching loop to read a consistent snapshot of
+        the manager's internals; callable from any thread.
+        """
+        manager = self._manager
+        if manager is None or not manager.is_running():
+            return CoreState(0, 0)
+        with manager.pause():
+            scheduler = manager.batch_processor.scheduler
+            held = manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests)
+            return CoreState(int(held), int(manager.current_batch))
 
 
-class BatchingEngine(TokenStreamEngine):
-    """Generation for many concurrent requests with continuous batching.
+class BatchingEngine(FrontEnd):
+    """Generation for many concurrent requests with continuous batching, in this process.
 
     Args:
         model: a transformers causal LM on its device, in eval mode.
@@ -85,289 +324,28 @@ class BatchingEngine(TokenStreamEngine):
         tokenizer: Any,
         *,
         settings: BatchingSettings | None = None,
-        default_max_new_tokens: int = 128,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> None:
-        super().__init__(model, tokenizer, default_max_new_tokens=default_max_new_tokens)
         self.settings = settings or BatchingSettings()
-        self._manager: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: dict[str, asyncio.Queue[Any]] = {}
-        self._ids = itertools.count()
-        self._pump: threading.Thread | None = None
-        self._closing = threading.Event()
-        self._failure: str | None = None
-        self._sampling: Any = None  # the manager's SamplingProcessors, once started
-        self._start_lock = asyncio.Lock()
-
-    # -- sizing -------------------------------------------------------------
-
-    @property
-    def capacity(self) -> int:
-        """Requests held at most: decoding plus queued."""
-        return self.settings.max_batch_size + self.settings.max_queue
-
-    @property
-    def in_flight(self) -> int:
-        """Requests admitted and not yet finished, cancelled or failed."""
-        return self.admitted
-
-    def _cache_tokens(self) -> int:
-        s = self.settings
-        return s.kv_cache_tokens or s.max_batch_size * min(self.context_length, 1024)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether the manager captures CUDA graphs."""
-        graphs = self.settings.cuda_graphs
-        return self.model.device.type == "cuda" if graphs is None else graphs
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        # A captured graph replays fixed tensor work: no per-sequence token
-        # sets (repetition penalty), no host-side logprob records.
-        if not self.cuda_graphs:
-            return
-        for name, used in (
-            ("repetition_penalty", sampling.penalised),
-            ("logprobs", sampling.logprobs),
-            ("top_logprobs", sampling.top_logprobs > 0),
-        ):
-            if used:
-                raise InvalidRequestError(
-                    name, "not available while the server captures CUDA graphs (start it with --cuda-graphs off)"
-                )
-
-    @property
-    def max_sequence_tokens(self) -> int:
-        # A sequence longer than the whole KV cache can never be scheduled.
-        return min(self.context_length, self._cache_tokens())
-
-    def _cb_config(self) -> Any:
-        from transformers import ContinuousBatchingConfig
-
-        s = self.settings
-        on_cuda = self.model.device.type == "cuda"
-        blocks = -(-self._cache_tokens() // s.kv_block_size)
-        return ContinuousBatchingConfig(
-            page_size=s.kv_block_size,
-            num_blocks=blocks,
-            max_batch_tokens=s.max_batch_tokens or (2048 if on_cuda else 256),
-            max_requests_per_batch=s.max_batch_size,
-            use_cuda_graph=self.cuda_graphs,
-            allow_block_sharing=False,
-            scheduler_type="fifo",
+        facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
+        self.batching = BatchingCore(
+            model,
+            facts,
+            self.settings,
+            pad_token_id=tokenizer.pad_token_id,
+            default_max_new_tokens=default_max_new_tokens,
+        )
+        super().__init__(
+            self.batching,
+            facts,
+            tokenizer,
+            capacity=self.settings.capacity,
+            capacity_note=self.settings.capacity_note,
+            max_sequence_tokens=self.settings.cache_tokens(facts.context_length),
+            default_max_new_tokens=default_max_new_tokens,
         )
 
-    # -- lifecycle ----------------------------------------------------------
-
     @property
-    def healthy(self) -> bool:
-        """False once the batching thread has died (or before start)."""
-        return self._failure is None and self._manager is not None and self._manager.is_running()
-
-    async def start(self) -> None:
-        # The first requests may all call start() at once: one launches.
-        async with self._start_lock:
-            if self._manager is not None:
-                return
-            self._loop = asyncio.get_running_loop()
-            # warmup() allocates the KV cache, so an impossible size fails now
-            # rather than killing the batching thread later: off the event loop.
-            await asyncio.to_thread(self.launch)
-            self._pump = threading.Thread(target=self._pump_results, name="entity-llm-cb-results", daemon=True)
-            self._pump.start()
-
-    def launch(self) -> Any:
-        """Build, warm up and start the batching manager (blocking); return it.
-
-        `start()` calls this and then delivers results to asyncio; the engine
-        process (`process.py`) calls it and delivers results over its pipe.
-        """
-        from transformers import GenerationConfig
-
-        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
-        generation = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
-            do_sample=False,
-            max_new_tokens=self.default_max_new_tokens,
-            eos_token_id=sorted(self.eos_ids) or -1,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        manager = self.model.init_continuous_batching(
-            generation_config=generation, continuous_batching_config=self._cb_config()
-        )
-        from .cb_sampling import SamplingProcessors  # deferred: imports torch and transformers
-
-        # Replaced before warmup() builds the batch processor that uses it.
-        self._sampling = SamplingProcessors(
-            int(self.model.config.vocab_size), self.eos_ids, self.model.device, eager=not self.cuda_graphs
-        )
-        manager.logit_processor = self._sampling
-        manager.warmup()
-        # A thread inherits daemon-ness from the thread that starts it: started
-        # from a daemon thread, the batching thread cannot keep a process that
-        # was interrupted (the seed snippet on Ctrl-C) from exiting.
-        starter = threading.Thread(target=manager.start, name="entity-llm-cb-start", daemon=True)
-        starter.start()
-        starter.join()
-        self._manager = manager
-        atexit.register(self._stop)
-        self._closing.clear()
-        return manager
-
-    @property
-    def sampling_processors(self) -> Any:
-        """The manager's logits hook (logprob records, per-request faults), once launched."""
-        return self._sampling
-
-    def _stop(self) -> None:
-        """Stop the batching thread (blocking); also the atexit hook for a process
-        that exits without close() (Ctrl-C on the seed snippet), where a running
-        batching thread would make the C++ runtime abort."""
-        manager, self._manager = self._manager, None
-        if manager is not None:
-            self._closing.set()
-            manager.stop(block=True, timeout=30, hard_stop=True)
-
-    async def close(self) -> None:
-        if self._manager is None:
-            return
-        atexit.unregister(self._stop)
-        await asyncio.to_thread(self._stop)
-        if self._pump is not None:
-            await asyncio.to_thread(self._pump.join, 5)
-        self._fail_waiting()
-        self._start_lock = asyncio.Lock()  # a later start() may run on another event loop
-
-    # -- results ------------------------------------------------------------
-
-    def _pump_results(self) -> None:
-        manager, loop = self._manager, self._loop
-        assert manager is not None
-        assert loop is not None
-        while not self._closing.is_set():
-            output = manager.get_result(timeout=0.1)
-            if output is not None:
-                # One wake-up of the event loop for everything ready now (a
-                # decode step delivers one output per sequence at once).
-                outputs = [output]
-                while (more := manager.get_result(timeout=0)) is not None:
-                    outputs.append(more)
-                self._post(loop, self._deliver, outputs)
-            elif not manager.is_running() and not self._closing.is_set():
-                error = manager.background_thread_status.fatal_error
-                self._post(loop, self._on_death, f"the batching thread stopped: {error!r}")
-                return
-
-    @staticmethod
-    def _post(loop: asyncio.AbstractEventLoop, callback: Any, arg: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            loop.call_soon_threadsafe(callback, arg)
-
-    def _deliver(self, outputs: list[Any]) -> None:
-        for output in outputs:
-            queue = self._queues.get(output.request_id)
-            if queue is not None:  # None: the request was cancelled; drop its stragglers
-                queue.put_nowait(output)
-
-    def _on_death(self, reason: str) -> None:
-        log.error("engine failed: %s", reason)
-        self._failure = reason
-        self._fail_waiting()
-
-    def _fail_waiting(self) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(_DEAD)
-
-    # -- requests -----------------------------------------------------------
-
-    @property
-    def _accepting(self) -> bool:
-        """Whether the engine is started (failed or not)."""
-        return self._manager is not None
-
-    def _admit(self) -> None:
-        if not self._accepting:
-            raise EngineError("engine is not started")
-        if self._failure is not None:
-            raise EngineError(f"engine has failed: {self._failure}")
-        if self.in_flight >= self.capacity:
-            raise EngineOverloadedError(
-                f"server at capacity: {self.in_flight} requests in flight "
-                f"(max batch size {self.settings.max_batch_size} + max queue {self.settings.max_queue})"
-            )
-
-    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
-        manager = self._manager
-        if manager is None:  # closed while the request was being prepared
-            raise EngineError("engine is not started")
-        request_id = f"req-{next(self._ids)}"
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._queues[request_id] = queue
-        records = self._sampling.logprobs
-        wants_logprobs = prepared.sampling.wants_logprobs
-        if wants_logprobs:
-            records[request_id] = []
-        done = False
-        try:
-            added = manager.add_request(
-                prepared.ids,
-                request_id=request_id,
-                max_new_tokens=prepared.max_new_tokens,
-                streaming=True,
-                sampling=prepared.sampling,
-                prompt_len=len(prepared.ids),
-            )
-            if added is None:
-                raise EngineError("the batching thread is not running")
-            seen = 0
-            while not done:
-                output = await queue.get()
-                # A stream that fell behind finds several outputs waiting; the
-                # latest holds every token so far: take them in one step.
-                while output is not _DEAD and not queue.empty():
-                    output = queue.get_nowait()
-                if output is _DEAD:
-                    raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
-                if output.error is not None:
-                    raise EngineError(f"generation failed: {output.error}")
-                if (fault := self._sampling.faults.pop(request_id, None)) is not None:
-                    raise EngineError(f"sampling failed: {fault}")
-                tokens = output.generated_tokens  # every token so far, not only the new ones
-                done = output.is_finished()
-                if len(tokens) > seen:
-                    # The processors record a token's logprob before the manager
-                    # delivers it, so the record is never behind the output.
-                    logprobs = records[request_id][seen : len(tokens)] if wants_logprobs else None
-                    yield list(tokens[seen:]), logprobs
-                    seen = len(tokens)
-        finally:
-            del self._queues[request_id]
-            records.pop(request_id, None)
-            self._sampling.faults.pop(request_id, None)
-            if not done and self._manager is not None:
-                manager.cancel_request(request_id)
-
-    def core_state(self) -> CoreState:
-        """The batching thread's own count of the requests it holds (queued,
-        waiting or decoding) and of its decode steps.
-
-        It briefly pauses the batching loop to read a consistent snapshot of
-        the manager's internals; callable from any thread.
-        """
-        manager = self._manager
-        if manager is None or not manager.is_running():
-            return CoreState(0, 0)
-        with manager.pause():
-            scheduler = manager.batch_processor.scheduler
-            held = manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests)
-            return CoreState(int(held), int(manager.current_batch))
-
-    def load(self) -> tuple[int, int]:
-        """(decoding, waiting) requests, for metrics: read without pausing the batching loop,
-        so a snapshot that may be a step old."""
-        held = self.in_flight
-        try:
-            active = len(self._manager.batch_processor.scheduler.active_requests)
-        except AttributeError:  # not started yet, or another transformers layout
-            active = held
-        active = min(active, held, self.settings.max_batch_size)
-        return (active, held - active)
+    def model(self) -> Any:
+        """The transformers model the core runs."""
+        return self.batching.model

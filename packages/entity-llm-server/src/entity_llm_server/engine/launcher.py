@@ -1,7 +1,8 @@
-"""The engine process as the front end starts, waits for and stops it, and
-what crosses its pipe at start: the spec it loads, the tokenizer's facts it
-needs, the model's facts it answers with. `process.py` talks to it once it
-runs; `worker.py` is its side.
+"""The engine process as the front end starts, waits for and stops it.
+
+The front end sends it an `EngineSpec` (what to load) and the tokenizer's
+facts, and it answers `Ready` with the model's facts once warmed up (see
+`ipc`). `process.ProcessCore` talks to it once it runs; `worker` is its side.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Pipe
 from typing import Any
 
-from .batching import BatchingSettings
+from .core import ModelFacts
+from .ipc import Failed, Ready, TokenizerFacts
+from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,55 +42,6 @@ class EngineSpec:
     batching: BatchingSettings
     log_level: str = "WARNING"
     log_format: str = "text"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelFacts:
-    """What the front end knows of the model in the engine process.
-
-    The attributes mirror those of a transformers model that the engines read
-    (`config`, `generation_config`, `device`, `name_or_path`), so the front end
-    sizes, validates and admits requests with `BatchingEngine`'s own code.
-    """
-
-    name_or_path: str
-    max_position_embeddings: int
-    vocab_size: int
-    eos_token_id: tuple[int, ...]
-    device_type: str
-
-    @property
-    def config(self) -> ModelFacts:
-        return self
-
-    @property
-    def generation_config(self) -> ModelFacts:
-        return self
-
-    @property
-    def device(self) -> ModelFacts:
-        return self
-
-    @property
-    def type(self) -> str:
-        return self.device_type
-
-
-@dataclass(frozen=True, slots=True)
-class TokenizerFacts:
-    """What the batching engine reads of a tokenizer, sent by the front end.
-
-    Loading a tokenizer through transformers takes most of a second on a
-    small CPU; the engine process only needs these three facts, and gets them
-    while it loads the weights.
-    """
-
-    pad_token_id: int | None
-    eos_token_id: int | None
-    size: int
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def _kill_quietly(popen: subprocess.Popen[bytes]) -> None:
@@ -119,7 +73,7 @@ class EngineProcess:
 
     def send_tokenizer(self, tokenizer: Any) -> None:
         """Tell the engine process what it needs of the tokenizer (it loads none itself)."""
-        facts = TokenizerFacts(tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer))
+        facts = TokenizerFacts(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
         with contextlib.suppress(OSError):  # a child that died already: wait_ready() says why
             self.conn.send(facts)
 
@@ -130,11 +84,15 @@ class EngineProcess:
             message = self.conn.recv()
         except (EOFError, OSError) as exc:
             raise EngineProcessError(f"the engine process {self.exit_status()} while starting") from exc
-        if message[0] == "failed":
-            self.kill()
-            raise EngineProcessError(message[1])
-        facts: ModelFacts = message[1]
-        return facts
+        match message:
+            case Ready(facts):
+                return facts
+            case Failed(reason):
+                self.kill()
+                raise EngineProcessError(reason)
+            case _:
+                self.kill()
+                raise EngineProcessError(f"the engine process sent {type(message).__name__} while starting")
 
     def exit_status(self, wait: float = 10) -> str:
         """How the engine process ended, for messages: "exited (code N)" or "was killed by SIGNAME"."""

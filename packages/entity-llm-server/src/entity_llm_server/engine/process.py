@@ -1,45 +1,39 @@
-"""The batching engine in a process of its own, behind a pipe.
+"""The batching core in a process of its own, behind a pipe.
 
 In one process, the gRPC event loop and transformers' batching thread share
 one GIL: every token's detokenization, stop matching, protobuf and gRPC write
 waits for the batching loop's Python scheduling between torch calls, and the
 other way round (profiled at 32 streams: the batching thread busy about 78% of
-the time, the event loop 14%, hardly ever at once). Here the model runs in a
-child process (`engine.worker`, `python -m entity_llm_server.engine.worker FD PID`) and the gRPC
+the time, the event loop 14%, hardly ever at once). Here the model runs in an
+engine process (`worker`, started by `launcher.EngineProcess`) and the gRPC
 process keeps only the tokenizer, so the two loops run in parallel.
 
-What crosses the pipe (pickled tuples over a `multiprocessing` connection):
-
-- front end to engine: ``("add", rid, ids, max_new_tokens, sampling)``,
-  ``("cancel", rid)``, ``("state", token)``, ``("ping", token)``, ``("stop",)``;
-- engine to front end: ``("ready", facts)`` or ``("failed", message)`` once,
-  then ``("step", [(rid, new_ids, logprobs, finished, error), ...], active)``
-  per batch of results (one per decode step, every sequence's new tokens in
-  one message), ``("state", token, CoreState)``, ``("pong", token)``, and
-  ``("dead", reason)`` when the batching thread dies.
-
-Requests are validated, admitted and cancelled in the front end exactly as in
-`BatchingEngine` (this class is one); the engine process only runs the
-manager. It ignores SIGINT and SIGTERM, because a drain must let it finish
-the streams in flight, and it exits when its pipe closes: after `close()`, or
-when the front end dies in any way.
+`ProcessCore` is the front end's side of that process: it sends requests and
+cancels as `ipc` messages, and reads each step's outputs on the event loop.
+The engine process ignores SIGINT and SIGTERM, because a drain must let it
+finish the streams in flight, and it exits when its pipe closes: after
+`close()`, or when the front end dies in any way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from multiprocessing.connection import Connection
 from typing import Any
 
-from .base import CoreState, EngineError, EngineRequest, EngineUnavailableError
-from .batching import _DEAD, BatchingEngine, BatchingSettings
-from .child import EngineProcess, ModelFacts
-from .tokens import Prepared, Step
+from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError, EngineUnavailableError
+from .core import CoreSink, ModelFacts
+from .frontend import FrontEnd, Prepared
+from .ipc import Add, Cancel, Dead, Message, Ping, Pong, StateQuery, StateReply, Steps, Stop, send_all
+from .launcher import EngineProcess
+from .sampling import Sampling
+from .settings import BatchingSettings, check_graph_sampling
 
 log = logging.getLogger(__name__)
 
@@ -50,55 +44,45 @@ LIVENESS_INTERVAL = 1.0
 LIVENESS_TIMEOUT = 10.0
 
 
-def _send_all(conn: Any, outbox: queue.SimpleQueue[tuple[Any, ...] | None], failure: list[BaseException]) -> None:
-    """The front end's sender thread: `outbox` to the engine process, in order, until None or a dead pipe.
-
-    It holds no reference to the engine object, so an engine nobody closes
-    can still be collected (and its process killed by the finalizer).
-    """
-    while (message := outbox.get()) is not None:
-        try:
-            conn.send(message)
-        except (OSError, ValueError) as exc:  # closed: the engine process is gone; its EOF reports that
-            failure.append(exc)
-            return
+def _sender(conn: Connection, outbox: queue.SimpleQueue[Message | None], failure: list[Exception]) -> None:
+    """The sender thread. It holds no reference to the core, so a core nobody
+    closes can still be collected (and its process killed by the finalizer)."""
+    if (exc := send_all(conn, outbox)) is not None:  # closed: the engine process is gone; its EOF says how
+        failure.append(exc)
 
 
-class ProcessEngine(BatchingEngine):
-    """`BatchingEngine` whose model and batching thread run in an `EngineProcess`.
+class ProcessCore:
+    """The front end's handle on a batching core in an `EngineProcess`.
 
-    Built by `UnifiedLLMResource` with `engine_process=True` (the console
-    script's default). Tokenization, detokenization, stop sequences,
-    admission and cancellation stay here; token ids and logprobs come back
-    over the pipe, one message per decode step.
+    Args:
+        child: the started engine process (its model loaded: `wait_ready()` answered).
+        facts: the model's facts, as the engine process reported them.
+        settings: how its batching is sized.
     """
 
-    def __init__(
-        self,
-        child: EngineProcess,
-        facts: ModelFacts,
-        tokenizer: Any,
-        *,
-        settings: BatchingSettings,
-        default_max_new_tokens: int = 128,
-    ) -> None:
-        super().__init__(facts, tokenizer, settings=settings, default_max_new_tokens=default_max_new_tokens)
+    def __init__(self, child: EngineProcess, facts: ModelFacts, settings: BatchingSettings) -> None:
         self.child = child
+        self.facts = facts
+        self.settings = settings
         self._conn = child.conn
         # Messages to the engine process go out from a thread of their own: a
         # send blocks once the pipe is full (an engine process that reads
         # nothing, a prompt of megabytes), and must never block the event loop.
-        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._send_failure: list[BaseException] = []
+        self._outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._send_failure: list[Exception] = []
         threading.Thread(
-            target=_send_all,
+            target=_sender,
             args=(self._conn, self._outbox, self._send_failure),
             name="entity-llm-engine-send",
             daemon=True,
         ).start()
+        self._sink: CoreSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closed = False
+        self._failure: str | None = None
         self._active = 0
+        self._tokens = itertools.count()
         self._state_replies: dict[int, CoreState] = {}
         self._state_events: dict[int, threading.Event] = {}
         self.liveness_interval = LIVENESS_INTERVAL
@@ -121,6 +105,22 @@ class ProcessEngine(BatchingEngine):
         """Alive and not failed, but not answering: unhealthy, yet it may recover."""
         return self._failure is None and self.child.alive and not self.responsive
 
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        if self.settings.graphs_on(self.facts.device_type):
+            check_graph_sampling(sampling)
+
+    def check_admission(self) -> None:
+        if not self.responsive:  # its pipe may be full: add nothing more
+            raise EngineUnavailableError(
+                f"the engine process has not answered for {self.liveness_timeout:g} s; try again later"
+            )
+
+    # -- lifecycle ------------------------------------------------------------
+
     async def _ping(self) -> None:
         warned = False
         while self._started and self._failure is None:
@@ -130,7 +130,7 @@ class ProcessEngine(BatchingEngine):
                     warned = False
                 self._ping_sent = time.monotonic()
                 try:
-                    self._send(("ping", next(self._ids)))
+                    self._send(Ping(next(self._tokens)))
                 except EngineError:
                     return  # gone: its pipe's EOF reports the death
             elif not warned and not self.responsive:
@@ -138,9 +138,10 @@ class ProcessEngine(BatchingEngine):
                 warned = True
             await asyncio.sleep(self.liveness_interval)
 
-    async def start(self) -> None:
+    async def start(self, sink: CoreSink) -> None:
         if self._started:
             return
+        self._sink = sink
         self._loop = asyncio.get_running_loop()
         # Results are read on the event loop itself when the pipe is readable:
         # no thread of ours competes for this process's GIL.
@@ -161,104 +162,72 @@ class ProcessEngine(BatchingEngine):
             self._loop.remove_reader(self._conn.fileno())
         if running and self.responsive:
             with contextlib.suppress(EngineError):
-                self._send(("stop",))
+                self._send(Stop())
             await asyncio.to_thread(self.child.stop)
         else:  # never started, or not answering: nothing runs there worth waiting for
             await asyncio.to_thread(self.child.kill)
         self._outbox.put(None)  # the sender thread ends
-        self._fail_waiting()
+        self._wake_state_readers()
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: Message) -> None:
         if self._send_failure:  # a closed pipe: the engine process is gone
             raise EngineError(f"engine has failed: the engine process is gone ({self._send_failure[0]!r})")
         self._outbox.put(message)
 
-    # -- results (on the event loop) ------------------------------------------
+    # -- what the engine process says (on the event loop) ------------------------
 
     def _readable(self) -> None:
+        assert self._loop is not None
         try:
             while self._conn.poll():
-                message = self._conn.recv()
-                kind = message[0]
-                if kind == "step":
-                    self._active = message[2]
-                    for rid, ids, logprobs, finished, error in message[1]:
-                        pending = self._queues.get(rid)
-                        if pending is not None:  # None: the request was cancelled; drop its stragglers
-                            pending.put_nowait((ids, logprobs, finished, error))
-                elif kind == "pong":
-                    self._ping_sent = None
-                elif kind == "state":
-                    self._state_replies[message[1]] = message[2]
-                    if (event := self._state_events.get(message[1])) is not None:
-                        event.set()
-                elif kind == "dead":
-                    self._on_death(message[1])
+                match self._conn.recv():
+                    case Steps(outputs, active):
+                        self._active = active
+                        if self._sink is not None:
+                            self._sink.deliver(outputs)
+                    case Pong():
+                        self._ping_sent = None
+                    case StateReply(token, state):
+                        self._state_replies[token] = state
+                        if (event := self._state_events.get(token)) is not None:
+                            event.set()
+                    case Dead(reason):
+                        self._died(reason)
+                    case other:
+                        raise TypeError(f"{type(other).__name__} is no message the engine process sends now")
         except (EOFError, OSError):
-            assert self._loop is not None
             self._loop.remove_reader(self._conn.fileno())
             if self._failure is None and self._started:
                 # Its pipe closes as it exits: the status is there now or in a moment.
-                self._on_death(f"the engine process {self.child.exit_status(wait=0.2)}")
+                self._died(f"the engine process {self.child.exit_status(wait=0.2)}")
         except Exception as exc:  # an unreadable message: the pipe's framing can no longer be trusted
-            assert self._loop is not None
             self._loop.remove_reader(self._conn.fileno())
-            self._on_death(f"unreadable message from the engine process: {type(exc).__name__}: {exc}")
+            self._died(f"unreadable message from the engine process: {type(exc).__name__}: {exc}")
             with contextlib.suppress(OSError):
                 self.child.popen.kill()
 
-    # -- requests -------------------------------------------------------------
+    def _died(self, reason: str) -> None:
+        self._failure = reason
+        if self._sink is not None:
+            self._sink.core_failed(reason)
+        self._wake_state_readers()
 
-    @property
-    def _accepting(self) -> bool:
-        return self._started
-
-    def _admit(self) -> None:
-        super()._admit()
-        if not self.responsive:  # its pipe may be full: add nothing more
-            raise EngineUnavailableError(
-                f"the engine process has not answered for {self.liveness_timeout:g} s; try again later"
-            )
-
-    async def _token_ids(self, prepared: Prepared, request: EngineRequest) -> AsyncGenerator[Step, None]:
-        rid = f"req-{next(self._ids)}"
-        pending: asyncio.Queue[Any] = asyncio.Queue()
-        self._queues[rid] = pending
-        done = False
-        try:
-            if self._failure is not None:  # it failed after _admit(), before this queue existed
-                raise EngineError(f"engine has failed: {self._failure}")
-            self._send(("add", rid, prepared.ids, prepared.max_new_tokens, prepared.sampling))
-            while not done:
-                item = await pending.get()
-                if item is _DEAD:
-                    raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
-                ids, logprobs, done, error = item
-                # A stream that fell behind takes every step waiting as one.
-                while not done and error is None and not pending.empty():
-                    item = pending.get_nowait()
-                    if item is _DEAD:
-                        raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
-                    ids = ids + item[0]
-                    logprobs = None if logprobs is None else logprobs + item[1]
-                    done, error = item[2], item[3]
-                if error is not None:
-                    done = True  # the engine process has already dropped it
-                    raise EngineError(error)
-                if ids:
-                    yield ids, logprobs
-        finally:
-            del self._queues[rid]
-            if not done and self._failure is None:
-                with contextlib.suppress(EngineError):
-                    self._send(("cancel", rid))
-
-    def _fail_waiting(self) -> None:
-        super()._fail_waiting()
-        for event in list(self._state_events.values()):  # core_state() answers at once
+    def _wake_state_readers(self) -> None:
+        for event in list(self._state_events.values()):  # state() answers at once
             event.set()
 
-    def core_state(self) -> CoreState:
+    # -- requests -------------------------------------------------------------
+
+    def add(self, rid: str, prepared: Prepared) -> None:
+        if self._failure is not None:
+            raise EngineError(f"engine has failed: {self._failure}")
+        self._send(Add(rid, tuple(prepared.ids), prepared.max_new_tokens, prepared.sampling))
+
+    def cancel(self, rid: str) -> None:
+        if self._failure is None:
+            self._send(Cancel(rid))
+
+    def state(self) -> CoreState:
         """The engine process's own count of the requests it holds and of its
         decode steps; call it from a thread other than the event loop."""
         if not self.healthy:
@@ -268,11 +237,11 @@ class ProcessEngine(BatchingEngine):
         except RuntimeError:  # no loop runs in this thread, as it must be
             here = None
         if here is not None and here is self._loop:
-            raise RuntimeError("core_state() waits for the event loop: call it from another thread")
-        token = next(self._ids)
+            raise RuntimeError("state() waits for the event loop: call it from another thread")
+        token = next(self._tokens)
         event = self._state_events[token] = threading.Event()
         try:
-            self._send(("state", token))
+            self._send(StateQuery(token))
             if not event.wait(30):
                 raise EngineError("the engine process did not answer")
             # None: woken by the engine's death, which dropped every request
@@ -281,7 +250,42 @@ class ProcessEngine(BatchingEngine):
             del self._state_events[token]
             self._state_replies.pop(token, None)
 
-    def load(self) -> tuple[int, int]:
-        held = self.in_flight
-        active = min(self._active, held, self.settings.max_batch_size)
-        return (active, held - active)
+
+class ProcessEngine(FrontEnd):
+    """The front end over a batching core in an engine process (the console script's default).
+
+    Built by `UnifiedLLMResource` with `engine_process=True`. Tokenization,
+    detokenization, stop sequences, admission and cancellation stay here;
+    token ids and logprobs come back over the pipe, one message per decode step.
+    """
+
+    def __init__(
+        self,
+        child: EngineProcess,
+        facts: ModelFacts,
+        tokenizer: Any,
+        *,
+        settings: BatchingSettings,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> None:
+        self.settings = settings
+        self.process = ProcessCore(child, facts, settings)
+        super().__init__(
+            self.process,
+            facts,
+            tokenizer,
+            capacity=settings.capacity,
+            capacity_note=settings.capacity_note,
+            max_sequence_tokens=settings.cache_tokens(facts.context_length),
+            default_max_new_tokens=default_max_new_tokens,
+        )
+
+    @property
+    def child(self) -> EngineProcess:
+        """The engine process."""
+        return self.process.child
+
+    @property
+    def stalled(self) -> bool:
+        """Alive and not failed, but not answering: unhealthy, yet it may recover."""
+        return self.process.stalled

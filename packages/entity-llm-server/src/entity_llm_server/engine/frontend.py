@@ -1,0 +1,381 @@
+"""The front end every engine shares: requests in, text events out, over one core.
+
+The front end turns a request into prompt ids (chat template, truncation,
+context limits), admits it (a bounded number in flight), hands it to its
+core (`core.Core`) and turns the token ids that come back into events:
+incremental detokenization that never splits a UTF-8 character, stop
+sequences matched on text across token boundaries, the time limit, and the
+one `Finished` event that ends every successful stream. A stream closed
+early (its client left) cancels its request in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from .base import (
+    DEFAULT_MAX_NEW_TOKENS,
+    CoreState,
+    EngineError,
+    EngineEvent,
+    EngineOverloadedError,
+    EngineRequest,
+    Finished,
+    FinishReason,
+    InvalidRequestError,
+    ModelInfo,
+    TextDelta,
+    Tokens,
+)
+from .core import Core, ModelFacts, SeqOutput
+from .sampling import GREEDY, Sampling, TokenLogprob
+from .text import Decoder, StopMatcher, sized_call, special_ids
+
+log = logging.getLogger(__name__)
+
+_DEAD = object()  # put in every waiting request's queue when the core fails
+
+# What `_steps` yields: new token ids and, when the request asked for them,
+# their logprobs (one per id).
+Step = tuple[tuple[int, ...], tuple[TokenLogprob, ...] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request turned into model input.
+
+    Attributes:
+        ids: the prompt's token ids, after truncation.
+        max_new_tokens: the tokens to generate, after clipping to the context.
+        clipped: whether the context, not the request, set `max_new_tokens`.
+        sampling: the request's sampling, its seed chosen when it had none.
+    """
+
+    ids: list[int]
+    max_new_tokens: int
+    clipped: bool
+    sampling: Sampling = GREEDY
+
+
+class FrontEnd:
+    """An `Engine`: a transformers model's tokenizer here, its core wherever it runs.
+
+    Args:
+        core: what runs the model.
+        facts: the model's facts (context, vocabulary, EOS ids).
+        tokenizer: the model's fast tokenizer (the incremental detokenizer
+            needs the Rust backend).
+        capacity: requests held at most, decoding plus waiting (None: no limit).
+        capacity_note: how `capacity` is made up, for the refusal's message.
+        max_sequence_tokens: the most tokens one sequence may hold, when the
+            core allows fewer than the model's context.
+        default_max_new_tokens: the length used when a request leaves it unset.
+    """
+
+    def __init__(
+        self,
+        core: Core,
+        facts: ModelFacts,
+        tokenizer: Any,
+        *,
+        capacity: int | None = None,
+        capacity_note: str = "",
+        max_sequence_tokens: int | None = None,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> None:
+        self.core = core
+        self.facts = facts
+        self.tokenizer = tokenizer
+        self.capacity = capacity
+        self._capacity_note = capacity_note
+        self.default_max_new_tokens = default_max_new_tokens
+        self.context_length = facts.context_length
+        self.vocab_size = facts.vocab_size
+        self.eos_ids = frozenset(facts.eos_ids)
+        self.max_sequence_tokens = min(facts.context_length, max_sequence_tokens or facts.context_length)
+        # Requests admitted whose `generate()` has not ended: they hold a place
+        # from admission on, through any await before the core has them (a big
+        # prompt's tokenization, the first step's wait).
+        self.in_flight = 0
+        # Read now, not on a first request: those may encode on the event loop
+        # and in a worker thread at once, and a tokenizer's first call may set it up.
+        self._specials = special_ids(tokenizer)
+        # A token's text decoded alone, for top_logprobs alternatives.
+        self._piece_text = functools.lru_cache(maxsize=65536)(lambda token: str(tokenizer.decode([token])))
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._ids = itertools.count()
+        self._started = False
+        self._failure: str | None = None
+        self._start_lock = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """Started, not failed, and the core can serve."""
+        return self._started and self._failure is None and self.core.healthy
+
+    async def start(self) -> None:
+        # The first requests may all call start() at once: one starts the core.
+        async with self._start_lock:
+            if self._started:
+                return
+            await self.core.start(self)
+            self._started = True
+
+    async def close(self) -> None:
+        self._started = False
+        await self.core.close()
+        self._fail_waiting()
+        self._start_lock = asyncio.Lock()  # a later start() may run on another event loop
+
+    # -- what the core reports (on the event loop) -----------------------------
+
+    def deliver(self, outputs: Sequence[SeqOutput]) -> None:
+        for output in outputs:
+            queue = self._queues.get(output.rid)
+            if queue is not None:  # None: the request was cancelled; drop its stragglers
+                queue.put_nowait(output)
+
+    def core_failed(self, reason: str) -> None:
+        log.error("engine failed: %s", reason)
+        self._failure = reason
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(_DEAD)
+
+    # -- the model, as requests see it ----------------------------------------
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model_id=self.facts.model_id,
+            context_length=self.max_sequence_tokens,
+            vocab_size=self.vocab_size,
+            # What a request that leaves max_new_tokens unset gets: never more than fits.
+            default_max_new_tokens=min(self.default_max_new_tokens, self.max_sequence_tokens - 1),
+            max_max_new_tokens=self.max_sequence_tokens - 1,
+            eos_token_ids=tuple(sorted(self.eos_ids)),
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+        )
+
+    def tokenize(self, text: str, truncate: int | None = None) -> Tokens:
+        ids = self.encode(text, truncate)
+        return Tokens(tuple(ids), tuple(self.tokenizer.convert_ids_to_tokens(ids)))
+
+    def encode(self, text: str, truncate: int | None = None, *, specials: bool = True) -> list[int]:
+        """The token ids of `text` as the model takes a prompt: with the
+        tokenizer's special tokens (its start token), as `tokenizer(text)`
+        gives them, unless `specials` is false (a rendered chat template
+        writes its own). A text that already starts with the start token
+        (a chat template rendered by the caller) does not get a second one.
+        With `truncate`, the start token and the last tokens are kept, at
+        most `truncate` in all when it leaves room for the special ones."""
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        start, end = self._specials
+        tail = end if specials else []
+        if start and ids[: len(start)] == start:  # the text's own start token: kept, not doubled
+            head, ids = start, ids[len(start) :]
+        else:
+            head = start if specials else []
+        if truncate:
+            keep = max(truncate - len(head) - len(tail), 0)
+            ids = ids[len(ids) - keep :]
+        return [*head, *ids, *tail]
+
+    def render(self, messages: tuple[tuple[str, str], ...]) -> str:
+        """A conversation as prompt text: the chat template with a generation prompt."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as exc:  # the template's own checks (jinja raise_exception) name the problem
+            raise InvalidRequestError("messages", f"the chat template rejected them: {exc}") from exc
+        return str(text)
+
+    def prepare(self, request: EngineRequest) -> Prepared:
+        """Validate a request against the model and turn it into input ids."""
+        self.core.check_sampling(request.sampling)
+        # The template writes its own special tokens (BOS): encode its text as is.
+        prompt = self.render(request.messages) if request.messages else request.prompt
+        ids = self.encode(prompt, request.truncate_input_tokens, specials=not request.messages)
+        if not ids:
+            start = self.tokenizer.bos_token_id
+            ids = [start if start is not None else min(self.eos_ids, default=0)]
+        if max(ids) >= self.vocab_size:
+            raise InvalidRequestError("prompt", "the tokenizer produced ids outside the model's vocabulary")
+        limit = self.max_sequence_tokens
+        room = limit - len(ids)
+        if room <= 0:
+            raise InvalidRequestError(
+                "prompt",
+                f"{len(ids)} tokens leave no room in the model's {limit}-token context; "
+                "set truncate_input_tokens to keep only the last ones",
+            )
+        if request.max_new_tokens is not None and request.max_new_tokens > limit - 1:
+            raise InvalidRequestError(
+                "max_new_tokens", f"{request.max_new_tokens} is more than this model's context allows ({limit - 1})"
+            )
+        wanted = request.max_new_tokens or min(self.default_max_new_tokens, limit - 1)
+        sampling = request.sampling
+        if sampling.sampled and sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        return Prepared(ids, min(wanted, room), clipped=wanted > room, sampling=sampling)
+
+    # -- requests -------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Refuse a request before any work: an unstarted or failed engine, a full house."""
+        if not self._started:
+            raise EngineError("engine is not started")
+        if self._failure is not None:
+            raise EngineError(f"engine has failed: {self._failure}")
+        if self.capacity is not None and self.in_flight >= self.capacity:
+            raise EngineOverloadedError(f"server at capacity: {self.in_flight} requests in flight{self._capacity_note}")
+        self.core.check_admission()
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        self._admit()
+        self.in_flight += 1
+        try:
+            # aclosing: a client that leaves closes the inner stream (and so
+            # cancels the request in the core) at once, not at collection.
+            async with aclosing(self._generate(request)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.in_flight -= 1
+
+    async def _steps(self, prepared: Prepared) -> AsyncGenerator[Step, None]:
+        """The core's new ids (and logprobs) for `prepared` until it ends; closing it cancels the request."""
+        rid = f"req-{next(self._ids)}"
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[rid] = queue
+        done = False
+        try:
+            if not self._started:  # closed while it was being prepared
+                raise EngineError("engine is not started")
+            if self._failure is not None:  # failed meanwhile
+                raise EngineError(f"engine has failed: {self._failure}")
+            self.core.add(rid, prepared)
+            while not done:
+                item = await queue.get()
+                # A stream that fell behind takes every step waiting as one.
+                ids: tuple[int, ...] = ()
+                logprobs: tuple[TokenLogprob, ...] | None = None
+                while True:
+                    if item is _DEAD:
+                        raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
+                    output: SeqOutput = item
+                    ids += output.ids
+                    if output.logprobs is not None:
+                        logprobs = (logprobs or ()) + output.logprobs
+                    done = output.finished
+                    if output.error is not None:
+                        raise EngineError(output.error)  # the core has dropped it already
+                    if done or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if ids:
+                    yield ids, logprobs
+        finally:
+            del self._queues[rid]
+            if not done and self._failure is None:
+                with contextlib.suppress(EngineError):  # the core is gone: nothing holds the request any more
+                    self.core.cancel(rid)
+
+    async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        size = len(request.prompt) + sum(len(role) + len(content) for role, content in request.messages)
+        prepared = await sized_call(size, self.prepare, request)
+        decoder = Decoder(self.tokenizer, prepared.ids)
+        stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)
+        deadline = None if request.time_limit_ms is None else time.monotonic() + request.time_limit_ms / 1000
+        generated: list[int] = []
+        # Ids (and logprobs) of tokens whose text is not out yet.
+        pending: list[int] = []
+        pending_lp: list[TokenLogprob] = []
+        reason = FinishReason.TOKEN_LIMIT if prepared.clipped else FinishReason.MAX_TOKENS
+        stop: str | None = None
+        async with aclosing(self._steps(prepared)) as steps:
+            while stop is None and reason is not FinishReason.EOS:
+                try:
+                    timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+                    ids, logprobs = await asyncio.wait_for(anext(steps), timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    reason = FinishReason.TIME_LIMIT
+                    break
+                # Everything this step brought goes out as one event: a stream
+                # that fell behind catches up in fewer, larger messages.
+                text: list[str] = []
+                out_ids: list[int] = []
+                out_lp: list[TokenLogprob] = []
+                if logprobs is not None and prepared.sampling.top_logprobs:
+                    logprobs = tuple(self._named(entry) for entry in logprobs)
+                for index, token in enumerate(ids):
+                    generated.append(token)
+                    pending.append(token)
+                    if logprobs is not None:
+                        pending_lp.append(logprobs[index])
+                    if token in self.eos_ids:
+                        reason = FinishReason.EOS
+                        break
+                    out, stop = stops.feed(decoder.step(token))
+                    if out:
+                        text.append(out)
+                        out_ids += pending
+                        out_lp += pending_lp
+                        pending, pending_lp = [], []
+                    if stop is not None:
+                        reason = FinishReason.STOP_SEQUENCE
+                        break
+                if text:
+                    yield TextDelta("".join(text), tuple(out_ids), tuple(out_lp))
+        if (rest := stops.flush()) and stop is None:
+            tail = [] if reason is not FinishReason.EOS else pending[-1:]
+            keep = len(pending) - len(tail)
+            yield TextDelta(rest, tuple(pending[:keep]), tuple(pending_lp[:keep]))
+            pending, pending_lp = tail, pending_lp[keep:]
+        yield Finished(
+            reason,
+            len(prepared.ids),
+            len(generated),
+            tuple(generated),
+            stop or "",
+            tuple(pending),
+            tuple(pending_lp),
+            prepared.sampling.seed if prepared.sampling.sampled else None,
+        )
+
+    def _named(self, entry: TokenLogprob) -> TokenLogprob:
+        return dataclasses.replace(entry, top_text=tuple(self._piece_text(token) for token, _ in entry.top))
+
+    # -- diagnostics ----------------------------------------------------------
+
+    def core_state(self) -> CoreState:
+        """What the core holds now and the decode steps it has run (blocking, briefly;
+        for a core in another process, call it from a thread other than the event loop)."""
+        return self.core.state()
+
+    def occupancy(self) -> tuple[int, int]:
+        """(decoding, waiting) requests now, for metrics; may be read from another thread."""
+        held = self.in_flight
+        active = min(self.core.active, held)
+        return (active, held - active)
