@@ -97,6 +97,17 @@ def test_engine_process_off_serves_from_one_process(server):
     assert children(running.process.pid) == []
 
 
+def test_engine_replicas_serve_from_one_engine_process_each_and_end_with_the_server(server):
+    running = server("--engine-replicas", "2")
+    with LLMClient(running.target, timeout=60) as client:
+        assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8)) == IMPORT_OS_8
+    engines = children(running.process.pid)
+    assert len(engines) == 2
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(60) == 0
+    assert all(not alive(pid) for pid in engines)
+
+
 def test_a_front_end_killed_while_the_model_loads_leaves_no_engine_process():
     # The engine process reads its pipe only once the weights are loaded; it
     # must notice a dead front end before that, not keep loading for minutes.

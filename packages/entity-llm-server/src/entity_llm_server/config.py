@@ -56,6 +56,9 @@ class ServerConfig:
         engine_process: `on` runs the batching engine's model in a process of
             its own, so token streaming and the batching loop do not share a
             GIL; `off` keeps it in the server's process.
+        engine_replicas: engine processes behind the one front end, each
+            with its own batching loop and copy of the model (`device` may
+            list one device per replica).
         on_engine_failure: `stay` keeps the process up once the engine has
             failed (health NOT_SERVING, every Generate INTERNAL) for an
             orchestrator's probe to restart it; `exit` ends the process with
@@ -85,6 +88,7 @@ class ServerConfig:
     metrics_port: int = 0
     health_check_interval: float = 1.0
     engine_process: str = "on"
+    engine_replicas: int = 1
     on_engine_failure: str = "stay"
 
     def batching(self) -> BatchingSettings:
@@ -148,6 +152,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         choices=("on", "off"),
         help="on: the batching engine runs the model in a child process (the gRPC loop keeps its own GIL)",
     )
+    add(
+        "--engine-replicas",
+        type=_positive_int,
+        help="engine processes behind one front end, each with its own copy of the model; requests go to the "
+        "least loaded (--device may list one device per replica: cuda:0,cuda:1)",
+    )
     add("--max-batch-size", type=_positive_int, help="sequences decoded together in one step")
     add(
         "--max-queue",
@@ -188,5 +198,12 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.engine_replicas > 1 and (args.engine_process != "on" or args.engine != "batching"):
+        parser.error("--engine-replicas above 1 needs --engine batching and --engine-process on")
+    devices = len(args.device.split(","))
+    if devices not in (1, args.engine_replicas):
+        parser.error(
+            f"--device lists {devices} devices for {args.engine_replicas} engine replicas: give one, or one each"
+        )
     # argparse applies `type` to string defaults taken from the environment too.
     return ServerConfig(**vars(args))

@@ -47,6 +47,9 @@ class UnifiedLLMResource:
             thread do not share a GIL; the console script's default. The
             in-process engine starts faster and is what embedding code and
             most tests use.
+        engine_replicas: engine processes serving as one engine (each its own
+            batching loop and copy of the model); needs `engine_process`.
+            `device` may then list one device per replica (`cuda:0,cuda:1`).
         log_level: the engine process's logging level.
         log_format: the engine process's log format (`text` or `json`).
     """
@@ -61,6 +64,7 @@ class UnifiedLLMResource:
         engine: str = "batching",
         batching: BatchingSettings | None = None,
         engine_process: bool = False,
+        engine_replicas: int = 1,
         log_level: str = "WARNING",
         log_format: str = "text",
     ) -> None:
@@ -70,6 +74,16 @@ class UnifiedLLMResource:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.engine_kind = engine
         self.engine_process = engine_process and engine == "batching"
+        self.devices = [d.strip() for d in device.split(",")]
+        if engine_replicas < 1:
+            raise ValueError(f"engine_replicas must be at least 1, not {engine_replicas}")
+        if engine_replicas > 1 and not self.engine_process:
+            raise ValueError("engine replicas run in engine processes: they need the batching engine's engine process")
+        if len(self.devices) not in (1, engine_replicas):
+            raise ValueError(
+                f"device lists {len(self.devices)} devices for {engine_replicas} engine replicas: give one, or one each"
+            )
+        self.engine_replicas = engine_replicas
         self._log = (log_level, log_format)
         self.batching = batching or BatchingSettings()
         self.model_id = str(model) if model is not None else str(default_model_path())
@@ -139,22 +153,30 @@ class UnifiedLLMResource:
         from .engine.launcher import EngineProcess, EngineProcessError, EngineSpec
         from .engine.process import ProcessEngine
 
-        spec = EngineSpec(
-            self.model_id, self.device, self.dtype, self.default_max_new_tokens, self.batching, *self._log
-        )
-        child = EngineProcess(spec)  # loads the model while this process loads the tokenizer
+        children: list[EngineProcess] = []
         try:
+            # Every replica loads its model while this process loads the tokenizer.
+            for index in range(self.engine_replicas):
+                device = self.devices[index % len(self.devices)]
+                spec = EngineSpec(
+                    self.model_id, device, self.dtype, self.default_max_new_tokens, self.batching, *self._log
+                )
+                children.append(EngineProcess(spec))
             tokenizer = self._tokenizer()
-            child.send_tokenizer(tokenizer)
-            facts = child.wait_ready()
+            for child in children:
+                child.send_tokenizer(tokenizer)
+            ready = [child.wait_ready() for child in children]  # every one: any may fail to load
+            facts = ready[0]
         except EngineProcessError as exc:
-            child.kill()
+            for child in children:
+                child.kill()
             raise ModelLoadError(str(exc)) from exc
         except BaseException:
-            child.kill()
+            for child in children:
+                child.kill()
             raise
         return ProcessEngine(
-            child, facts, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
+            children, facts, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
 
     async def engine(self) -> Engine:

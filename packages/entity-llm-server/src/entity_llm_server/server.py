@@ -184,6 +184,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         engine=config.engine,
         batching=config.batching(),
         engine_process=config.engine_process == "on",
+        engine_replicas=config.engine_replicas,
         log_level=config.log_level,
         log_format=config.log_format,
     )

@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -32,6 +33,7 @@ from .core import CoreSink, ModelFacts
 from .frontend import FrontEnd, Prepared
 from .ipc import Add, Cancel, Dead, Message, Ping, Pong, StateQuery, StateReply, Steps, Stop, send_all
 from .launcher import EngineProcess
+from .replicas import ReplicaCore
 from .sampling import Sampling
 from .settings import BatchingSettings, check_graph_sampling
 
@@ -252,16 +254,18 @@ class ProcessCore:
 
 
 class ProcessEngine(FrontEnd):
-    """The front end over a batching core in an engine process (the console script's default).
+    """The front end over batching cores in engine processes (the console script's default).
 
     Built by `UnifiedLLMResource` with `engine_process=True`. Tokenization,
     detokenization, stop sequences, admission and cancellation stay here;
-    token ids and logprobs come back over the pipe, one message per decode step.
+    token ids and logprobs come back over the pipe, one message per decode
+    step. With several engine processes (`--engine-replicas`), they serve as
+    one core (`replicas.ReplicaCore`) and admission counts their sum.
     """
 
     def __init__(
         self,
-        child: EngineProcess,
+        children: Sequence[EngineProcess],
         facts: ModelFacts,
         tokenizer: Any,
         *,
@@ -269,23 +273,36 @@ class ProcessEngine(FrontEnd):
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> None:
         self.settings = settings
-        self.process = ProcessCore(child, facts, settings)
+        self.processes = [ProcessCore(child, facts, settings) for child in children]
+        n = len(self.processes)
+        self.remote: ProcessCore | ReplicaCore = self.processes[0] if n == 1 else ReplicaCore(self.processes)
+        note = settings.capacity_note if n == 1 else f" ({n} engine replicas x{settings.capacity_note})"
         super().__init__(
-            self.process,
+            self.remote,
             facts,
             tokenizer,
-            capacity=settings.capacity,
-            capacity_note=settings.capacity_note,
+            capacity=settings.capacity * n,
+            capacity_note=note,
             max_sequence_tokens=settings.cache_tokens(facts.context_length),
             default_max_new_tokens=default_max_new_tokens,
         )
 
     @property
+    def process(self) -> ProcessCore:
+        """The (first) engine process's core."""
+        return self.processes[0]
+
+    @property
     def child(self) -> EngineProcess:
-        """The engine process."""
+        """The (first) engine process."""
         return self.process.child
 
     @property
+    def children(self) -> list[EngineProcess]:
+        """Every engine process, one per replica."""
+        return [core.child for core in self.processes]
+
+    @property
     def stalled(self) -> bool:
-        """Alive and not failed, but not answering: unhealthy, yet it may recover."""
-        return self.process.stalled
+        """Not failed, but not answering: unhealthy, yet it may recover."""
+        return self.remote.stalled
