@@ -91,6 +91,10 @@ def test_a_killed_replica_fails_only_its_own_streams_and_the_rest_serve_on(serve
     assert all(code is grpc.StatusCode.INTERNAL and "engine replica 1" in details for code, details, _ in failed)
     assert sorted(n for code, _, n in ends if code is grpc.StatusCode.OK) == [300] * 4
     assert engine.healthy
+    # Metrics carry each replica: the dead one is down and holds nothing.
+    registry = server.server.metrics.registry
+    assert [registry.get_sample_value("entity_llm_core_up", {"core": c}) for c in "01"] == [1.0, 0.0]
+    assert registry.get_sample_value("entity_llm_core_requests", {"core": "1"}) == 0.0
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         reply = health.Check(health_pb2.HealthCheckRequest(service="entity.grpc.LLMService"), timeout=10)

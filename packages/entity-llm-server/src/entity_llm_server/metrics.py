@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -22,6 +22,8 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,29 @@ _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 EngineLoad = Callable[[], "tuple[int, int] | None"]
+# Per core of the engine (one, or one per engine replica): (requests it has, whether it serves).
+EngineCores = Callable[[], "list[tuple[int, bool]] | None"]
+
+
+class _CoreCollector(Collector):
+    """Per-core gauges, labelled by the core's index, read at scrape time."""
+
+    def __init__(self, cores: EngineCores) -> None:
+        self.cores = cores
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        requests = GaugeMetricFamily(f"{PREFIX}_core_requests", "Requests each engine core has", labels=["core"])
+        up = GaugeMetricFamily(f"{PREFIX}_core_up", "Whether each engine core serves (1) or not (0)", labels=["core"])
+        try:
+            cores = self.cores() or []
+        except Exception:  # a scrape must not fail because one gauge could not be read
+            log.exception("could not read the engine's cores")
+            cores = []
+        for index, (held, serving) in enumerate(cores):
+            requests.add_metric([str(index)], held)
+            up.add_metric([str(index)], 1 if serving else 0)
+        yield requests
+        yield up
 
 
 class Metrics:
@@ -40,9 +65,11 @@ class Metrics:
         engine_load: returns the engine's (decoding, waiting) request counts,
             or None while there is no engine; read at scrape time, from the
             HTTP server's thread.
+        engine_cores: returns each engine core's (requests, serving), or None
+            while there is no engine; read at scrape time too.
     """
 
-    def __init__(self, engine_load: EngineLoad | None = None) -> None:
+    def __init__(self, engine_load: EngineLoad | None = None, engine_cores: EngineCores | None = None) -> None:
         self.registry = CollectorRegistry()
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(collector)
@@ -72,6 +99,8 @@ class Metrics:
         queued = Gauge(f"{PREFIX}_queue_depth", "Requests admitted and waiting for a decode slot", registry=r)
         active.set_function(lambda: self._load()[0])
         queued.set_function(lambda: self._load()[1])
+        if engine_cores is not None:
+            r.register(_CoreCollector(engine_cores))
         self._http: Any = None
         self._thread: threading.Thread | None = None
 

@@ -92,7 +92,7 @@ class LLMServer:
         self.service = service
         self.health = HealthMonitor(service, interval=health_check_interval)
         self.gate = DrainGate()
-        self.metrics = Metrics(engine_load=self._engine_load)
+        self.metrics = Metrics(engine_load=self._engine_load, engine_cores=self._engine_cores)
         interceptor = OperationsInterceptor(
             api_keys=ApiKeys(api_keys), gate=self.gate, metrics=self.metrics, token_timings=token_timings
         )
@@ -104,6 +104,11 @@ class LLMServer:
     def _engine_load(self) -> tuple[int, int] | None:
         engine = self.service.current_engine
         return None if engine is None else engine.occupancy()
+
+    def _engine_cores(self) -> list[tuple[int, bool]] | None:
+        engine = self.service.current_engine
+        per_core = getattr(engine, "per_core", None)  # engines with cores (FakeEngine has none)
+        return None if per_core is None else list(per_core())
 
     def add_port(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
         """Listen on `address` (TLS with `credentials`); return the port, which `:0` picks.

@@ -374,6 +374,10 @@ class FrontEnd:
         for a core in another process, call it from a thread other than the event loop)."""
         return self.core.state()
 
+    def per_core(self) -> list[tuple[int, bool]]:
+        """Each core's (requests it has, whether it serves), for metrics: here, one core."""
+        return [(self.in_flight, self.core.healthy)]
+
     def occupancy(self) -> tuple[int, int]:
         """(decoding, waiting) requests now, for metrics; may be read from another thread."""
         held = self.in_flight

@@ -306,3 +306,8 @@ class ProcessEngine(FrontEnd):
     def stalled(self) -> bool:
         """Not failed, but not answering: unhealthy, yet it may recover."""
         return self.remote.stalled
+
+    def per_core(self) -> list[tuple[int, bool]]:
+        if isinstance(self.remote, ReplicaCore):
+            return self.remote.per_replica()
+        return super().per_core()

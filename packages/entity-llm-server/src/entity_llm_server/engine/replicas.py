@@ -73,9 +73,9 @@ class ReplicaCore:
     def active(self) -> int:
         return sum(self.replicas[i].active for i in self.live)
 
-    def loads(self) -> list[int]:
-        """The requests each replica has now (a failed one: 0)."""
-        return list(self._load)
+    def per_replica(self) -> list[tuple[int, bool]]:
+        """Each replica's (requests it has now, whether it serves); a failed one: (0, False)."""
+        return [(load, i not in self._failed and self.replicas[i].healthy) for i, load in enumerate(self._load)]
 
     def check_sampling(self, sampling: Sampling) -> None:
         self.replicas[0].check_sampling(sampling)  # all run the same model with the same settings
