@@ -107,13 +107,21 @@ def demo(session: nox.Session) -> None:
     session.run("python", "examples/clients/stream_demo.py", *session.posargs, env=env)
 
 
+# What `nox -s bench` runs, after `python`: the commands benchmarks/README.md
+# quotes for its CPU tables, argument for argument. About 10 minutes on 2 cores.
+BENCH = (
+    "benchmarks/transport.py",
+    "benchmarks/model_path.py --streams 1,32 --repeat 3 --sequential-limit 4 --compare-in-process",
+)
+
+
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Side-by-side measurements (writes benchmarks/results/*.json); pass args to model_path.py."""
+    """The CPU tables of benchmarks/README.md, by the commands it quotes (also in benchmarks/results/*.json)."""
     _install_packages(session)
     env = {"HF_HUB_OFFLINE": "1"}
-    session.run("python", "benchmarks/transport.py", env=env)
-    session.run("python", "benchmarks/model_path.py", *session.posargs, env=env)
+    for command in BENCH:
+        session.run("python", *command.split(), env=env)
 
 
 @nox.session(python="3.11")

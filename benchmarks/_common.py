@@ -1,14 +1,16 @@
-"""Shared helpers for the benchmarks: statistics, tables, JSON, a server subprocess."""
+"""Shared helpers for the benchmarks: interleaved rounds, statistics, tables, JSON, a server subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +54,36 @@ class Row:
         return data
 
 
+def best(runs: list[Row]) -> Row:
+    """The fastest of repeated runs, with every run's tokens/s kept in its extra."""
+    top = max(runs, key=lambda row: row.tokens_per_s)
+    top.extra["runs_tokens_per_s"] = [round(row.tokens_per_s, 1) for row in runs]
+    return top
+
+
+def interleaved(sides: dict[str, Callable[[], Row]], rounds: int) -> dict[str, Row]:
+    """Run every side once per round and keep each side's best round.
+
+    Each side warms itself up before its timed part, the same way every round.
+    The order rotates from round to round, so that no side always runs first
+    or right after a heavy one, and the shared machine's slow moments spread
+    over every side instead of charging whichever ran then.
+    """
+    names = list(sides)
+    runs: dict[str, list[Row]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(sides[name]())
+    return {name: best(rows) for name, rows in runs.items()}
+
+
 def machine() -> dict[str, Any]:
-    import os
+    import grpc
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
+        "grpcio": grpc.__version__,
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
     }
@@ -76,23 +103,29 @@ def ratio(name: str, ours: Row, baseline: Row, target: float = 0.0) -> dict[str,
     return {"name": name, "value": ours.tokens_per_s / baseline.tokens_per_s, "target": target}
 
 
+def write_results(name: str, rows: list[Row], ratios: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    """Write everything to benchmarks/results/NAME.json."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": machine(), **meta, "rows": [r.summary() for r in rows], "ratios": ratios}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
 def report(name: str, rows: list[Row], ratios: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     """Print a table and the ratios; write everything to benchmarks/results/NAME.json."""
     print(f"\n## {name}")
-    print(f"{'bench':<14} {'method':<22} {'streams':>7} {'tokens':>7} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9}")
+    print(f"{'bench':<14} {'method':<24} {'streams':>7} {'tokens':>7} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9}")
     for row in rows:
         s = row.summary()
         print(
-            f"{row.bench:<14} {row.method:<22} {row.streams:>7} {row.tokens:>7} {s['tokens_per_s']:>9.1f}"
+            f"{row.bench:<14} {row.method:<24} {row.streams:>7} {row.tokens:>7} {s['tokens_per_s']:>9.1f}"
             f" {s['ttft_p50_ms']:>9.1f} {s['ttft_p99_ms']:>9.1f}"
         )
     for ratio in ratios:
         verdict = "ok" if ratio["value"] >= ratio["target"] else "BELOW TARGET"
         print(f"ratio {ratio['name']}: {ratio['value']:.2f}x (target >= {ratio['target']}x) {verdict}")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {"machine": machine(), **meta, "rows": [r.summary() for r in rows], "ratios": ratios}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path = write_results(name, rows, ratios, meta)
     print(f"wrote {path}")
     return path
 

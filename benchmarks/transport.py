@@ -1,13 +1,19 @@
 """Transport overhead: LLMService on the fake engine vs a bare grpc.aio server.
 
-Every server streams the same GenerateResponse messages (one per piece, no
-model); the client is the same raw grpc.aio stub. Two servers of ours: the
+Every server streams the same GenerateResponse messages (one per piece, each
+with its token id, then a last message with the finish reason and the counts;
+no model); the client is the same raw grpc.aio stub. Two servers of ours: the
 servicer alone on `build_server` (the servicer, the engine seam, the server's
 options) and `LLMServer`, what the console script runs (plus the operations
 interceptor: request ids, API-key check, drain gate, metrics, access log),
 without and with per-message timings (on when --metrics-port is set).
 
-    python benchmarks/transport.py [--tokens 2000] [--streams 1,64]
+Tokens are the token ids the messages carry (the last message carries none),
+and every stream must bring exactly the ids asked for. Each round warms every
+server up with one stream, then times the concurrent streams; rounds are
+interleaved across the servers and each keeps its best.
+
+    python benchmarks/transport.py [--tokens 2000] [--streams 1,64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -16,14 +22,15 @@ import argparse
 import asyncio
 import multiprocessing
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from _common import Row, ratio, report
+from _common import Row, interleaved, ratio, report
 
-from entity_llm_server import FakeEngine, LLMServer, LLMService, build_server
+from entity_llm_server import LLMServer, LLMService, build_server
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
+from entity_llm_server.testing import FakeEngine
 
 PIECES = ("def", " fib", "(n", "):", "\n", "    return", " n")
 NAMES = {
@@ -32,20 +39,29 @@ NAMES = {
     "server": "LLMServer+fake",
     "server+metrics": "LLMServer+fake+timings",
 }
+REQUEST_ID = "0" * 32  # as long as the ids the server makes
 
 
 class BareService(llm_pb2_grpc.LLMServiceServicer):
-    """The least a grpc.aio server can do: yield prebuilt-content messages."""
+    """The least a grpc.aio server can do: yield prebuilt copies of the messages LLMService sends."""
 
     def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
+        pieces = [llm_pb2.GenerateResponse(token=PIECES[i % len(PIECES)], token_ids=[i]) for i in range(tokens)]
+        pieces[0].request_id = REQUEST_ID
+        last = llm_pb2.GenerateResponse(
+            finish_reason=llm_pb2.FINISH_REASON_MAX_TOKENS,
+            input_token_count=1,
+            generated_token_count=tokens,
+            request_id=REQUEST_ID,
+        )
+        self.messages = (*pieces, last)
 
     async def Generate(  # noqa: N802
         self, request: llm_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[llm_pb2.GenerateResponse]:
-        for i in range(self.tokens):
-            await asyncio.sleep(0)  # the fake engine yields to the loop once per token too
-            yield llm_pb2.GenerateResponse(token=PIECES[i % len(PIECES)])
+        for message in self.messages:
+            await asyncio.sleep(0)  # the fake engine yields to the loop once per event too
+            yield message
 
 
 def _serve(kind: str, tokens: int, port_out: Any) -> None:
@@ -65,33 +81,31 @@ def _serve(kind: str, tokens: int, port_out: Any) -> None:
     asyncio.run(main())
 
 
-async def _stream_all(target: str, streams: int) -> tuple[int, float, list[float]]:
+async def _round(target: str, streams: int, tokens: int, method: str) -> Row:
+    """One round against one server: a warm-up stream, then `streams` concurrent ones, timed."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = llm_pb2_grpc.LLMServiceStub(channel)
         ttft: list[float] = []
 
-        async def one() -> int:
-            started = time.perf_counter()
+        async def one(started: float) -> int:
             count = 0
-            async for _ in stub.Generate(llm_pb2.GenerateRequest(prompt="x")):
-                if count == 0:
+            async for response in stub.Generate(llm_pb2.GenerateRequest(prompt="x")):
+                if response.token_ids and not count:
                     ttft.append((time.perf_counter() - started) * 1000)
-                count += 1
+                count += len(response.token_ids)
+            if count != tokens:
+                raise SystemExit(f"{method}: a stream brought {count} token ids, not {tokens}")
             return count
 
-        await one()  # warm the connection
+        await one(time.perf_counter())  # the warm-up: connects the channel
         ttft.clear()
         started = time.perf_counter()
-        counts = await asyncio.gather(*(one() for _ in range(streams)))
-        return sum(counts), time.perf_counter() - started, ttft
+        counts = await asyncio.gather(*(one(started) for _ in range(streams)))
+        return Row("transport", method, streams, sum(counts), time.perf_counter() - started, ttft)
 
 
 def measure(kinds: tuple[str, ...], tokens: int, streams: int, repeats: int) -> dict[str, Row]:
-    """Each server in its own process, all up at once; runs interleaved, best of `repeats` each.
-
-    Interleaving spreads the shared machine's slow moments over every server
-    instead of charging them to whichever ran then.
-    """
+    """Each server in its own process, all up at once; interleaved rounds, best of `repeats` each."""
     ports: dict[str, int] = {}
     processes = []
     for kind in kinds:
@@ -100,14 +114,12 @@ def measure(kinds: tuple[str, ...], tokens: int, streams: int, repeats: int) -> 
         process.start()
         processes.append(process)
         ports[kind] = receive.recv()
+
+    def side(kind: str) -> Callable[[], Row]:
+        return lambda: asyncio.run(_round(f"127.0.0.1:{ports[kind]}", streams, tokens, NAMES[kind]))
+
     try:
-        best: dict[str, tuple[int, float, list[float]]] = {}
-        for _ in range(repeats):
-            for kind in kinds:
-                result = asyncio.run(_stream_all(f"127.0.0.1:{ports[kind]}", streams))
-                if kind not in best or result[1] < best[kind][1]:
-                    best[kind] = result
-        return {kind: Row("transport", NAMES[kind], streams, *best[kind]) for kind in kinds}
+        return interleaved({kind: side(kind) for kind in kinds}, repeats)
     finally:
         for process in processes:
             process.terminate()
@@ -116,9 +128,9 @@ def measure(kinds: tuple[str, ...], tokens: int, streams: int, repeats: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2000, help="messages per stream")
+    parser.add_argument("--tokens", type=int, default=2000, help="messages per stream at 1 stream (a tenth beyond)")
     parser.add_argument("--streams", default="1,64")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; each server keeps its best")
     args = parser.parse_args()
     rows: list[Row] = []
     ratios = []
@@ -131,7 +143,7 @@ def main() -> None:
             rows.append(ours)
             ratios.append(ratio(f"{NAMES[kind]} / bare at {streams} streams", ours, bare, 0.9))
         rows.append(bare)
-    report("transport", rows, ratios, {"tokens_per_stream": args.tokens})
+    report("transport", rows, ratios, {"args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,194 @@
+"""The sides model_path.py compares: one round of each, warm-up included.
+
+Every side gets the same treatment: its engine's own warm-up (the server did
+it at start-up; an in-process manager does it in `warmup()`), then the same
+warm-up request (the first prompt, `WARM_TOKENS` new tokens), then the timed
+requests. Tokens are generated token ids, counted the same way on every side
+(an end-of-sequence id counts, as the server's usage counts it; a message
+without ids counts nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from _common import Row
+
+WARM_TOKENS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One request: its text (what a gRPC client sends) and the ids the server makes of it."""
+
+    text: str
+    ids: list[int]
+
+
+def cb_settings(streams: int, new_tokens: int, prompt_tokens: int) -> dict[str, int]:
+    """The server's batching flags for `streams` concurrent requests (also used for the raw manager)."""
+    return {
+        "max_batch_size": max(streams, 1),
+        "max_queue": 0,
+        "kv_cache_tokens": streams * (new_tokens + prompt_tokens + 16),
+    }
+
+
+def cb_round(
+    model: Any,
+    tokenizer: Any,
+    batch: list[Prompt],
+    new_tokens: int,
+    *,
+    cuda_graphs: bool | None = None,
+    sampling_hook: bool = False,
+) -> Row:
+    """The requests straight through transformers' ContinuousBatchingManager, sized like the server."""
+    from transformers import GenerationConfig
+
+    from entity_llm_server.engine import BatchingEngine, BatchingSettings
+
+    prompt_tokens = max(len(p.ids) for p in batch)
+    settings = BatchingSettings(**cb_settings(len(batch), new_tokens, prompt_tokens), cuda_graphs=cuda_graphs)
+    sized = BatchingEngine(model, tokenizer, settings=settings)  # only to size the manager as the server does
+    generation = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        eos_token_id=sorted(sized.eos_ids),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    manager = model.init_continuous_batching(
+        generation_config=generation, continuous_batching_config=sized.batching.cb_config()
+    )
+    if sampling_hook:  # what the server installs: per-request sampling in the logits hook
+        from entity_llm_server.engine.cb_sampling import SamplingProcessors
+
+        manager.logit_processor = SamplingProcessors(
+            int(model.config.vocab_size), sized.eos_ids, model.device, eager=not sized.batching.cuda_graphs
+        )
+    manager.warmup()
+    manager.start()
+    try:
+        manager.add_request(batch[0].ids, request_id="warm", max_new_tokens=WARM_TOKENS)
+        while (out := manager.get_result(timeout=600)) is None or not out.is_finished():
+            pass
+        first: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        started = time.perf_counter()
+        for i, prompt in enumerate(batch):
+            manager.add_request(prompt.ids, request_id=f"r{i}", max_new_tokens=new_tokens, streaming=True)
+        while len(counts) < len(batch):
+            out = manager.get_result(timeout=600)
+            assert out is not None
+            assert out.error is None, out.error
+            if out.generated_tokens:
+                first.setdefault(out.request_id, time.perf_counter())
+            if out.is_finished():
+                counts[out.request_id] = len(out.generated_tokens)
+        seconds = time.perf_counter() - started
+    finally:
+        manager.stop(block=True, timeout=60)
+    if sampling_hook:
+        method = "cb + sampling hook"
+    elif cuda_graphs is None:
+        method = "cb (raw, in process)"
+    else:
+        method = f"cb (cuda_graphs={cuda_graphs})"
+    ttft = [(t - started) * 1000 for t in first.values()]
+    per_request = [counts[f"r{i}"] for i in range(len(batch))]
+    return Row("model", method, len(batch), sum(per_request), seconds, ttft, {"per_request_tokens": per_request})
+
+
+def sequential_round(model: Any, batch: list[Prompt], new_tokens: int, limit: int = 0) -> Row:
+    """One `generate` per request, one after another.
+
+    With `limit`, only the first `limit` requests run. Each is the same work
+    as one of the batch (the same prompt length and new tokens), and one at a
+    time a request's speed does not depend on how many wait behind it, so its
+    tokens/s compares with the other sides' (its TTFT does not: later requests
+    wait for every earlier one).
+    """
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.calls = 0
+            self.at: float | None = None
+
+        def put(self, value: Any) -> None:
+            self.calls += 1
+            if self.calls == 2 and self.at is None:  # the first put is the prompt
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def generate(prompt: Prompt, tokens: int, streamer: Any = None) -> int:
+        ids = torch.tensor([prompt.ids], device=model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False, streamer=streamer
+            )
+        return int(out.shape[1] - ids.shape[1])  # one sequence: nothing is padded after its end
+
+    generate(batch[0], WARM_TOKENS)
+    measured = batch[:limit] if limit else batch
+    ttft: list[float] = []
+    per_request: list[int] = []
+    started = time.perf_counter()
+    for prompt in measured:
+        streamer = FirstToken()
+        per_request.append(generate(prompt, new_tokens, streamer))
+        if streamer.at is not None:
+            ttft.append((streamer.at - started) * 1000)
+    seconds = time.perf_counter() - started
+    extra = {"requests_run": len(measured), "per_request_tokens": per_request}
+    return Row("model", "sequential generate", len(batch), sum(per_request), seconds, ttft, extra)
+
+
+async def _check_prompts(target: str, batch: list[Prompt]) -> None:
+    from entity_llm_client import AsyncLLMClient
+
+    async with AsyncLLMClient(target, timeout=600) as client:
+        for prompt in batch:
+            served = list((await client.tokenize(prompt.text)).ids)
+            if served != prompt.ids:
+                raise SystemExit(f"the server tokenizes a prompt differently: {served} != {prompt.ids}")
+
+
+def check_prompts(target: str, batch: list[Prompt]) -> None:
+    """Exit unless the server makes of each prompt's text exactly the ids the in-process sides get."""
+    asyncio.run(_check_prompts(target, batch))
+
+
+async def _grpc_round(target: str, batch: list[Prompt], new_tokens: int, method: str) -> Row:
+    from entity_llm_client import AsyncLLMClient
+
+    async with AsyncLLMClient(target, timeout=3600) as client:
+        async for _ in client.generate(batch[0].text, max_new_tokens=WARM_TOKENS):
+            pass
+        ttft: list[float] = []
+        started = time.perf_counter()
+
+        async def one(prompt: Prompt) -> int:
+            count = 0
+            async for chunk in client.generate(prompt.text, max_new_tokens=new_tokens):
+                if chunk.token_ids and not count:
+                    ttft.append((time.perf_counter() - started) * 1000)
+                count += len(chunk.token_ids)
+                if chunk.usage is not None and chunk.usage.generated_tokens != count:
+                    raise SystemExit(f"{method}: usage says {chunk.usage.generated_tokens} tokens, the ids {count}")
+            return count
+
+        per_request = await asyncio.gather(*(one(p) for p in batch))
+        seconds = time.perf_counter() - started
+    return Row("model", method, len(batch), sum(per_request), seconds, ttft, {"per_request_tokens": per_request})
+
+
+def grpc_round(target: str, batch: list[Prompt], new_tokens: int, method: str) -> Row:
+    """N concurrent `AsyncLLMClient` streams against a running server."""
+    return asyncio.run(_grpc_round(target, batch, new_tokens, method))

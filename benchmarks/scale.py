@@ -1,0 +1,235 @@
+"""Engine replicas: one server with `--engine-replicas 1` vs `2`, aggregate tokens/s.
+
+For each model, two servers (`python -m entity_llm_server` on loopback, each
+with `OMP_NUM_THREADS=1` in its environment, so that each engine process
+computes on one core) differ only in `--engine-replicas`: the same model, the
+same batching flags (`--max-batch-size`, `--max-queue`, a KV cache sized for
+the batch). For each concurrency N, the same N greedy `AsyncLLMClient` streams
+(the same prompt texts; `min_new_tokens = max_new_tokens`, so every stream
+generates exactly `--new-tokens` tokens) go to each server. Tokens are the
+counts each stream's usage reports; tokens/s is their sum over the round's
+wall time; TTFT is from submission to the first message with token ids.
+
+Both servers are up at once. Every round, each warms up the same way (two
+short concurrent streams, one per replica of the larger server) before its
+timed streams; the rounds are interleaved (`_common.interleaved`) and each
+side keeps its best of `--repeat`. Every round's greedy token ids must be the
+same on both sides; the report says whether they were, and the JSON keeps the
+texts.
+
+    python benchmarks/scale.py [--models demo,llama-35m] [--streams 32,64] [--repeat 3] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import Row, ServerProcess, interleaved, ratio, report, write_results
+from _sides import WARM_TOKENS, Prompt, cb_settings
+from model_path import SHAPES, materialise, prompts
+
+REPLICAS = (1, 2)
+# The issue's target: two replicas reach 1.6x one on the 35M model, set at 32 and 64
+# streams; elsewhere the ratio is reported only.
+TARGETS = {"llama-35m": 1.6}
+TARGET_STREAMS = 32
+
+
+def side_name(replicas: int) -> str:
+    return f"{replicas} replica" + ("s" if replicas > 1 else "")
+
+
+@dataclass
+class Outputs:
+    """Every round's greedy output of one concurrency, per side: token ids to compare, texts to keep."""
+
+    ids: dict[str, list[list[tuple[int, ...]]]] = field(default_factory=dict)
+    texts: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, side: str, ids: list[tuple[int, ...]], texts: list[str]) -> None:
+        self.ids.setdefault(side, []).append(ids)
+        self.texts.setdefault(side, texts)
+
+    def identical(self) -> bool:
+        """Every round of every side gave the same ids, stream for stream."""
+        rounds = [r for side in self.ids.values() for r in side]
+        return all(r == rounds[0] for r in rounds)
+
+    def differing_streams(self) -> int:
+        """Streams whose ids differ in some round from the first side's first round."""
+        rounds = [r for side in self.ids.values() for r in side]
+        return sum(any(r[i] != rounds[0][i] for r in rounds) for i in range(len(rounds[0])))
+
+
+async def _round(
+    target: str, batch: list[Prompt], new_tokens: int, method: str
+) -> tuple[Row, list[tuple[int, ...]], list[str]]:
+    from entity_llm_client import AsyncLLMClient
+
+    async with AsyncLLMClient(target, timeout=3600) as client:
+
+        async def warm(prompt: Prompt) -> None:
+            async for _ in client.generate(prompt.text, max_new_tokens=WARM_TOKENS, temperature=0.0):
+                pass
+
+        # As many as the larger server has replicas: least-loaded dispatch gives each replica one.
+        await asyncio.gather(*(warm(p) for p in batch[: max(REPLICAS)]))
+        ttft: list[float] = []
+        started = time.perf_counter()
+
+        async def one(prompt: Prompt) -> tuple[int, tuple[int, ...], str]:
+            ids: list[int] = []
+            text: list[str] = []
+            generated = None
+            async for chunk in client.generate(
+                prompt.text, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0
+            ):
+                if chunk.token_ids and not ids:
+                    ttft.append((time.perf_counter() - started) * 1000)
+                ids.extend(chunk.token_ids)
+                text.append(chunk.text)
+                if chunk.usage is not None:
+                    generated = chunk.usage.generated_tokens
+            if generated != new_tokens:
+                raise SystemExit(f"{method}: a stream's usage says {generated} generated tokens, not {new_tokens}")
+            return generated, tuple(ids), "".join(text)
+
+        results = await asyncio.gather(*(one(p) for p in batch))
+        seconds = time.perf_counter() - started
+    per_request = [count for count, _, _ in results]
+    row = Row("scale", method, len(batch), sum(per_request), seconds, ttft)
+    return row, [ids for _, ids, _ in results], [text for _, _, text in results]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Processes started meanwhile (a server and its engine processes) get `OMP_NUM_THREADS=1`."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+def side(target: str, batch: list[Prompt], new_tokens: int, method: str, outputs: Outputs) -> Callable[[], Row]:
+    """One round against one server, its outputs kept in `outputs`."""
+
+    def run() -> Row:
+        row, ids, texts = asyncio.run(_round(target, batch, new_tokens, method))
+        outputs.add(method, ids, texts)
+        return row
+
+    return run
+
+
+def server_args(folder: Path, args: argparse.Namespace, prompt_tokens: int) -> list[str]:
+    """The flags both servers share: one source for the batching sizes."""
+    sizes = cb_settings(args.max_batch_size, args.new_tokens, prompt_tokens)  # its KV cache fits a full batch
+    sizes["max_queue"] = args.max_queue
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
+    return ["--model", str(folder), "--max-new-tokens", str(args.new_tokens), *flags]
+
+
+def bench_model(
+    name: str, args: argparse.Namespace, scratch: Path
+) -> Iterator[tuple[list[Row], list[dict[str, Any]], dict[str, Any]]]:
+    """The rows, ratios and outputs of each concurrency in turn; both servers start once per model."""
+    from transformers import AutoTokenizer
+
+    folder = materialise(name, scratch, "auto")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    counts = [int(s) for s in args.streams.split(",")]
+    every = prompts(tokenizer, max(counts), args.prompt_tokens)
+    shared = server_args(folder, args, max(len(p.ids) for p in every))
+    with contextlib.ExitStack() as stack:
+        with one_thread():
+            servers = {
+                side_name(n): stack.enter_context(ServerProcess(*shared, "--engine-replicas", str(n))) for n in REPLICAS
+            }
+        for streams in counts:
+            batch = every[:streams]
+            outputs = Outputs()
+            sides = {s: side(server.target, batch, args.new_tokens, s, outputs) for s, server in servers.items()}
+            best = interleaved(sides, args.repeat)
+            for s, row in best.items():
+                row.bench = name
+                row.extra["server_startup_s"] = round(servers[s].startup_s, 2)
+            one, two = best[side_name(1)], best[side_name(2)]
+            target = TARGETS.get(name, 0.0) if streams >= TARGET_STREAMS else 0.0
+            ratios = [ratio(f"{name} 2 replicas / 1 at {streams} streams", two, one, target)]
+            record = {
+                "identical": outputs.identical(),
+                "differing_streams": outputs.differing_streams(),
+                "texts": outputs.texts,
+            }
+            yield [one, two], ratios, record
+
+
+def markdown(rows: list[Row], identical: dict[str, bool]) -> str:
+    """One table per model: tokens/s and TTFT p50 of each side, and their ratio."""
+    lines: list[str] = []
+    for model in dict.fromkeys(row.bench for row in rows):
+        lines += [
+            f"\n### {model}\n",
+            "| streams | 1 replica tok/s | 2 replicas tok/s | 2 / 1 | 1 replica TTFT p50 | 2 replicas TTFT p50"
+            " | same greedy output |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        mine = [row for row in rows if row.bench == model]
+        for streams in dict.fromkeys(row.streams for row in mine):
+            one, two = (
+                next(r.summary() for r in mine if r.streams == streams and r.method == side_name(n)) for n in REPLICAS
+            )
+            same = "yes" if identical[f"{model} at {streams} streams"] else "**no**"
+            lines.append(
+                f"| {streams} | {one['tokens_per_s']:,.0f} | {two['tokens_per_s']:,.0f}"
+                f" | {two['tokens_per_s'] / one['tokens_per_s']:.2f}x | {one['ttft_p50_ms']:,.0f} ms"
+                f" | {two['ttft_p50_ms']:,.0f} ms | {same} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="demo,llama-35m", help=f"demo, {', '.join(SHAPES)}")
+    parser.add_argument("--streams", default="32,64", help="concurrent streams, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; each side keeps its best")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens every stream generates, exactly")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="both servers' (per engine replica)")
+    parser.add_argument("--max-queue", type=int, default=64, help="both servers'")
+    args = parser.parse_args()
+    rows: list[Row] = []
+    ratios: list[dict[str, Any]] = []
+    outputs: dict[str, dict[str, Any]] = {}
+    meta = {"args": vars(args), "env": {"OMP_NUM_THREADS": "1"}, "outputs": outputs}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.models.split(","):
+            for setting_rows, setting_ratios, record in bench_model(name, args, Path(scratch)):
+                rows += setting_rows
+                ratios += setting_ratios
+                outputs[f"{name} at {setting_rows[0].streams} streams"] = record
+                # Written as each concurrency finishes: a run cut short keeps what it measured.
+                write_results("scale", rows, ratios, meta)
+    report("scale", rows, ratios, meta)
+    print(markdown(rows, {key: record["identical"] for key, record in outputs.items()}))
+    for key, record in outputs.items():
+        verdict = "identical" if record["identical"] else f"{record['differing_streams']} streams differ"
+        print(f"greedy outputs, {key}: {verdict} (1 vs 2 replicas, every round)")
+
+
+if __name__ == "__main__":
+    main()
