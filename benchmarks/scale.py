@@ -1,23 +1,29 @@
-"""Engine replicas: one server with `--engine-replicas 1` vs `2`, aggregate tokens/s.
+"""Scale-out on one machine: engine replicas (aggregate tokens/s) and tensor parallelism (per-token latency).
 
-For each model, two servers (`python -m entity_llm_server` on loopback, each
-with `OMP_NUM_THREADS=1` in its environment, so that each engine process
-computes on one core) differ only in `--engine-replicas`: the same model, the
-same batching flags (`--max-batch-size`, `--max-queue`, a KV cache sized for
-the batch). For each concurrency N, the same N greedy `AsyncLLMClient` streams
-(the same prompt texts; `min_new_tokens = max_new_tokens`, so every stream
-generates exactly `--new-tokens` tokens) go to each server. Tokens are the
-counts each stream's usage reports; tokens/s is their sum over the round's
-wall time; TTFT is from submission to the first message with token ids.
+Engine replicas: for each model, two servers (`python -m entity_llm_server`
+on loopback, each with `OMP_NUM_THREADS=1` in its environment, so that each
+engine process computes on one core) differ only in `--engine-replicas` (1
+and 2): the same model, the same batching flags (`--max-batch-size`,
+`--max-queue`, a KV cache sized for the batch). For each concurrency N, the
+same N greedy `AsyncLLMClient` streams (the same prompt texts;
+`min_new_tokens = max_new_tokens`, so every stream generates exactly
+`--new-tokens` tokens) go to each server. Tokens are the counts each stream's
+usage reports; tokens/s is their sum over the round's wall time; TTFT is from
+submission to the first message with token ids.
 
-Both servers are up at once. Every round, each warms up the same way (two
-short concurrent streams, one per replica of the larger server) before its
-timed streams; the rounds are interleaved (`_common.interleaved`) and each
-side keeps its best of `--repeat`. Every round's greedy token ids must be the
-same on both sides; the report says whether they were, and the JSON keeps the
-texts.
+Tensor parallelism: the same, with two servers that differ only in
+`--tensor-parallel` (1 and 2: one engine process, or two ranks of one core,
+each rank on one core), at `--tp-streams` concurrencies; what it reports is
+the per-token latency, each stream's time from its first token to its last
+over the tokens in between (median over the streams).
 
-    python benchmarks/scale.py [--models demo,llama-35m] [--streams 32,64] [--repeat 3] [--new-tokens 32]
+Both servers of a comparison are up at once. Every round, each warms up the
+same way (two short concurrent streams) before its timed streams; the rounds
+are interleaved (`_common.interleaved`) and each side keeps its best of
+`--repeat`. Every round's greedy token ids must be the same on both sides;
+the report says whether they were, and the JSON keeps the texts.
+
+    python benchmarks/scale.py [--models demo,llama-35m] [--streams 32,64] [--tp-streams 1,8] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -33,19 +39,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import Row, ServerProcess, interleaved, ratio, report, write_results
+from _common import Row, ServerProcess, interleaved, percentile, ratio, report, write_results
 from _sides import WARM_TOKENS, Prompt, cb_settings
 from model_path import SHAPES, materialise, prompts
 
-REPLICAS = (1, 2)
 # The issue's target: two replicas reach 1.6x one on the 35M model, set at 32 and 64
-# streams; elsewhere the ratio is reported only.
+# streams; elsewhere the ratio (and every tensor-parallel figure) is reported only.
 TARGETS = {"llama-35m": 1.6}
 TARGET_STREAMS = 32
+WARM_STREAMS = 2  # one per replica of the larger server: least-loaded dispatch gives each one
 
 
-def side_name(replicas: int) -> str:
-    return f"{replicas} replica" + ("s" if replicas > 1 else "")
+@dataclass(frozen=True)
+class Layout:
+    """One comparison: two servers that differ only in `flag` (1 and 2)."""
+
+    key: str
+    flag: str
+    unit: str
+
+    def side(self, n: int) -> str:
+        return f"{n} {self.unit}" + ("s" if n > 1 and self.unit == "replica" else "")
+
+
+REPLICAS = Layout("replicas", "--engine-replicas", "replica")
+TENSOR_PARALLEL = Layout("tensor-parallel", "--tensor-parallel", "TP rank")
 
 
 @dataclass
@@ -81,32 +99,39 @@ async def _round(
             async for _ in client.generate(prompt.text, max_new_tokens=WARM_TOKENS, temperature=0.0):
                 pass
 
-        # As many as the larger server has replicas: least-loaded dispatch gives each replica one.
-        await asyncio.gather(*(warm(p) for p in batch[: max(REPLICAS)]))
+        await asyncio.gather(*(warm(p) for p in batch[:WARM_STREAMS]))
         ttft: list[float] = []
+        per_token: list[float] = []
         started = time.perf_counter()
 
         async def one(prompt: Prompt) -> tuple[int, tuple[int, ...], str]:
             ids: list[int] = []
             text: list[str] = []
             generated = None
+            first = last = 0.0
             async for chunk in client.generate(
                 prompt.text, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0
             ):
-                if chunk.token_ids and not ids:
-                    ttft.append((time.perf_counter() - started) * 1000)
+                if chunk.token_ids:
+                    last = time.perf_counter()
+                    if not ids:
+                        first = last
+                        ttft.append((first - started) * 1000)
                 ids.extend(chunk.token_ids)
                 text.append(chunk.text)
                 if chunk.usage is not None:
                     generated = chunk.usage.generated_tokens
             if generated != new_tokens:
                 raise SystemExit(f"{method}: a stream's usage says {generated} generated tokens, not {new_tokens}")
+            if len(ids) > 1:
+                per_token.append((last - first) * 1000 / (len(ids) - 1))
             return generated, tuple(ids), "".join(text)
 
         results = await asyncio.gather(*(one(p) for p in batch))
         seconds = time.perf_counter() - started
     per_request = [count for count, _, _ in results]
     row = Row("scale", method, len(batch), sum(per_request), seconds, ttft)
+    row.extra["per_token_ms_p50"] = round(percentile(per_token, 50), 2)
     return row, [ids for _, ids, _ in results], [text for _, _, text in results]
 
 
@@ -144,32 +169,34 @@ def server_args(folder: Path, args: argparse.Namespace, prompt_tokens: int) -> l
 
 
 def bench_model(
-    name: str, args: argparse.Namespace, scratch: Path
+    name: str, layout: Layout, counts: list[int], args: argparse.Namespace, scratch: Path
 ) -> Iterator[tuple[list[Row], list[dict[str, Any]], dict[str, Any]]]:
     """The rows, ratios and outputs of each concurrency in turn; both servers start once per model."""
     from transformers import AutoTokenizer
 
     folder = materialise(name, scratch, "auto")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    counts = [int(s) for s in args.streams.split(",")]
     every = prompts(tokenizer, max(counts), args.prompt_tokens)
     shared = server_args(folder, args, max(len(p.ids) for p in every))
     with contextlib.ExitStack() as stack:
         with one_thread():
-            servers = {
-                side_name(n): stack.enter_context(ServerProcess(*shared, "--engine-replicas", str(n))) for n in REPLICAS
-            }
+            servers = {layout.side(n): stack.enter_context(ServerProcess(*shared, layout.flag, str(n))) for n in (1, 2)}
         for streams in counts:
             batch = every[:streams]
             outputs = Outputs()
             sides = {s: side(server.target, batch, args.new_tokens, s, outputs) for s, server in servers.items()}
             best = interleaved(sides, args.repeat)
             for s, row in best.items():
-                row.bench = name
+                row.bench = f"{name} {layout.key}"
                 row.extra["server_startup_s"] = round(servers[s].startup_s, 2)
-            one, two = best[side_name(1)], best[side_name(2)]
-            target = TARGETS.get(name, 0.0) if streams >= TARGET_STREAMS else 0.0
-            ratios = [ratio(f"{name} 2 replicas / 1 at {streams} streams", two, one, target)]
+            one, two = best[layout.side(1)], best[layout.side(2)]
+            if layout is REPLICAS:
+                target = TARGETS.get(name, 0.0) if streams >= TARGET_STREAMS else 0.0
+                ratios = [ratio(f"{name} 2 replicas / 1 at {streams} streams", two, one, target)]
+            else:  # latency: lower is better, so TP=1's over TP=2's reads as a speed-up
+                speedup = one.extra["per_token_ms_p50"] / two.extra["per_token_ms_p50"]
+                label = f"{name} per-token speed, TP=2 / TP=1 at {streams} streams"
+                ratios = [{"name": label, "value": speedup, "target": 0.0}]
             record = {
                 "identical": outputs.identical(),
                 "differing_streams": outputs.differing_streams(),
@@ -179,25 +206,27 @@ def bench_model(
 
 
 def markdown(rows: list[Row], identical: dict[str, bool]) -> str:
-    """One table per model: tokens/s and TTFT p50 of each side, and their ratio."""
+    """One table per model and comparison: tokens/s, TTFT p50 and per-token latency of each side."""
     lines: list[str] = []
-    for model in dict.fromkeys(row.bench for row in rows):
+    for bench in dict.fromkeys(row.bench for row in rows):
+        layout = REPLICAS if bench.endswith(REPLICAS.key) else TENSOR_PARALLEL
+        a, b = layout.side(1), layout.side(2)
         lines += [
-            f"\n### {model}\n",
-            "| streams | 1 replica tok/s | 2 replicas tok/s | 2 / 1 | 1 replica TTFT p50 | 2 replicas TTFT p50"
+            f"\n### {bench}\n",
+            f"| streams | {a} tok/s | {b} tok/s | 2 / 1 | per-token ms {a} / {b} | TTFT p50 {a} / {b}"
             " | same greedy output |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        mine = [row for row in rows if row.bench == model]
+        mine = [row for row in rows if row.bench == bench]
         for streams in dict.fromkeys(row.streams for row in mine):
-            one, two = (
-                next(r.summary() for r in mine if r.streams == streams and r.method == side_name(n)) for n in REPLICAS
-            )
-            same = "yes" if identical[f"{model} at {streams} streams"] else "**no**"
+            one, two = (next(r for r in mine if r.streams == streams and r.method == s) for s in (a, b))
+            x, y = one.summary(), two.summary()
+            same = "yes" if identical[f"{bench} at {streams} streams"] else "**no**"
             lines.append(
-                f"| {streams} | {one['tokens_per_s']:,.0f} | {two['tokens_per_s']:,.0f}"
-                f" | {two['tokens_per_s'] / one['tokens_per_s']:.2f}x | {one['ttft_p50_ms']:,.0f} ms"
-                f" | {two['ttft_p50_ms']:,.0f} ms | {same} |"
+                f"| {streams} | {x['tokens_per_s']:,.0f} | {y['tokens_per_s']:,.0f}"
+                f" | {y['tokens_per_s'] / x['tokens_per_s']:.2f}x"
+                f" | {one.extra['per_token_ms_p50']:,.1f} / {two.extra['per_token_ms_p50']:,.1f}"
+                f" | {x['ttft_p50_ms']:,.0f} / {y['ttft_p50_ms']:,.0f} ms | {same} |"
             )
     return "\n".join(lines)
 
@@ -205,7 +234,8 @@ def markdown(rows: list[Row], identical: dict[str, bool]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo,llama-35m", help=f"demo, {', '.join(SHAPES)}")
-    parser.add_argument("--streams", default="32,64", help="concurrent streams, comma-separated")
+    parser.add_argument("--streams", default="32,64", help="concurrent streams for replicas, comma-separated")
+    parser.add_argument("--tp-streams", default="1,8", help="concurrent streams for tensor parallelism; none: skip")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; each side keeps its best")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens every stream generates, exactly")
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -216,19 +246,24 @@ def main() -> None:
     ratios: list[dict[str, Any]] = []
     outputs: dict[str, dict[str, Any]] = {}
     meta = {"args": vars(args), "env": {"OMP_NUM_THREADS": "1"}, "outputs": outputs}
+    plans = [(REPLICAS, args.streams)]
+    if args.tp_streams != "none":
+        plans.append((TENSOR_PARALLEL, args.tp_streams))
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models.split(","):
-            for setting_rows, setting_ratios, record in bench_model(name, args, Path(scratch)):
-                rows += setting_rows
-                ratios += setting_ratios
-                outputs[f"{name} at {setting_rows[0].streams} streams"] = record
-                # Written as each concurrency finishes: a run cut short keeps what it measured.
-                write_results("scale", rows, ratios, meta)
+            for layout, streams in plans:
+                counts = [int(s) for s in streams.split(",")]
+                for setting_rows, setting_ratios, record in bench_model(name, layout, counts, args, Path(scratch)):
+                    rows += setting_rows
+                    ratios += setting_ratios
+                    outputs[f"{setting_rows[0].bench} at {setting_rows[0].streams} streams"] = record
+                    # Written as each concurrency finishes: a run cut short keeps what it measured.
+                    write_results("scale", rows, ratios, meta)
     report("scale", rows, ratios, meta)
     print(markdown(rows, {key: record["identical"] for key, record in outputs.items()}))
     for key, record in outputs.items():
         verdict = "identical" if record["identical"] else f"{record['differing_streams']} streams differ"
-        print(f"greedy outputs, {key}: {verdict} (1 vs 2 replicas, every round)")
+        print(f"greedy outputs, {key}: {verdict} (both sides, every round)")
 
 
 if __name__ == "__main__":

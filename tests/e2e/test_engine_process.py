@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -194,3 +195,20 @@ def test_on_engine_failure_exit_ends_the_process_with_code_3(server):
     _kill_the_engine_mid_stream(running)
     # Not the 60 s grace: nothing is left to drain once every stream has failed.
     assert running.process.wait(20) == 3
+
+
+def test_a_killed_tensor_parallel_rank_ends_the_server_with_code_3_under_on_engine_failure_exit(server):
+    running = server("--tensor-parallel", "2", "--on-engine-failure", "exit", "--health-check-interval", "0.2")
+    ranks = children(running.process.pid)
+    assert len(ranks) == 2
+    (rank1,) = [pid for pid in ranks if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+    with LLMClient(running.target, timeout=60) as client:
+        stream = client.generate("class Parser:", max_new_tokens=400, min_new_tokens=400)
+        assert next(stream).text is not None
+        os.kill(rank1, signal.SIGKILL)
+        with pytest.raises(LLMError) as ended:
+            list(stream)
+    assert ended.value.code is grpc.StatusCode.INTERNAL
+    assert "tensor-parallel rank 1 was killed by SIGKILL" in str(ended.value)
+    assert running.process.wait(20) == 3
+    assert wait_until(lambda: not any(alive(pid) for pid in ranks), timeout=10)

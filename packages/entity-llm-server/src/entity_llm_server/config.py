@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingSettings
+from .engine.launcher import placement
 from .logs import LOG_FORMATS
 from .resource import DTYPES, ENGINES
 
@@ -59,6 +60,11 @@ class ServerConfig:
         engine_replicas: engine processes behind the one front end, each
             with its own batching loop and copy of the model (`device` may
             list one device per replica).
+        tensor_parallel: engine processes (ranks) that split one copy of the
+            model with transformers' tensor parallelism and run one batching
+            loop in lock-step; with replicas, per replica. `device` then gives
+            a device type (`cuda`: ranks take cuda:0, cuda:1, ...) or one
+            device per process. The model's attention heads must divide by it.
         on_engine_failure: `stay` keeps the process up once the engine has
             failed (health NOT_SERVING, every Generate INTERNAL) for an
             orchestrator's probe to restart it; `exit` ends the process with
@@ -89,6 +95,7 @@ class ServerConfig:
     health_check_interval: float = 1.0
     engine_process: str = "on"
     engine_replicas: int = 1
+    tensor_parallel: int = 1
     on_engine_failure: str = "stay"
 
     def batching(self) -> BatchingSettings:
@@ -158,6 +165,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="engine processes behind one front end, each with its own copy of the model; requests go to the "
         "least loaded (--device may list one device per replica: cuda:0,cuda:1)",
     )
+    add(
+        "--tensor-parallel",
+        type=_positive_int,
+        help="engine processes that split one copy of the model (tensor parallelism: gloo on CPU, NCCL on CUDA); "
+        "with --engine-replicas, per replica (--device: cuda gives the ranks cuda:0, cuda:1, ..., or list one each)",
+    )
     add("--max-batch-size", type=_positive_int, help="sequences decoded together in one step")
     add(
         "--max-queue",
@@ -198,12 +211,12 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
-    if args.engine_replicas > 1 and (args.engine_process != "on" or args.engine != "batching"):
-        parser.error("--engine-replicas above 1 needs --engine batching and --engine-process on")
-    devices = len(args.device.split(","))
-    if devices not in (1, args.engine_replicas):
-        parser.error(
-            f"--device lists {devices} devices for {args.engine_replicas} engine replicas: give one, or one each"
-        )
+    for flag in ("engine_replicas", "tensor_parallel"):
+        if getattr(args, flag) > 1 and (args.engine_process != "on" or args.engine != "batching"):
+            parser.error(f"--{flag.replace('_', '-')} above 1 needs --engine batching and --engine-process on")
+    try:
+        placement(args.device, args.engine_replicas, args.tensor_parallel)
+    except ValueError as exc:
+        parser.error(f"--{exc}")
     # argparse applies `type` to string defaults taken from the environment too.
     return ServerConfig(**vars(args))

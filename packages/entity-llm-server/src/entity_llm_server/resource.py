@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingEngine, BatchingSettings, Engine, TransformersEngine
+from .engine.launcher import placement
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ class UnifiedLLMResource:
         engine_replicas: engine processes serving as one engine (each its own
             batching loop and copy of the model); needs `engine_process`.
             `device` may then list one device per replica (`cuda:0,cuda:1`).
+        tensor_parallel: engine processes (ranks) that each hold a shard of
+            one copy of the model and run one batching loop together, with
+            transformers' tensor parallelism (gloo on CPU, NCCL on CUDA);
+            needs `engine_process`. With replicas, each replica has this many
+            ranks; `device` gives one device per process, or a device type
+            (`cuda`: the ranks take cuda:0, cuda:1, ...). The model's
+            attention heads must divide by it.
         log_level: the engine process's logging level.
         log_format: the engine process's log format (`text` or `json`).
     """
@@ -65,6 +73,7 @@ class UnifiedLLMResource:
         batching: BatchingSettings | None = None,
         engine_process: bool = False,
         engine_replicas: int = 1,
+        tensor_parallel: int = 1,
         log_level: str = "WARNING",
         log_format: str = "text",
     ) -> None:
@@ -74,16 +83,20 @@ class UnifiedLLMResource:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.engine_kind = engine
         self.engine_process = engine_process and engine == "batching"
-        self.devices = [d.strip() for d in device.split(",")]
         if engine_replicas < 1:
             raise ValueError(f"engine_replicas must be at least 1, not {engine_replicas}")
+        if tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be at least 1, not {tensor_parallel}")
         if engine_replicas > 1 and not self.engine_process:
             raise ValueError("engine replicas run in engine processes: they need the batching engine's engine process")
-        if len(self.devices) not in (1, engine_replicas):
+        if tensor_parallel > 1 and not self.engine_process:
             raise ValueError(
-                f"device lists {len(self.devices)} devices for {engine_replicas} engine replicas: give one, or one each"
+                "tensor-parallel ranks run in engine processes: they need the batching engine's engine process"
             )
+        # One list of devices per replica, one device per rank.
+        self.placement = placement(device, engine_replicas, tensor_parallel)
         self.engine_replicas = engine_replicas
+        self.tensor_parallel = tensor_parallel
         self._log = (log_level, log_format)
         self.batching = batching or BatchingSettings()
         self.model_id = str(model) if model is not None else str(default_model_path())
@@ -113,7 +126,12 @@ class UnifiedLLMResource:
 
     def load_engine(self) -> Engine:
         """Load the tokenizer and model (blocking) and return an unstarted engine."""
-        log.info("loading model %s on %s (%s)", self.model_id, self.device, self.dtype)
+        layout = ""
+        if self.engine_replicas > 1:
+            layout += f", {self.engine_replicas} engine replicas"
+        if self.tensor_parallel > 1:
+            layout += f", {self.tensor_parallel} tensor-parallel ranks" + (" each" if self.engine_replicas > 1 else "")
+        log.info("loading model %s on %s (%s%s)", self.model_id, self.device, self.dtype, layout)
         if self.engine_process:
             return self._load_process_engine()
         tokenizer = self._tokenizer()
@@ -124,19 +142,54 @@ class UnifiedLLMResource:
             model, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
 
-    def load_model(self) -> Any:
-        """Load the model's weights onto the device, in eval mode (blocking)."""
+    def load_model(self, *, tensor_parallel: int = 1) -> Any:
+        """Load the model's weights onto the device, in eval mode (blocking).
+
+        With `tensor_parallel` above 1, this process is one rank of a group
+        started for torch.distributed (`engine.launcher.Rank`): it loads its
+        shard, on the device its LOCAL_RANK names.
+        """
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         # A server logs; it does not draw progress bars. (transformers leaves this unannotated.)
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         try:
-            model: Any = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
-            model.to(self.device)
+            if tensor_parallel > 1:
+                from transformers import DistributedConfig
+
+                model: Any = AutoModelForCausalLM.from_pretrained(
+                    self.model_id,
+                    dtype=self._torch_dtype(),
+                    distributed_config=DistributedConfig(tp_size=tensor_parallel),
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
+                model.to(self.device)
         except Exception as exc:  # OSError, ValueError, safetensors' own errors...: one clear message
             raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
         return model.eval()
+
+    def check_tensor_parallel(self) -> None:
+        """Raise ModelLoadError, before any rank starts, if the model cannot be split
+        across `tensor_parallel` ranks (reads only its configuration)."""
+        from transformers import AutoConfig
+
+        n = self.tensor_parallel
+        try:
+            config = AutoConfig.from_pretrained(self.model_id).get_text_config()
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
+        name = f"model {self.model_id!r} ({getattr(config, 'model_type', 'unknown type')})"
+        if not getattr(config, "base_model_tp_plan", None):
+            raise ModelLoadError(f"{name} has no tensor-parallel plan in transformers: serve it on one rank")
+        heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+        if heads % n or kv_heads % n:
+            raise ModelLoadError(
+                f"{name} cannot be split across {n} tensor-parallel ranks: its {heads} attention heads "
+                f"({kv_heads} key-value heads) do not divide by {n}"
+            )
 
     def _tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -150,33 +203,43 @@ class UnifiedLLMResource:
         return tokenizer
 
     def _load_process_engine(self) -> Engine:
-        from .engine.launcher import EngineProcess, EngineProcessError, EngineSpec
+        from .engine.launcher import EngineProcess, EngineProcessError, EngineSpec, Rank, free_port, wait_ready
         from .engine.process import ProcessEngine
 
-        children: list[EngineProcess] = []
+        if self.tensor_parallel > 1:
+            self.check_tensor_parallel()
+        groups: list[list[EngineProcess]] = []
+        every: list[EngineProcess] = []
         try:
-            # Every replica loads its model while this process loads the tokenizer.
-            for index in range(self.engine_replicas):
-                device = self.devices[index % len(self.devices)]
-                spec = EngineSpec(
-                    self.model_id, device, self.dtype, self.default_max_new_tokens, self.batching, *self._log
-                )
-                children.append(EngineProcess(spec))
+            # Every process loads its model (or its shard) while this process loads the tokenizer.
+            for devices in self.placement:
+                port = free_port() if len(devices) > 1 else 0
+                group = []
+                for rank, device in enumerate(devices):
+                    place = None
+                    if len(devices) > 1:
+                        index = device.rpartition(":")[2]
+                        place = Rank(rank, len(devices), port, int(index) if index.isdigit() else rank)
+                    spec = EngineSpec(
+                        self.model_id, device, self.dtype, self.default_max_new_tokens, self.batching, *self._log, place
+                    )
+                    group.append(EngineProcess(spec))
+                    every.append(group[-1])
+                groups.append(group)
             tokenizer = self._tokenizer()
-            for child in children:
+            for child in every:
                 child.send_tokenizer(tokenizer)
-            ready = [child.wait_ready() for child in children]  # every one: any may fail to load
-            facts = ready[0]
+            facts = wait_ready(every)[0]  # every one: any may fail to load
         except EngineProcessError as exc:
-            for child in children:
+            for child in every:
                 child.kill()
             raise ModelLoadError(str(exc)) from exc
         except BaseException:
-            for child in children:
+            for child in every:
                 child.kill()
             raise
         return ProcessEngine(
-            children, facts, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
+            groups, facts, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
 
     async def engine(self) -> Engine:

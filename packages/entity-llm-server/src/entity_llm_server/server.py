@@ -190,6 +190,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         batching=config.batching(),
         engine_process=config.engine_process == "on",
         engine_replicas=config.engine_replicas,
+        tensor_parallel=config.tensor_parallel,
         log_level=config.log_level,
         log_format=config.log_format,
     )

@@ -229,7 +229,9 @@ class BatchingCore:
             for out in outputs:
                 rid = out.request_id
                 seen = self._seen.get(rid)
-                if seen is None:  # cancelled, or already ended
+                if seen is None:  # cancelled, already ended, or a tensor-parallel rank's copy
+                    if out.is_finished():
+                        faults.pop(rid, None)
                     continue
                 error = None
                 if out.error is not None:
@@ -301,10 +303,18 @@ class BatchingCore:
         manager = self._manager
         if manager is None or not manager.is_running():
             return CoreState(0, 0)
+        if manager.distributed_helper.tp_size > 1:
+            # A pause needs every rank of a tensor-parallel group to enter it:
+            # read without one (each count is read whole, not all at one step).
+            return self._count(manager)
         with manager.pause():
-            scheduler = manager.batch_processor.scheduler
-            held = manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests)
-            return CoreState(int(held), int(manager.current_batch))
+            return self._count(manager)
+
+    @staticmethod
+    def _count(manager: Any) -> CoreState:
+        scheduler = manager.batch_processor.scheduler
+        held = manager.input_queue.qsize() + len(scheduler.active_requests) + len(scheduler.waiting_requests)
+        return CoreState(int(held), int(manager.current_batch))
 
 
 class BatchingEngine(FrontEnd):

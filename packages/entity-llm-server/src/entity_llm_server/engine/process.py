@@ -53,6 +53,26 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue[Message | None], failure
         failure.append(exc)
 
 
+class _Peer:
+    """The front end's watch on a tensor-parallel rank other than 0: it gets
+    only pings and the stop; it reports pongs, its death and its EOF."""
+
+    def __init__(self, process: EngineProcess) -> None:
+        self.process = process
+        self.ping_sent: float | None = None  # when the ping not yet answered went out
+        self.reading = False
+
+    @property
+    def name(self) -> str:
+        return f"tensor-parallel rank {self.process.rank}"
+
+    def send(self, message: Message) -> None:
+        # Straight down the pipe: a rank gets one ping at a time (the next
+        # only once it answered) and a stop, far less than a pipe holds.
+        with contextlib.suppress(OSError, ValueError):  # gone: its EOF says how
+            self.process.conn.send(message)
+
+
 class ProcessCore:
     """The front end's handle on a batching core in an `EngineProcess`.
 
@@ -60,12 +80,24 @@ class ProcessCore:
         child: the started engine process (its model loaded: `wait_ready()` answered).
         facts: the model's facts, as the engine process reported them.
         settings: how its batching is sized.
+        peers: under tensor parallelism, the group's other ranks (1, 2, ...),
+            started with `child` as rank 0. The core is then healthy only
+            while every rank runs and answers: one that dies, or does not
+            answer for `liveness_timeout`, fails the core and the group is
+            killed (its ranks would wait for the lost one in gloo or NCCL).
     """
 
-    def __init__(self, child: EngineProcess, facts: ModelFacts, settings: BatchingSettings) -> None:
+    def __init__(
+        self,
+        child: EngineProcess,
+        facts: ModelFacts,
+        settings: BatchingSettings,
+        peers: Sequence[EngineProcess] = (),
+    ) -> None:
         self.child = child
         self.facts = facts
         self.settings = settings
+        self.peers = [_Peer(process) for process in peers]
         self._conn = child.conn
         # Messages to the engine process go out from a thread of their own: a
         # send blocks once the pipe is full (an engine process that reads
@@ -94,7 +126,18 @@ class ProcessCore:
 
     @property
     def healthy(self) -> bool:
-        return self._started and self._failure is None and self.child.alive and self.responsive
+        return (
+            self._started
+            and self._failure is None
+            and self.child.alive
+            and self.responsive
+            and all(peer.process.alive for peer in self.peers)
+        )
+
+    @property
+    def ranks(self) -> list[EngineProcess]:
+        """Its engine processes: rank 0, then any other tensor-parallel ranks."""
+        return [self.child, *(peer.process for peer in self.peers)]
 
     @property
     def responsive(self) -> bool:
@@ -135,9 +178,21 @@ class ProcessCore:
                     self._send(Ping(next(self._tokens)))
                 except EngineError:
                     return  # gone: its pipe's EOF reports the death
+            elif not self.responsive and self.peers:
+                # One rank that does not answer holds up the whole group.
+                self._died(f"tensor-parallel rank 0 has not answered for {self.liveness_timeout:g} s")
+                return
             elif not warned and not self.responsive:
                 log.warning("the engine process has not answered for %g s (stopped, or stuck)", self.liveness_timeout)
                 warned = True
+            now = time.monotonic()
+            for peer in self.peers:
+                if peer.ping_sent is None:
+                    peer.ping_sent = now
+                    peer.send(Ping(next(self._tokens)))
+                elif now - peer.ping_sent >= self.liveness_timeout:
+                    self._died(f"{peer.name} has not answered for {self.liveness_timeout:g} s")
+                    return
             await asyncio.sleep(self.liveness_interval)
 
     async def start(self, sink: CoreSink) -> None:
@@ -148,6 +203,9 @@ class ProcessCore:
         # Results are read on the event loop itself when the pipe is readable:
         # no thread of ours competes for this process's GIL.
         self._loop.add_reader(self._conn.fileno(), self._readable)
+        for peer in self.peers:
+            self._loop.add_reader(peer.process.conn.fileno(), self._peer_readable, peer)
+            peer.reading = True
         self._started = True
         self._liveness = self._loop.create_task(self._ping(), name="entity-llm-engine-ping")
 
@@ -162,12 +220,16 @@ class ProcessCore:
             assert self._loop is not None
             self._started = False
             self._loop.remove_reader(self._conn.fileno())
+            for peer in self.peers:
+                self._stop_reading(peer)
         if running and self.responsive:
             with contextlib.suppress(EngineError):
                 self._send(Stop())
-            await asyncio.to_thread(self.child.stop)
-        else:  # never started, or not answering: nothing runs there worth waiting for
-            await asyncio.to_thread(self.child.kill)
+            for peer in self.peers:
+                peer.send(Stop())
+            await asyncio.gather(*(asyncio.to_thread(rank.stop) for rank in self.ranks))
+        else:  # never started, failed, or not answering: nothing runs there worth waiting for
+            await asyncio.gather(*(asyncio.to_thread(rank.kill) for rank in self.ranks))
         self._outbox.put(None)  # the sender thread ends
         self._wake_state_readers()
 
@@ -208,8 +270,42 @@ class ProcessCore:
             with contextlib.suppress(OSError):
                 self.child.popen.kill()
 
+    def _peer_readable(self, peer: _Peer) -> None:
+        """What a rank other than 0 says (on the event loop): pongs, and its death."""
+        try:
+            while peer.process.conn.poll():
+                match peer.process.conn.recv():
+                    case Pong():
+                        peer.ping_sent = None
+                    case Dead(reason):
+                        self._stop_reading(peer)
+                        self._died(f"{peer.name}: {reason}")
+                        return
+                    case other:
+                        log.warning("%s sent %s, which it does not send now; ignored", peer.name, type(other).__name__)
+        except (EOFError, OSError):
+            self._stop_reading(peer)
+            if self._failure is None and self._started:
+                self._died(f"{peer.name} {peer.process.exit_status(wait=0.2)}")
+        except Exception as exc:  # an unreadable message
+            self._stop_reading(peer)
+            self._died(f"unreadable message from {peer.name}: {type(exc).__name__}: {exc}")
+
+    def _stop_reading(self, peer: _Peer) -> None:
+        if peer.reading and self._loop is not None:
+            peer.reading = False
+            self._loop.remove_reader(peer.process.conn.fileno())
+
     def _died(self, reason: str) -> None:
+        if self._failure is not None:
+            return
         self._failure = reason
+        if self.peers:
+            # The ranks left would wait for the lost one inside a collective:
+            # nothing they hold can be served, and their memory is wanted.
+            for rank in self.ranks:
+                with contextlib.suppress(OSError):
+                    rank.popen.kill()
         if self._sink is not None:
             self._sink.core_failed(reason)
         self._wake_state_readers()
@@ -259,13 +355,23 @@ class ProcessEngine(FrontEnd):
     Built by `UnifiedLLMResource` with `engine_process=True`. Tokenization,
     detokenization, stop sequences, admission and cancellation stay here;
     token ids and logprobs come back over the pipe, one message per decode
-    step. With several engine processes (`--engine-replicas`), they serve as
-    one core (`replicas.ReplicaCore`) and admission counts their sum.
+    step. With several engine replicas (`--engine-replicas`), they serve as
+    one core (`replicas.ReplicaCore`) and admission counts their sum; a
+    replica of several tensor-parallel ranks (`--tensor-parallel`) is one
+    `ProcessCore` over its rank 0, watching the others.
+
+    Args:
+        groups: the started engine processes, one group per replica: its
+            ranks in order (one process without tensor parallelism).
+        facts: the model's facts, as rank 0 of the first replica reported them.
+        tokenizer: the tokenizer this process detokenizes with.
+        settings: how each replica's batching is sized.
+        default_max_new_tokens: the length used when a request leaves it unset.
     """
 
     def __init__(
         self,
-        children: Sequence[EngineProcess],
+        groups: Sequence[Sequence[EngineProcess]],
         facts: ModelFacts,
         tokenizer: Any,
         *,
@@ -273,7 +379,7 @@ class ProcessEngine(FrontEnd):
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> None:
         self.settings = settings
-        self.processes = [ProcessCore(child, facts, settings) for child in children]
+        self.processes = [ProcessCore(group[0], facts, settings, group[1:]) for group in groups]
         n = len(self.processes)
         self.remote: ProcessCore | ReplicaCore = self.processes[0] if n == 1 else ReplicaCore(self.processes)
         note = settings.capacity_note if n == 1 else f" ({n} engine replicas x{settings.capacity_note})"
@@ -289,18 +395,23 @@ class ProcessEngine(FrontEnd):
 
     @property
     def process(self) -> ProcessCore:
-        """The (first) engine process's core."""
+        """The (first) engine replica's core."""
         return self.processes[0]
 
     @property
     def child(self) -> EngineProcess:
-        """The (first) engine process."""
+        """The (first) engine process: the first replica's rank 0."""
         return self.process.child
 
     @property
     def children(self) -> list[EngineProcess]:
-        """Every engine process, one per replica."""
+        """Each replica's engine process (its rank 0 under tensor parallelism)."""
         return [core.child for core in self.processes]
+
+    @property
+    def ranks(self) -> list[list[EngineProcess]]:
+        """Every engine process: each replica's ranks."""
+        return [core.ranks for core in self.processes]
 
     @property
     def stalled(self) -> bool:

@@ -6,6 +6,11 @@ file descriptor FD: a receiving loop (the main thread) turns `ipc` messages
 into calls on the core, and the core's outputs go back through a sender
 thread. Everything it pickles is defined in other modules (`ipc`, `core`,
 `sampling`), so nothing is named `__main__`.
+
+A rank of a tensor-parallel group (`launcher.Rank`) runs the same: rank 0
+gets the requests and reports the outputs, and transformers hands each step's
+new requests and cancels to the other ranks, which only answer pings, report
+their batching thread's death and stop.
 """
 
 from __future__ import annotations
@@ -139,7 +144,8 @@ def serve(fd: int, parent: int) -> int:
     configure_logging(spec.log_level, spec.log_format)
     try:
         resource = UnifiedLLMResource(spec.model, device=spec.device, dtype=spec.dtype)
-        model = resource.load_model()
+        # A rank of a tensor-parallel group: its environment says where the others are.
+        model = resource.load_model(tensor_parallel=1 if spec.rank is None else spec.rank.world_size)
         tokenizer: TokenizerFacts = conn.recv()
         facts = ModelFacts.of(model, tokenizer.size, tokenizer.eos_token_id)
         core = BatchingCore(
