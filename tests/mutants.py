@@ -119,6 +119,30 @@ MUTATIONS = (
         "end = index + len(stop)",
         ("tests/model/test_generation_api.py", "-k", "stop"),
     ),
+    Mutation(
+        "rank-watch",
+        "a tensor-parallel rank that dies ends every stream with INTERNAL at once, naming the rank",
+        "engine/process.py",
+        "self._loop.add_reader(peer.process.conn.fileno(), self._peer_readable, peer)",
+        "pass",
+        ("tests/model/test_tensor_parallel.py", "-k", "killed"),
+    ),
+    Mutation(
+        "rank-liveness",
+        "a tensor-parallel rank that stops answering fails the core (not after gloo's timeout)",
+        "engine/process.py",
+        "elif now - peer.ping_sent >= self.liveness_timeout:",
+        "elif False:",
+        ("tests/model/test_tensor_parallel.py", "-k", "stops_answering"),
+    ),
+    Mutation(
+        "sampling-every-rank",
+        "every tensor-parallel rank runs the same sampler, so text is what one process gives",
+        "engine/batching.py",
+        "manager.logit_processor = self.sampling",
+        "manager.logit_processor = self.sampling if manager.is_tp_driver else manager.logit_processor",
+        ("tests/model/test_tensor_parallel.py", "-k", "byte"),
+    ),
 )
 
 

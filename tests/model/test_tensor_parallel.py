@@ -72,7 +72,8 @@ async def _serve(engine: ProcessEngine) -> tuple[list[Served], list[int]]:
             EngineRequest("def main():", sampling=Sampling(temperature=0.9, top_p=0.95, seed=seed, logprobs=True))
             for seed in SEEDS
         ]
-        served = await asyncio.gather(*(one(r) for r in greedy + sampled))
+        # A hang guard: ranks that drew different tokens would wait for each other forever.
+        served = await asyncio.wait_for(asyncio.gather(*(one(r) for r in greedy + sampled)), 120)
         steps = [(await asyncio.to_thread(core.state)).steps for core in engine.processes]
         return list(served), steps
     finally:
