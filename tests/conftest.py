@@ -180,3 +180,19 @@ class RunningServer:
         if self.process.stdout is not None:
             self.process.stdout.close()
         return code
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`tiny_model(kind)`: the folder of a tiny random-weight model of that architecture
+    (tests/architectures.py), built on first use and kept for the session."""
+    from .architectures import build
+
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build(kind, tmp_path_factory.mktemp(kind))
+        return built[kind]
+
+    return get

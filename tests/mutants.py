@@ -120,6 +120,14 @@ MUTATIONS = (
         ("tests/model/test_generation_api.py", "-k", "stop"),
     ),
     Mutation(
+        "start-up-probe",
+        "a model continuous batching cannot run is never SERVING under it: the server falls back or exits",
+        "engine/batching.py",
+        "self._prove(manager)",
+        "pass",
+        ("tests/model/test_architectures.py", "-k", "gpt_neox or explicitly"),
+    ),
+    Mutation(
         "rank-watch",
         "a tensor-parallel rank that dies ends every stream with INTERNAL at once, naming the rank",
         "engine/process.py",

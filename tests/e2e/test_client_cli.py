@@ -52,6 +52,7 @@ def test_tokenize_and_info(console_server):
     assert info["default_max_new_tokens"] == 32  # the fixture's --max-new-tokens
     assert (info["context_length"], info["vocab_size"], info["max_max_new_tokens"]) == (512, 4096, 511)
     assert (info["eos_token_ids"], info["has_chat_template"]) == ([0], True)
+    assert info["engine"] == "batching"  # the default model runs under continuous batching
     plain = _cli("--target", console_server.target, "info").stdout.splitlines()
     assert "context_length: 512" in plain
     assert "default_max_new_tokens: 32" in plain

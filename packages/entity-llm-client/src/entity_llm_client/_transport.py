@@ -241,4 +241,5 @@ def to_model_info(response: GetModelInfoResponse) -> ModelInfo:
         max_max_new_tokens=response.max_max_new_tokens,
         eos_token_ids=tuple(response.eos_token_ids),
         has_chat_template=response.has_chat_template,
+        engine=response.engine,
     )

@@ -168,3 +168,4 @@ class ModelInfo:
     max_max_new_tokens: int
     eos_token_ids: tuple[int, ...]
     has_chat_template: bool
+    engine: str = ""  # "batching" or "sequential"; empty from servers that predate it

@@ -33,7 +33,9 @@ class ServerConfig:
         max_new_tokens: the generation length when a request leaves it unset.
         shutdown_grace: seconds in-flight streams get to finish on SIGTERM/SIGINT.
         log_level: Python logging level name.
-        engine: `batching` (continuous batching) or `sequential`.
+        engine: `auto` (continuous batching where its start-up probe runs on
+            the model, else one request at a time), `batching` (continuous
+            batching, or exit if it cannot run the model) or `sequential`.
         max_batch_size: sequences decoded together in one step.
         max_queue: admitted requests that may wait beyond those; more are
             refused with RESOURCE_EXHAUSTED.
@@ -79,7 +81,7 @@ class ServerConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
-    engine: str = "batching"
+    engine: str = "auto"
     max_batch_size: int = 32
     max_queue: int = 64
     kv_cache_tokens: int = 0
@@ -153,7 +155,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--max-new-tokens", type=_positive_int, help="generation length when a request leaves it unset")
     add("--shutdown-grace", type=_non_negative_float, help="seconds in-flight streams get to finish on SIGTERM")
     add("--log-level", help="logging level")
-    add("--engine", choices=ENGINES, help="batching: continuous batching; sequential: one request at a time")
+    add(
+        "--engine",
+        choices=ENGINES,
+        help="auto: continuous batching where a start-up probe proves it runs the model, else one request at a "
+        "time; batching: continuous batching or exit; sequential: one request at a time",
+    )
     add(
         "--engine-process",
         choices=("on", "off"),
@@ -212,8 +219,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     for flag in ("engine_replicas", "tensor_parallel"):
-        if getattr(args, flag) > 1 and (args.engine_process != "on" or args.engine != "batching"):
-            parser.error(f"--{flag.replace('_', '-')} above 1 needs --engine batching and --engine-process on")
+        if getattr(args, flag) > 1 and (args.engine_process != "on" or args.engine == "sequential"):
+            parser.error(f"--{flag.replace('_', '-')} above 1 needs continuous batching and --engine-process on")
     try:
         placement(args.device, args.engine_replicas, args.tensor_parallel)
     except ValueError as exc:

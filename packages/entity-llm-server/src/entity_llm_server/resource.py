@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingEngine, BatchingSettings, Engine, TransformersEngine
+from .engine.base import BatchingUnsupportedError
 from .engine.launcher import placement
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-ENGINES = ("batching", "sequential")
+ENGINES = ("auto", "batching", "sequential")
 
 
 class ModelLoadError(RuntimeError):
@@ -39,9 +40,11 @@ class UnifiedLLMResource:
         dtype: `auto` (the checkpoint's own dtype; float32 on CPU) or a
             torch floating dtype name.
         default_max_new_tokens: the length used when a request leaves it unset.
-        engine: `batching` (continuous batching, the default) or
-            `sequential` (one request at a time, for models continuous
-            batching cannot run).
+        engine: `auto` (the default: continuous batching where its start-up
+            probe, a real batched generation, runs on the model; otherwise
+            one request at a time, saying why in one log line), `batching`
+            (continuous batching, or a BatchingUnsupportedError at start) or
+            `sequential` (one request at a time).
         batching: sizes of the batching engine's batch, queue and KV cache.
         engine_process: run the batching engine's model in a process of its
             own (`engine.process`), so the gRPC event loop and the batching
@@ -69,7 +72,7 @@ class UnifiedLLMResource:
         device: str = "cpu",
         dtype: str = "auto",
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        engine: str = "batching",
+        engine: str = "auto",
         batching: BatchingSettings | None = None,
         engine_process: bool = False,
         engine_replicas: int = 1,
@@ -82,7 +85,7 @@ class UnifiedLLMResource:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.engine_kind = engine
-        self.engine_process = engine_process and engine == "batching"
+        self.engine_process = engine_process and engine != "sequential"
         if engine_replicas < 1:
             raise ValueError(f"engine_replicas must be at least 1, not {engine_replicas}")
         if tensor_parallel < 1:
@@ -137,7 +140,7 @@ class UnifiedLLMResource:
         tokenizer = self._tokenizer()
         model = self.load_model()
         if self.engine_kind == "sequential":
-            return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
+            return self._sequential(model, tokenizer)
         return BatchingEngine(
             model, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
@@ -165,7 +168,7 @@ class UnifiedLLMResource:
                 )
             else:
                 model = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
-                model.to(self.device)
+                model.to(self.placement[0][0])  # the first engine process's device, where `device` lists several
         except Exception as exc:  # OSError, ValueError, safetensors' own errors...: one clear message
             raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
         return model.eval()
@@ -242,14 +245,38 @@ class UnifiedLLMResource:
             groups, facts, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
 
+    def _sequential(self, model: Any, tokenizer: Any) -> Engine:
+        return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
+
     async def engine(self) -> Engine:
-        """The started engine, loading the model on first use (off the event loop)."""
+        """The started engine, loading the model on first use (off the event loop).
+
+        With `engine="auto"`, a model continuous batching cannot run (its
+        start-up probe failed) is served by the sequential engine instead,
+        said in one log line; with `engine="batching"` that is a
+        ModelLoadError naming the architecture and the reason.
+        """
         async with self._lock:
             if self._engine is None:
-                engine = await asyncio.to_thread(self.load_engine)
-                await engine.start()
+                engine: Engine | None = None
+                try:
+                    engine = await asyncio.to_thread(self.load_engine)
+                    await engine.start()
+                except BatchingUnsupportedError as exc:
+                    if self.engine_kind != "auto":
+                        raise ModelLoadError(f"{exc} (--engine auto would serve it one request at a time)") from exc
+                    log.warning("%s; serving it with the sequential engine, one request at a time", exc)
+                    engine = await asyncio.to_thread(self._fall_back, engine)
+                    await engine.start()
                 self._engine = engine
         return self._engine
+
+    def _fall_back(self, failed: Engine | None) -> Engine:
+        """The sequential engine, on the in-process engine's model and tokenizer
+        where it had them, else loaded here (blocking)."""
+        if isinstance(failed, BatchingEngine):
+            return self._sequential(failed.model, failed.tokenizer)
+        return self._sequential(self.load_model(), self._tokenizer())
 
     async def close(self) -> None:
         """Stop the engine; a later `engine()` call loads again."""

@@ -220,10 +220,11 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     # The one line scripts and tests read to find the port.
     print(f"entity-llm-server listening on {host}:{port}", flush=True)
     log.info(
-        "serving %s on %s:%d (%s%s)",
+        "serving %s on %s:%d (%s engine; %s%s)",
         resource.model_id,
         host,
         port,
+        info.engine,
         "plaintext" if credentials is None else ("mutual TLS" if config.tls_client_ca else "TLS"),
         f", {len(api_keys)} API keys" if api_keys else "",
     )

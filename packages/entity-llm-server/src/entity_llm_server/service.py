@@ -164,4 +164,5 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             max_max_new_tokens=info.max_max_new_tokens,
             eos_token_ids=info.eos_token_ids,
             has_chat_template=info.has_chat_template,
+            engine=info.engine,
         )

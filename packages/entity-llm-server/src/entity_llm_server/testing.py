@@ -39,7 +39,7 @@ class FakeEngine:
         return self.started
 
     def info(self) -> ModelInfo:
-        return ModelInfo("fake", 4096, len(self.pieces), self.default_max_new_tokens, 4095, (), False)
+        return ModelInfo("fake", 4096, len(self.pieces), self.default_max_new_tokens, 4095, (), False, "fake")
 
     def tokenize(self, text: str, truncate: int | None = None) -> Tokens:
         words = text.split()

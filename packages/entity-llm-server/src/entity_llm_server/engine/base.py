@@ -108,6 +108,7 @@ class ModelInfo:
     max_max_new_tokens: int
     eos_token_ids: tuple[int, ...]
     has_chat_template: bool
+    engine: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,11 @@ class EngineOverloadedError(Exception):
 
 class EngineUnavailableError(Exception):
     """The engine cannot take a request now (it does not answer); a later try may succeed."""
+
+
+class BatchingUnsupportedError(RuntimeError):
+    """Continuous batching cannot run this model: its start-up probe (a real
+    batched generation) failed. The message names the architecture and why."""
 
 
 class InvalidRequestError(ValueError):

@@ -27,10 +27,11 @@ import atexit
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
+from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, EngineError
 from .core import CoreSink, ModelFacts, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 Deliver = Callable[[Sequence[SeqOutput]], None]
 Fail = Callable[[str], None]
+
+# The start-up probe: two prompts of different lengths in one batch, each
+# made to generate PROBE_TOKENS (a prefill, then decode steps).
+PROBE_TOKENS = 3
+PROBE_TIMEOUT = 120.0  # seconds; a first CUDA step may compile kernels
 
 
 def _post(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None], arg: Any) -> None:
@@ -141,7 +147,6 @@ class BatchingCore:
         """
         from transformers import GenerationConfig
 
-        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
         generation = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
             do_sample=False,
             max_new_tokens=self.default_max_new_tokens,
@@ -170,11 +175,66 @@ class BatchingCore:
         starter.join()
         self._manager = manager
         atexit.register(self._stop)
+        # A model the probe fails makes transformers log the error with its
+        # traceback; the one line that matters is the one the caller logs.
+        cb_log = logging.getLogger("ContinuousBatchingLogger")
+        cb_log.setLevel(logging.CRITICAL)
+        try:
+            self._prove(manager)
+        except BatchingUnsupportedError:
+            atexit.unregister(self._stop)
+            self._stop()
+            raise
+        finally:
+            cb_log.setLevel(logging.WARNING)
         self._closing.clear()
         self._pump = threading.Thread(
             target=self._pump_results, args=(manager, deliver, fail), name="entity-llm-cb-results", daemon=True
         )
         self._pump.start()
+
+    def _prove(self, manager: Any) -> None:
+        """Run a real batched generation (two sequences, prefill and decode) before
+        serving: raise BatchingUnsupportedError, naming the architecture and the
+        error, if continuous batching cannot run this model (some architectures
+        load, warm up, and then fail every request)."""
+        from .sampling import Sampling
+
+        architecture = type(self.model).__name__
+        vocab = max(self.facts.vocab_size, 2)
+        prompts = {"entity-llm-probe-0": [1, 2, 3], "entity-llm-probe-1": [4, 5, 6, 7, 8, 9, 10]}
+        pending = set(prompts)
+
+        def refuse(reason: str) -> BatchingUnsupportedError:
+            return BatchingUnsupportedError(f"continuous batching cannot run {architecture}: {reason}")
+
+        for rid, ids in prompts.items():
+            ids = [i % vocab for i in ids]
+            manager.add_request(  # a no-op on the ranks of a tensor-parallel group other than 0
+                ids,
+                request_id=rid,
+                max_new_tokens=PROBE_TOKENS,
+                streaming=False,
+                sampling=Sampling(min_new_tokens=PROBE_TOKENS),
+                prompt_len=len(ids),
+            )
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while pending:  # every rank gets the outputs of every request
+            output = manager.get_result(timeout=0.1)
+            if output is None:
+                if not manager.is_running():
+                    error = manager.background_thread_status.fatal_error
+                    raise refuse(f"the batching thread stopped: {type(error).__name__}: {error}")
+                if time.monotonic() > deadline:
+                    raise refuse(f"no result within {PROBE_TIMEOUT:g} s")
+                continue
+            if output.error is not None:
+                raise refuse(str(output.error))
+            if output.request_id in pending and output.is_finished():
+                if len(output.generated_tokens) != PROBE_TOKENS:
+                    raise refuse(f"{len(output.generated_tokens)} tokens generated, not {PROBE_TOKENS}")
+                pending.discard(output.request_id)
+        self.sampling.faults.clear()
 
     def _stop(self) -> None:
         """Stop the batching thread (blocking); also the atexit hook for a process

@@ -71,6 +71,9 @@ class Prepared:
 class FrontEnd:
     """An `Engine`: a transformers model's tokenizer here, its core wherever it runs.
 
+    `kind` names how its core generates, for GetModelInfo and the start-up
+    line: "batching" (continuous batching) unless a subclass says otherwise.
+
     Args:
         core: what runs the model.
         facts: the model's facts (context, vocabulary, EOS ids).
@@ -82,6 +85,8 @@ class FrontEnd:
             core allows fewer than the model's context.
         default_max_new_tokens: the length used when a request leaves it unset.
     """
+
+    kind = "batching"
 
     def __init__(
         self,
@@ -169,6 +174,7 @@ class FrontEnd:
             max_max_new_tokens=self.max_sequence_tokens - 1,
             eos_token_ids=tuple(sorted(self.eos_ids)),
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            engine=self.kind,
         )
 
     def tokenize(self, text: str, truncate: int | None = None) -> Tokens:

@@ -85,9 +85,11 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """The model could not be loaded (the engine process then exits)."""
+    """The model could not be loaded, or (`unsupported`) continuous batching
+    cannot run it; the engine process then exits."""
 
     message: str
+    unsupported: bool = False
 
 
 @dataclass(frozen=True, slots=True)

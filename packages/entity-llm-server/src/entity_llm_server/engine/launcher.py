@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Pipe, wait
 from typing import Any
 
+from .base import BatchingUnsupportedError
 from .core import ModelFacts
 from .ipc import Failed, Ready, TokenizerFacts
 from .settings import BatchingSettings
@@ -183,6 +184,8 @@ class EngineProcess:
         match message:
             case Ready(facts):
                 return facts
+            case Failed(reason, unsupported=True):
+                raise BatchingUnsupportedError(reason)
             case Failed(reason):
                 raise EngineProcessError(reason if self.rank == 0 else f"{name}: {reason}")
             case _:
@@ -223,8 +226,9 @@ def wait_ready(processes: Sequence[EngineProcess]) -> list[ModelFacts]:
     """Block until every engine process is loaded and warmed up; their facts, in order.
 
     They are waited for together: the first that fails (or dies) kills them
-    all and raises EngineProcessError, since the ranks of a tensor-parallel
-    group would otherwise wait for a dead one for hours.
+    all and raises EngineProcessError (BatchingUnsupportedError where its
+    start-up probe failed), since the ranks of a tensor-parallel group would
+    otherwise wait for a dead one for hours.
     """
     answers: dict[int, ModelFacts] = {}
     pending = {process.conn: i for i, process in enumerate(processes)}

@@ -164,6 +164,8 @@ class TransformersEngine(FrontEnd):
         default_max_new_tokens: the length used when a request leaves it unset.
     """
 
+    kind = "sequential"
+
     def __init__(self, model: Any, tokenizer: Any, *, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
         facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
         self.sequential = SequentialCore(model, facts)

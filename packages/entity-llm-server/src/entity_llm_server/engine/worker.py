@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
-from .base import CoreState, EngineError
+from .base import BatchingUnsupportedError, CoreState, EngineError
 from .batching import BatchingCore
 from .core import ModelFacts, SeqOutput
 from .frontend import Prepared
@@ -157,6 +157,10 @@ def serve(fd: int, parent: int) -> int:
         )
         worker = _Worker(conn, core)
         core.launch(worker.deliver, lambda reason: worker.outbox.put(Dead(reason)))
+    except BatchingUnsupportedError as exc:  # the front end may serve the model another way
+        with contextlib.suppress(OSError):
+            conn.send(Failed(str(exc), unsupported=True))
+        return 1
     except Exception as exc:  # anything: the front end reports it and exits cleanly
         message = str(exc)
         if not message.startswith("cannot load model"):

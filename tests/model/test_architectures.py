@@ -1,0 +1,68 @@
+"""Every causal LM, not most: the start-up probe proves continuous batching on the model, or the server
+falls back to an engine that runs it (tiny random-weight models of several architectures)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from entity_llm_server import EngineRequest, UnifiedLLMResource
+from entity_llm_server.engine import Finished
+from entity_llm_server.resource import ModelLoadError
+
+from ..architectures import CLASSES, EXPECTED, generate_ids
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ("def f(x):", "import os\n", "class Parser:", "# Copyright")
+NEW_TOKENS = 8
+
+
+async def _serve(resource: UnifiedLLMResource) -> tuple[str, list[tuple[int, ...]]]:
+    """The engine `resource` serves with, and the greedy ids of every prompt, all at once."""
+    engine = await resource.engine()
+    try:
+
+        async def one(prompt: str) -> tuple[int, ...]:
+            events = [e async for e in engine.generate(EngineRequest(prompt, max_new_tokens=NEW_TOKENS))]
+            assert isinstance(events[-1], Finished)
+            return events[-1].token_ids
+
+        return engine.info().engine, list(await asyncio.gather(*(one(p) for p in PROMPTS)))
+    finally:
+        await resource.close()
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_auto_serves_every_architecture_with_an_engine_that_runs_it(kind, tiny_model, caplog):
+    folder = tiny_model(kind)
+    with caplog.at_level("WARNING", logger="entity_llm_server.resource"):
+        engine, served = asyncio.run(_serve(UnifiedLLMResource(folder)))
+    assert engine == EXPECTED[kind]
+    assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
+    fallbacks = [r.getMessage() for r in caplog.records if "continuous batching cannot run" in r.getMessage()]
+    if EXPECTED[kind] == "sequential":
+        # One line that names the architecture, the reason and what serves instead.
+        assert len(fallbacks) == 1
+        assert fallbacks[0].startswith(f"continuous batching cannot run {CLASSES[kind]}: ")
+        assert fallbacks[0].endswith("serving it with the sequential engine, one request at a time")
+    else:
+        assert fallbacks == []
+
+
+def test_batching_asked_for_explicitly_is_a_start_up_error_naming_the_architecture(tiny_model):
+    with pytest.raises(ModelLoadError) as caught:
+        asyncio.run(_serve(UnifiedLLMResource(tiny_model("gpt_neox"), engine="batching")))
+    message = str(caught.value)
+    assert message.startswith("continuous batching cannot run GPTNeoXForCausalLM: ")
+    assert "PagedAttentionCache" in message  # transformers' own reason
+
+
+def test_the_engine_process_falls_back_too_and_says_why_when_batching_is_required(tiny_model):
+    folder = tiny_model("opt")
+    engine, served = asyncio.run(_serve(UnifiedLLMResource(folder, engine_process=True)))
+    assert engine == "sequential"
+    assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
+    with pytest.raises(ModelLoadError, match=r"^continuous batching cannot run OPTForCausalLM: "):
+        asyncio.run(_serve(UnifiedLLMResource(folder, engine="batching", engine_process=True)))
