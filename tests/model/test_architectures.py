@@ -11,7 +11,7 @@ from entity_llm_server import EngineRequest, UnifiedLLMResource
 from entity_llm_server.engine import Finished
 from entity_llm_server.resource import ModelLoadError
 
-from ..architectures import CLASSES, EXPECTED, generate_ids
+from ..architectures import EXPECTED, generate_ids
 
 pytestmark = pytest.mark.model
 
@@ -39,13 +39,14 @@ def test_auto_serves_every_architecture_with_an_engine_that_runs_it(kind, tiny_m
     folder = tiny_model(kind)
     with caplog.at_level("WARNING", logger="entity_llm_server.resource"):
         engine, served = asyncio.run(_serve(UnifiedLLMResource(folder)))
-    assert engine == EXPECTED[kind]
+    expected, architecture = EXPECTED[kind]
+    assert engine == expected
     assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
     fallbacks = [r.getMessage() for r in caplog.records if "continuous batching cannot run" in r.getMessage()]
-    if EXPECTED[kind] == "sequential":
+    if expected == "sequential":
         # One line that names the architecture, the reason and what serves instead.
         assert len(fallbacks) == 1
-        assert fallbacks[0].startswith(f"continuous batching cannot run {CLASSES[kind]}: ")
+        assert fallbacks[0].startswith(f"continuous batching cannot run {architecture}: ")
         assert fallbacks[0].endswith("serving it with the sequential engine, one request at a time")
     else:
         assert fallbacks == []
