@@ -88,14 +88,52 @@ def build(kind: str, folder: Path) -> Path:
     return folder
 
 
-def generate_ids(folder: Path, prompt: str, max_new_tokens: int) -> tuple[int, ...]:
+def generate_ids(folder: Path, prompt: str, max_new_tokens: int, *, trust_remote_code: bool = False) -> tuple[int, ...]:
     """The greedy ids plain `model.generate` gives for `prompt` (the reference every engine must match)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tuple(int(i) for i in out[0, ids["input_ids"].shape[1] :])
+
+
+_CONFIGURATION = """
+from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tiny-custom"
+"""
+_MODELING = """
+from transformers import LlamaForCausalLM
+
+from .configuration_tiny_custom import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+def build_remote_code(folder: Path) -> Path:
+    """A model whose architecture is code in its own folder (`auto_map`), as hub models ship it:
+    a Llama under another name, which transformers loads only with trust_remote_code."""
+    import json
+
+    build("llama", folder)
+    (folder / "configuration_tiny_custom.py").write_text(_CONFIGURATION)
+    (folder / "modeling_tiny_custom.py").write_text(_MODELING)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["model_type"] = "tiny-custom"
+    config["architectures"] = ["TinyCustomForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tiny_custom.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tiny_custom.TinyCustomForCausalLM",
+    }
+    path.write_text(json.dumps(config, indent=2))
+    return folder

@@ -11,7 +11,7 @@ from entity_llm_server import EngineRequest, UnifiedLLMResource
 from entity_llm_server.engine import Finished
 from entity_llm_server.resource import ModelLoadError
 
-from ..architectures import EXPECTED, generate_ids
+from ..architectures import EXPECTED, build_remote_code, generate_ids
 
 pytestmark = pytest.mark.model
 
@@ -67,3 +67,16 @@ def test_the_engine_process_falls_back_too_and_says_why_when_batching_is_require
     assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
     with pytest.raises(ModelLoadError, match=r"^continuous batching cannot run OPTForCausalLM: "):
         asyncio.run(_serve(UnifiedLLMResource(folder, engine="batching", engine_process=True)))
+
+
+def test_a_folder_with_its_own_modeling_code_loads_only_when_trusted(tmp_path):
+    folder = build_remote_code(tmp_path / "custom")
+    with pytest.raises(ModelLoadError) as refused:
+        asyncio.run(_serve(UnifiedLLMResource(folder)))
+    assert "start the server with --trust-remote-code" in str(refused.value)
+    engine, served = asyncio.run(_serve(UnifiedLLMResource(folder, trust_remote_code=True)))
+    assert engine == "batching"
+    assert served == [generate_ids(folder, p, NEW_TOKENS, trust_remote_code=True) for p in PROMPTS]
+    # The engine process loads it the same way.
+    engine, again = asyncio.run(_serve(UnifiedLLMResource(folder, trust_remote_code=True, engine_process=True)))
+    assert (engine, again) == ("batching", served)

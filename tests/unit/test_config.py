@@ -47,6 +47,18 @@ def test_flags_set_every_field():
     assert parse_config([], env={}).batching().cuda_graphs is None  # auto: on CUDA devices only
 
 
+def test_remote_code_is_off_unless_asked_for():
+    assert parse_config([], env={}).trust_remote_code == "off"
+    assert parse_config(["--trust-remote-code"], env={}).trust_remote_code == "on"
+    assert parse_config(["--trust-remote-code", "off"], env={}).trust_remote_code == "off"
+    assert parse_config([], env={"ENTITY_LLM_TRUST_REMOTE_CODE": "on"}).trust_remote_code == "on"
+
+
+def test_the_engine_is_chosen_automatically_unless_named():
+    assert parse_config([], env={}).engine == "auto"
+    assert parse_config(["--engine", "batching"], env={}).engine == "batching"
+
+
 def test_environment_sets_defaults_and_flags_win():
     env = {"ENTITY_LLM_PORT": "6000", "ENTITY_LLM_MAX_NEW_TOKENS": "9", "ENTITY_LLM_MODEL": "/env-model"}
     assert parse_config([], env=env) == ServerConfig(model="/env-model", port=6000, max_new_tokens=9)
@@ -64,6 +76,7 @@ def test_environment_sets_defaults_and_flags_win():
         (["--engine", "vllm"], {}, "--engine"),
         (["--cuda-graphs", "yes"], {}, "--cuda-graphs"),
         (["--on-engine-failure", "restart"], {}, "--on-engine-failure"),
+        (["--trust-remote-code", "yes"], {}, "--trust-remote-code"),
         ([], {"ENTITY_LLM_PORT": "-1"}, "--port"),
     ],
 )

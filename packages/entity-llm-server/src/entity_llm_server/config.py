@@ -67,6 +67,9 @@ class ServerConfig:
             loop in lock-step; with replicas, per replica. `device` then gives
             a device type (`cuda`: ranks take cuda:0, cuda:1, ...) or one
             device per process. The model's attention heads must divide by it.
+        trust_remote_code: `on` runs the Python code a model folder ships for
+            its architecture (`auto_map`); that code runs with the server's
+            rights, so allow it only for folders you trust.
         on_engine_failure: `stay` keeps the process up once the engine has
             failed (health NOT_SERVING, every Generate INTERNAL) for an
             orchestrator's probe to restart it; `exit` ends the process with
@@ -98,6 +101,7 @@ class ServerConfig:
     engine_process: str = "on"
     engine_replicas: int = 1
     tensor_parallel: int = 1
+    trust_remote_code: str = "off"
     on_engine_failure: str = "stay"
 
     def batching(self) -> BatchingSettings:
@@ -177,6 +181,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         type=_positive_int,
         help="engine processes that split one copy of the model (tensor parallelism: gloo on CPU, NCCL on CUDA); "
         "with --engine-replicas, per replica (--device: cuda gives the ranks cuda:0, cuda:1, ..., or list one each)",
+    )
+    add(
+        "--trust-remote-code",
+        choices=("on", "off"),
+        nargs="?",
+        const="on",
+        help="run the Python code a model folder ships for its architecture (auto_map); it runs with the "
+        "server's rights: only for folders you trust",
     )
     add("--max-batch-size", type=_positive_int, help="sequences decoded together in one step")
     add(

@@ -61,6 +61,10 @@ class UnifiedLLMResource:
             ranks; `device` gives one device per process, or a device type
             (`cuda`: the ranks take cuda:0, cuda:1, ...). The model's
             attention heads must divide by it.
+        trust_remote_code: run the Python code a model folder ships for its
+            architecture (`auto_map` in its config), which transformers
+            refuses by default. That code runs with the server's rights:
+            allow it only for folders whose code you trust.
         log_level: the engine process's logging level.
         log_format: the engine process's log format (`text` or `json`).
     """
@@ -77,6 +81,7 @@ class UnifiedLLMResource:
         engine_process: bool = False,
         engine_replicas: int = 1,
         tensor_parallel: int = 1,
+        trust_remote_code: bool = False,
         log_level: str = "WARNING",
         log_format: str = "text",
     ) -> None:
@@ -100,6 +105,7 @@ class UnifiedLLMResource:
         self.placement = placement(device, engine_replicas, tensor_parallel)
         self.engine_replicas = engine_replicas
         self.tensor_parallel = tensor_parallel
+        self.trust_remote_code = trust_remote_code
         self._log = (log_level, log_format)
         self.batching = batching or BatchingSettings()
         self.model_id = str(model) if model is not None else str(default_model_path())
@@ -165,13 +171,26 @@ class UnifiedLLMResource:
                     self.model_id,
                     dtype=self._torch_dtype(),
                     distributed_config=DistributedConfig(tp_size=tensor_parallel),
+                    trust_remote_code=self.trust_remote_code,
                 )
             else:
-                model = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=self._torch_dtype())
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.model_id, dtype=self._torch_dtype(), trust_remote_code=self.trust_remote_code
+                )
                 model.to(self.placement[0][0])  # the first engine process's device, where `device` lists several
         except Exception as exc:  # OSError, ValueError, safetensors' own errors...: one clear message
-            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
+            raise self._load_error(exc) from exc
         return model.eval()
+
+    def _load_error(self, exc: BaseException) -> ModelLoadError:
+        """One clear message for a model that does not load, saying what to do where we know."""
+        message = f"cannot load model {self.model_id!r} on {self.device}: {exc}"
+        if "trust_remote_code" in str(exc) and not self.trust_remote_code:
+            message += (
+                " (its folder ships its own modeling code: start the server with --trust-remote-code"
+                " if you trust that code, which then runs with the server's rights)"
+            )
+        return ModelLoadError(message)
 
     def check_tensor_parallel(self) -> None:
         """Raise ModelLoadError, before any rank starts, if the model cannot be split
@@ -180,9 +199,10 @@ class UnifiedLLMResource:
 
         n = self.tensor_parallel
         try:
-            config = AutoConfig.from_pretrained(self.model_id).get_text_config()
+            config = AutoConfig.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
+            config = config.get_text_config()
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
+            raise self._load_error(exc) from exc
         name = f"model {self.model_id!r} ({getattr(config, 'model_type', 'unknown type')})"
         if not getattr(config, "base_model_tp_plan", None):
             raise ModelLoadError(f"{name} has no tensor-parallel plan in transformers: serve it on one rank")
@@ -198,9 +218,9 @@ class UnifiedLLMResource:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"cannot load model {self.model_id!r} on {self.device}: {exc}") from exc
+            raise self._load_error(exc) from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"{self.model_id}: a fast (Rust) tokenizer is required for streaming detokenization")
         return tokenizer
@@ -224,7 +244,14 @@ class UnifiedLLMResource:
                         index = device.rpartition(":")[2]
                         place = Rank(rank, len(devices), port, int(index) if index.isdigit() else rank)
                     spec = EngineSpec(
-                        self.model_id, device, self.dtype, self.default_max_new_tokens, self.batching, *self._log, place
+                        self.model_id,
+                        device,
+                        self.dtype,
+                        self.default_max_new_tokens,
+                        self.batching,
+                        *self._log,
+                        rank=place,
+                        trust_remote_code=self.trust_remote_code,
                     )
                     group.append(EngineProcess(spec))
                     every.append(group[-1])

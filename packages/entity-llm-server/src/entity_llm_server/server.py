@@ -191,6 +191,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         engine_process=config.engine_process == "on",
         engine_replicas=config.engine_replicas,
         tensor_parallel=config.tensor_parallel,
+        trust_remote_code=config.trust_remote_code == "on",
         log_level=config.log_level,
         log_format=config.log_format,
     )

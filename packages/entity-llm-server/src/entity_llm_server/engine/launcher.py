@@ -91,6 +91,7 @@ class EngineSpec:
     log_level: str = "WARNING"
     log_format: str = "text"
     rank: Rank | None = None
+    trust_remote_code: bool = False
 
 
 def placement(device: str, replicas: int = 1, tensor_parallel: int = 1) -> list[list[str]]:

@@ -143,7 +143,9 @@ def serve(fd: int, parent: int) -> int:
 
     configure_logging(spec.log_level, spec.log_format)
     try:
-        resource = UnifiedLLMResource(spec.model, device=spec.device, dtype=spec.dtype)
+        resource = UnifiedLLMResource(
+            spec.model, device=spec.device, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
+        )
         # A rank of a tensor-parallel group: its environment says where the others are.
         model = resource.load_model(tensor_parallel=1 if spec.rank is None else spec.rank.world_size)
         tokenizer: TokenizerFacts = conn.recv()
