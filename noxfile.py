@@ -33,7 +33,8 @@ TORCH = "torch==2.13.0"
 TYPING = ("mypy==2.4.1", "types-protobuf", "grpc-stubs==1.53.0.6")
 # hatchling: mypy checks the build hook, which subclasses hatchling's interface.
 LINT = ("ruff==0.17.6", *TYPING, "hatchling==1.33.0", "pytest", "hypothesis")
-# cryptography: the TLS tests make their own CA and certificates.
+# cryptography: the TLS tests make their own CA and certificates; sentencepiece:
+# the server's [sentencepiece] extra, which a tokenizer test trains a model with.
 TEST = (
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -42,6 +43,7 @@ TEST = (
     "build>=1.2",
     "virtualenv>=20",
     "cryptography>=42",
+    "sentencepiece>=0.2",
 )
 
 nox.options.sessions = ["lint", "breaking", "tests"]

@@ -137,3 +137,36 @@ def build_remote_code(folder: Path) -> Path:
     }
     path.write_text(json.dumps(config, indent=2))
     return folder
+
+
+def build_sentencepiece_only(folder: Path) -> Path:
+    """A tiny Llama whose tokenizer is only a SentencePiece model (tokenizer.model, no tokenizer.json),
+    as older hub models ship it; trained here with the sentencepiece package."""
+    import sentencepiece
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder.parent / f"{folder.name}-corpus.txt"
+    lines = ["def f(x):", "    return x + 1", "import os", "class Parser:", "for i in range(10):", "# Copyright"]
+    corpus.write_text("\n".join(lines * 40) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=120,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}'
+    )
+    config = LlamaConfig(vocab_size=120, bos_token_id=1, eos_token_id=2, **{**_BASE, "num_key_value_heads": 2})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -11,7 +11,7 @@ from entity_llm_server import EngineRequest, UnifiedLLMResource
 from entity_llm_server.engine import Finished
 from entity_llm_server.resource import ModelLoadError
 
-from ..architectures import EXPECTED, build_remote_code, generate_ids
+from ..architectures import EXPECTED, build_remote_code, build_sentencepiece_only, generate_ids
 
 pytestmark = pytest.mark.model
 
@@ -80,3 +80,12 @@ def test_a_folder_with_its_own_modeling_code_loads_only_when_trusted(tmp_path):
     # The engine process loads it the same way.
     engine, again = asyncio.run(_serve(UnifiedLLMResource(folder, trust_remote_code=True, engine_process=True)))
     assert (engine, again) == ("batching", served)
+
+
+def test_a_sentencepiece_only_tokenizer_is_converted_to_a_fast_one(tmp_path):
+    folder = build_sentencepiece_only(tmp_path / "sp")
+    assert not (folder / "tokenizer.json").exists()
+    engine, served = asyncio.run(_serve(UnifiedLLMResource(folder)))
+    assert engine == "batching"
+    assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
+    assert all(served)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 
 import pytest
+
+from ..architectures import build_sentencepiece_only
 
 pytestmark = pytest.mark.pipeline
 
@@ -64,3 +67,19 @@ def test_both_wheels_install_side_by_side_and_import_in_one_process(tmp_path, di
     )
     out = subprocess.run([python, "-W", "error", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+    # Without the [sentencepiece] extra, a tokenizer that is only a SentencePiece
+    # model cannot become a fast one: refused at start, saying what to install.
+    folder = build_sentencepiece_only(tmp_path / "sp-model")
+    load = (
+        "import sys\n"
+        "from entity_llm_server import UnifiedLLMResource\n"
+        "from entity_llm_server.resource import ModelLoadError\n"
+        "try:\n"
+        "    UnifiedLLMResource(sys.argv[1]).load_engine()\n"
+        "except ModelLoadError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([python, "-c", load, str(folder)], capture_output=True, text=True, check=True, env=env)
+    assert "it is a SentencePiece model (tokenizer.model) without tokenizer.json" in out.stdout
+    assert "pip install 'entity-llm-server[sentencepiece]'" in out.stdout

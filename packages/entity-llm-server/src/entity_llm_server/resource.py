@@ -219,11 +219,34 @@ class UnifiedLLMResource:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, ImportError) as exc:
+            if self._sentencepiece_only():
+                raise ModelLoadError(self._sentencepiece_note()) from exc
             raise self._load_error(exc) from exc
         if not getattr(tokenizer, "is_fast", False):
+            if self._sentencepiece_only():
+                raise ModelLoadError(self._sentencepiece_note())
             raise ModelLoadError(f"{self.model_id}: a fast (Rust) tokenizer is required for streaming detokenization")
         return tokenizer
+
+    def _sentencepiece_only(self) -> bool:
+        """A local folder whose tokenizer is a SentencePiece model alone, and no sentencepiece to convert it."""
+        import importlib.util
+
+        folder = Path(self.model_id)
+        return (
+            (folder / "tokenizer.model").is_file()
+            and not (folder / "tokenizer.json").is_file()
+            and importlib.util.find_spec("sentencepiece") is None
+        )
+
+    def _sentencepiece_note(self) -> str:
+        return (
+            f"cannot load the tokenizer of {self.model_id!r}: it is a SentencePiece model (tokenizer.model) "
+            "without tokenizer.json, and turning it into the fast tokenizer streaming needs the sentencepiece "
+            "package: pip install 'entity-llm-server[sentencepiece]', or add the tokenizer.json that "
+            "transformers' tokenizer.save_pretrained() writes"
+        )
 
     def _load_process_engine(self) -> Engine:
         from .engine.launcher import EngineProcess, EngineProcessError, EngineSpec, Rank, free_port, wait_ready
