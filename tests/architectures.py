@@ -56,11 +56,11 @@ EXPECTED = {
     "olmo2": ("batching", "Olmo2ForCausalLM"),
     "gpt2": ("batching", "GPT2LMHeadModel"),
     "gptj": ("batching", "GPTJForCausalLM"),
-    "gpt_neox": ("sequential", "GPTNeoXForCausalLM"),
-    "opt": ("sequential", "OPTForCausalLM"),
-    "bloom": ("sequential", "BloomForCausalLM"),
-    "falcon": ("sequential", "FalconForCausalLM"),
-    "stablelm": ("sequential", "StableLmForCausalLM"),
+    "gpt_neox": ("padded", "GPTNeoXForCausalLM"),
+    "opt": ("padded", "OPTForCausalLM"),
+    "bloom": ("padded", "BloomForCausalLM"),
+    "falcon": ("padded", "FalconForCausalLM"),
+    "stablelm": ("padded", "StableLmForCausalLM"),
 }
 
 

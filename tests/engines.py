@@ -16,8 +16,8 @@ from .conftest import wait_until
 
 # Every engine that serves the real model: continuous batching in this
 # process, the same in an engine process of its own (the console script's
-# default), and one request at a time.
-ENGINE_KINDS = ("batching", "process", "sequential")
+# default), padded batches on the model's own cache, and one request at a time.
+ENGINE_KINDS = ("batching", "process", "padded", "sequential")
 
 
 def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16) -> FrontEnd:
@@ -26,14 +26,13 @@ def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_
     resource = UnifiedLLMResource(
         default_max_new_tokens=max_new_tokens,
         batching=settings,
-        engine="sequential" if kind == "sequential" else "batching",
+        engine=kind if kind in ("padded", "sequential") else "batching",
         engine_process=kind == "process",
     )
     engine = resource.load_engine()
     assert isinstance(engine, FrontEnd)
-    assert type(engine).__name__ == {"batching": "BatchingEngine", "process": "ProcessEngine"}.get(
-        kind, "TransformersEngine"
-    )
+    names = {"batching": "BatchingEngine", "process": "ProcessEngine", "padded": "PaddedEngine"}
+    assert type(engine).__name__ == names.get(kind, "TransformersEngine")
     return engine
 
 

@@ -128,6 +128,14 @@ MUTATIONS = (
         ("tests/model/test_architectures.py", "-k", "gpt_neox or explicitly"),
     ),
     Mutation(
+        "padded-positions",
+        "padded batches stream what generate gives: left-padded rows get their own positions",
+        "engine/padded.py",
+        'self._positions = "position_ids" in forward',
+        "self._positions = False",
+        ("tests/model/test_padded.py", "-k", "gpt_neox"),
+    ),
+    Mutation(
         "rank-watch",
         "a tensor-parallel rank that dies ends every stream with INTERNAL at once, naming the rank",
         "engine/process.py",

@@ -14,16 +14,16 @@ from ..conftest import RunningServer, console_script
 pytestmark = pytest.mark.e2e
 
 
-def test_by_default_the_server_serves_it_one_request_at_a_time_and_says_so(tiny_model):
+def test_by_default_the_server_serves_it_in_padded_batches_and_says_so(tiny_model):
     folder = tiny_model("gpt_neox")
     with RunningServer("--model", str(folder)) as server, LLMClient(server.target, timeout=60) as client:
         info = client.model_info()
         completion = client.complete("def f(x):", max_new_tokens=8)
         log = server.stderr()
-    assert info.engine == "sequential"
+    assert info.engine == "padded"
     assert completion.token_ids == generate_ids(folder, "def f(x):", 8)
     assert "continuous batching cannot run GPTNeoXForCausalLM" in log
-    assert "(sequential engine;" in log  # the start-up line says which engine serves
+    assert "(padded engine;" in log  # the start-up line says which engine serves
 
 
 def test_with_engine_batching_it_exits_non_zero_saying_why(tiny_model):

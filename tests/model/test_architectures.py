@@ -43,11 +43,11 @@ def test_auto_serves_every_architecture_with_an_engine_that_runs_it(kind, tiny_m
     assert engine == expected
     assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
     fallbacks = [r.getMessage() for r in caplog.records if "continuous batching cannot run" in r.getMessage()]
-    if expected == "sequential":
+    if expected == "padded":
         # One line that names the architecture, the reason and what serves instead.
         assert len(fallbacks) == 1
         assert fallbacks[0].startswith(f"continuous batching cannot run {architecture}: ")
-        assert fallbacks[0].endswith("serving it with the sequential engine, one request at a time")
+        assert fallbacks[0].endswith("serving it in padded batches on the model's own cache (--engine padded)")
     else:
         assert fallbacks == []
 
@@ -63,7 +63,7 @@ def test_batching_asked_for_explicitly_is_a_start_up_error_naming_the_architectu
 def test_the_engine_process_falls_back_too_and_says_why_when_batching_is_required(tiny_model):
     folder = tiny_model("opt")
     engine, served = asyncio.run(_serve(UnifiedLLMResource(folder, engine_process=True)))
-    assert engine == "sequential"
+    assert engine == "padded"
     assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
     with pytest.raises(ModelLoadError, match=r"^continuous batching cannot run OPTForCausalLM: "):
         asyncio.run(_serve(UnifiedLLMResource(folder, engine="batching", engine_process=True)))

@@ -34,8 +34,9 @@ class ServerConfig:
         shutdown_grace: seconds in-flight streams get to finish on SIGTERM/SIGINT.
         log_level: Python logging level name.
         engine: `auto` (continuous batching where its start-up probe runs on
-            the model, else one request at a time), `batching` (continuous
-            batching, or exit if it cannot run the model) or `sequential`.
+            the model, else padded batches), `batching` (continuous
+            batching, or exit if it cannot run the model), `padded` (padded
+            batches on the model's own cache) or `sequential`.
         max_batch_size: sequences decoded together in one step.
         max_queue: admitted requests that may wait beyond those; more are
             refused with RESOURCE_EXHAUSTED.
@@ -162,8 +163,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add(
         "--engine",
         choices=ENGINES,
-        help="auto: continuous batching where a start-up probe proves it runs the model, else one request at a "
-        "time; batching: continuous batching or exit; sequential: one request at a time",
+        help="auto: continuous batching where a start-up probe proves it runs the model, else padded batches; "
+        "batching: continuous batching or exit; padded: padded batches on the model's own cache (any causal LM); "
+        "sequential: one request at a time",
     )
     add(
         "--engine-process",
@@ -231,7 +233,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     for flag in ("engine_replicas", "tensor_parallel"):
-        if getattr(args, flag) > 1 and (args.engine_process != "on" or args.engine == "sequential"):
+        if getattr(args, flag) > 1 and (args.engine_process != "on" or args.engine not in ("auto", "batching")):
             parser.error(f"--{flag.replace('_', '-')} above 1 needs continuous batching and --engine-process on")
     try:
         placement(args.device, args.engine_replicas, args.tensor_parallel)

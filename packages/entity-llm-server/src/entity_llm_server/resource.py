@@ -8,14 +8,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingEngine, BatchingSettings, Engine, TransformersEngine
+from .engine import (
+    DEFAULT_MAX_NEW_TOKENS,
+    BatchingEngine,
+    BatchingSettings,
+    Engine,
+    PaddedEngine,
+    TransformersEngine,
+)
 from .engine.base import BatchingUnsupportedError
 from .engine.launcher import placement
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-ENGINES = ("auto", "batching", "sequential")
+ENGINES = ("auto", "batching", "padded", "sequential")
 
 
 class ModelLoadError(RuntimeError):
@@ -42,8 +49,9 @@ class UnifiedLLMResource:
         default_max_new_tokens: the length used when a request leaves it unset.
         engine: `auto` (the default: continuous batching where its start-up
             probe, a real batched generation, runs on the model; otherwise
-            one request at a time, saying why in one log line), `batching`
-            (continuous batching, or a BatchingUnsupportedError at start) or
+            padded batches, saying why in one log line), `batching`
+            (continuous batching, or a ModelLoadError at start), `padded`
+            (padded batches on the model's own cache, `engine.padded`) or
             `sequential` (one request at a time).
         batching: sizes of the batching engine's batch, queue and KV cache.
         engine_process: run the batching engine's model in a process of its
@@ -90,7 +98,7 @@ class UnifiedLLMResource:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.engine_kind = engine
-        self.engine_process = engine_process and engine != "sequential"
+        self.engine_process = engine_process and engine in ("auto", "batching")
         if engine_replicas < 1:
             raise ValueError(f"engine_replicas must be at least 1, not {engine_replicas}")
         if tensor_parallel < 1:
@@ -147,6 +155,8 @@ class UnifiedLLMResource:
         model = self.load_model()
         if self.engine_kind == "sequential":
             return self._sequential(model, tokenizer)
+        if self.engine_kind == "padded":
+            return self._padded(model, tokenizer)
         return BatchingEngine(
             model, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
         )
@@ -298,13 +308,18 @@ class UnifiedLLMResource:
     def _sequential(self, model: Any, tokenizer: Any) -> Engine:
         return TransformersEngine(model, tokenizer, default_max_new_tokens=self.default_max_new_tokens)
 
+    def _padded(self, model: Any, tokenizer: Any) -> Engine:
+        return PaddedEngine(
+            model, tokenizer, settings=self.batching, default_max_new_tokens=self.default_max_new_tokens
+        )
+
     async def engine(self) -> Engine:
         """The started engine, loading the model on first use (off the event loop).
 
         With `engine="auto"`, a model continuous batching cannot run (its
-        start-up probe failed) is served by the sequential engine instead,
-        said in one log line; with `engine="batching"` that is a
-        ModelLoadError naming the architecture and the reason.
+        start-up probe failed) is served in padded batches instead, said in
+        one log line; with `engine="batching"` that is a ModelLoadError
+        naming the architecture and the reason.
         """
         async with self._lock:
             if self._engine is None:
@@ -314,19 +329,19 @@ class UnifiedLLMResource:
                     await engine.start()
                 except BatchingUnsupportedError as exc:
                     if self.engine_kind != "auto":
-                        raise ModelLoadError(f"{exc} (--engine auto would serve it one request at a time)") from exc
-                    log.warning("%s; serving it with the sequential engine, one request at a time", exc)
+                        raise ModelLoadError(f"{exc} (--engine auto would serve it in padded batches)") from exc
+                    log.warning("%s; serving it in padded batches on the model's own cache (--engine padded)", exc)
                     engine = await asyncio.to_thread(self._fall_back, engine)
                     await engine.start()
                 self._engine = engine
         return self._engine
 
     def _fall_back(self, failed: Engine | None) -> Engine:
-        """The sequential engine, on the in-process engine's model and tokenizer
+        """The padded engine, on the in-process engine's model and tokenizer
         where it had them, else loaded here (blocking)."""
         if isinstance(failed, BatchingEngine):
-            return self._sequential(failed.model, failed.tokenizer)
-        return self._sequential(self.load_model(), self._tokenizer())
+            return self._padded(failed.model, failed.tokenizer)
+        return self._padded(self.load_model(), self._tokenizer())
 
     async def close(self) -> None:
         """Stop the engine; a later `engine()` call loads again."""

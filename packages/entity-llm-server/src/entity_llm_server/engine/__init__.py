@@ -3,8 +3,9 @@
 An engine is a front end (`frontend.FrontEnd`: tokenizing, admission,
 detokenizing, stop sequences) over a core that runs the model (`core.Core`):
 continuous batching in this process (`BatchingEngine`) or in an engine process
-of its own (`process.ProcessEngine`), or one request at a time
-(`TransformersEngine`).
+of its own (`process.ProcessEngine`), padded batches on the model's own cache
+for models continuous batching cannot run (`PaddedEngine`), or one request at
+a time (`TransformersEngine`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .base import (
 )
 from .batching import BatchingEngine
 from .frontend import FrontEnd
+from .padded import PaddedEngine
 from .sampling import Sampling, TokenLogprob
 from .sequential import TransformersEngine
 from .settings import BatchingSettings
@@ -47,6 +49,7 @@ __all__ = [
     "FrontEnd",
     "InvalidRequestError",
     "ModelInfo",
+    "PaddedEngine",
     "Sampling",
     "TextDelta",
     "TokenLogprob",

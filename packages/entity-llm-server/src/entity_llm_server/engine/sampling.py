@@ -284,3 +284,36 @@ def rows_for(
         flags=torch.tensor(flags, dtype=torch.int64, device=device),
         seen=seen_mask(sequences, vocab, device) if any(s is not None for s in sequences) else None,
     )
+
+
+def pick(
+    logits: torch.Tensor,
+    samplings: list[Sampling],
+    steps: list[int],
+    sequences: list[list[int]],
+    eos_ids: torch.Tensor,
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Each row's next token and, where its request wants one, its logprob entry.
+
+    For cores that decode with the model's own forward pass (one row, or a
+    padded batch): row i is at generation step `steps[i]` of a request with
+    `samplings[i]`, having seen `sequences[i]` (for repetition penalties);
+    `eos_ids` is `eos_mask`'s mask. Plain greedy rows take the argmax of the
+    logits themselves, as the batching core's hook leaves them.
+    """
+
+    if all(sampling.plain for sampling in samplings):
+        none: list[TokenLogprob | None] = [None] * len(samplings)
+        return [int(t) for t in logits.argmax(dim=-1).tolist()], none
+    vocab = logits.shape[-1]
+    params = [row_values(sampling, step, vocab) for sampling, step in zip(samplings, steps, strict=True)]
+    seen = [seq if sampling.penalised else None for sampling, seq in zip(samplings, sequences, strict=True)]
+    rows = rows_for(params, seen, vocab, logits.device)
+    sort = any(sampling.top_k > 0 or sampling.top_p < 1 for sampling in samplings)
+    logprobs = warp(logits, rows, eos_ids, sort=sort)
+    chosen = choose(logprobs, rows) if any(sampling.sampled for sampling in samplings) else logprobs.argmax(dim=-1)
+    wanted = [sampling.top_logprobs if sampling.wants_logprobs else None for sampling in samplings]
+    entries: list[TokenLogprob | None] = [None] * len(wanted)
+    if any(w is not None for w in wanted):
+        entries = logprob_entries(logprobs, chosen, wanted)
+    return [int(t) for t in chosen.tolist()], entries

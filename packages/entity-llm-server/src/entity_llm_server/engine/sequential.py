@@ -132,17 +132,7 @@ class SequentialCore:
             vocab = logits.shape[-1]
             eos_mask = s.eos_mask(self.eos_ids, vocab, device)
             while count < prepared.max_new_tokens and not cancelled.is_set():
-                entry = None
-                if sampling.plain:
-                    token = int(logits[0].argmax())
-                else:
-                    seen = [sequence if sampling.penalised else None]
-                    rows = s.rows_for([s.row_values(sampling, count, vocab)], seen, vocab, device)
-                    logprobs = s.warp(logits, rows, eos_mask, sort=sampling.top_k > 0 or sampling.top_p < 1)
-                    chosen = s.choose(logprobs, rows) if sampling.sampled else logprobs.argmax(dim=-1)
-                    token = int(chosen[0])
-                    if sampling.wants_logprobs:
-                        entry = s.logprob_entries(logprobs, chosen, [sampling.top_logprobs])[0]
+                (token,), (entry,) = s.pick(logits, [sampling], [count], [sequence], eos_mask)
                 sequence.append(token)
                 count += 1
                 last = token in self.eos_ids or count == prepared.max_new_tokens

@@ -1,0 +1,272 @@
+"""Padded batches on the model's own KV cache: batching for every architecture (`--engine padded`).
+
+transformers' continuous batching needs a model to run on its paged cache,
+which some architectures do not (GPT-NeoX, OPT, Bloom, Falcon, StableLM in
+transformers 5.24). `PaddedCore` batches them the way `generate` batches
+prompts: requests that wait together (up to `max_batch_size`) are
+left-padded into one batch with an attention mask (and position ids, where
+the model takes them), prefilled in one forward pass, and decoded step by
+step on the model's ordinary cache. A request that waits while a batch runs
+joins the next one. Each row chooses its token with its own sampling
+(`sampling.pick`, the code every core uses), so a seed gives the same text
+alone or in a batch; each row stops on its own (EOS, its length, a cancel
+checked before every step). A finished row's later steps are computed and
+discarded, so a batch runs as long as its longest row. One worker thread
+runs the model; the event loop never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import sampling as s
+from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
+from .core import CoreSink, ModelFacts, SeqOutput
+from .frontend import FrontEnd, Prepared
+from .sampling import Sampling
+from .settings import BatchingSettings
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Sequence[SeqOutput]], None]
+
+
+class PaddedCore:
+    """Decodes padded batches of waiting requests on one worker thread.
+
+    Args:
+        model: a transformers causal LM, already on its device and in eval mode.
+        facts: the model's facts.
+        max_batch_size: rows in one batch at most.
+        pad_token_id: the id padding fills the left of shorter prompts with
+            (masked out; any id the model embeds will do).
+    """
+
+    def __init__(self, model: Any, facts: ModelFacts, *, max_batch_size: int, pad_token_id: int | None) -> None:
+        self.model = model
+        self.eos_ids = frozenset(facts.eos_ids)
+        self.max_batch_size = max_batch_size
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (min(self.eos_ids, default=0))
+        forward = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed the KV-cache argument (and output) from
+        # past_key_values to cache; models written for either keep working.
+        self._cache_name = "cache" if "cache" in forward else "past_key_values"
+        # Left padding shifts every row's positions: models that take them get
+        # them from the mask (the others, Bloom and OPT, derive them from it).
+        self._positions = "position_ids" in forward
+        self._condition = threading.Condition()
+        self._waiting: collections.deque[tuple[str, Prepared]] = collections.deque()
+        self._cancelled: set[str] = set()  # requests of the running batch whose client left
+        self._running: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._emit: Emit | None = None
+        self._steps = 0  # forward passes, written by the worker thread alone
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        pass  # every sampling feature runs here
+
+    def check_admission(self) -> None:
+        pass  # the front end's capacity is this core's whole admission
+
+    async def start(self, sink: CoreSink) -> None:
+        if self._thread is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def emit(outputs: Sequence[SeqOutput]) -> None:
+            # A closed loop means the server is gone and the result has no reader.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(sink.deliver, outputs)
+
+        self._emit = emit
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="entity-llm-padded", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        with self._condition:
+            self._closing = True
+            self._cancelled.update(self._running)
+            self._waiting.clear()
+            self._condition.notify_all()
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            await asyncio.to_thread(thread.join, 60)
+
+    def add(self, rid: str, prepared: Prepared) -> None:
+        if self._thread is None or self._closing:
+            raise EngineError("engine is not started")
+        with self._condition:
+            self._waiting.append((rid, prepared))
+            self._condition.notify_all()
+
+    def cancel(self, rid: str) -> None:
+        with self._condition:
+            before = len(self._waiting)
+            self._waiting = collections.deque(item for item in self._waiting if item[0] != rid)
+            if len(self._waiting) == before and rid in self._running:
+                self._cancelled.add(rid)
+
+    def state(self) -> CoreState:
+        """Requests waiting or in the running batch (not yet finished or dropped), and forward passes."""
+        with self._condition:
+            return CoreState(len(self._waiting) + len(self._running), self._steps)
+
+    # -- the worker thread ------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._waiting or self._closing)
+                if self._closing:
+                    return
+                batch = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
+                self._running = {rid for rid, _ in batch}
+            emit = self._emit
+            assert emit is not None
+            try:
+                self._decode(batch, emit)
+            except Exception as exc:  # this batch's requests fail; the next batch is served
+                log.exception("a padded batch failed")
+                failed = [SeqOutput(rid, (), None, True, f"generation failed: {exc}") for rid in self._still_running()]
+                emit(failed)
+            finally:
+                with self._condition:
+                    self._running = set()
+                    self._cancelled.clear()
+
+    def _still_running(self) -> list[str]:
+        with self._condition:
+            return [rid for rid in self._running if rid not in self._cancelled]
+
+    def _drop(self, rid: str) -> None:
+        with self._condition:
+            self._running.discard(rid)
+            self._cancelled.discard(rid)
+
+    def _decode(self, batch: list[tuple[str, Prepared]], emit: Emit) -> None:
+        import torch  # deferred: nothing imports torch before a model is served
+
+        device = self.model.device
+        width = max(len(prepared.ids) for _, prepared in batch)
+        rows = [[self.pad_token_id] * (width - len(p.ids)) + list(p.ids) for _, p in batch]
+        masks = [[0] * (width - len(p.ids)) + [1] * len(p.ids) for _, p in batch]
+        input_ids = torch.tensor(rows, device=device)
+        mask = torch.tensor(masks, device=device)
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": True}
+        positions = None
+        if self._positions:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = positions
+        samplings = [prepared.sampling for _, prepared in batch]
+        sequences = [list(prepared.ids) for _, prepared in batch]
+        counts = [0] * len(batch)
+        done = [False] * len(batch)
+        eos_mask: Any = None
+        with torch.inference_mode():
+            while True:
+                out = self.model(**inputs)
+                self._steps += 1
+                logits = out.logits[:, -1]
+                if eos_mask is None:
+                    eos_mask = s.eos_mask(self.eos_ids, logits.shape[-1], device)
+                with self._condition:
+                    left = self._cancelled & self._running
+                for i, (rid, _) in enumerate(batch):
+                    if not done[i] and rid in left:  # its client left: dropped, nothing more sent
+                        done[i] = True
+                        self._drop(rid)
+                live = [i for i in range(len(batch)) if not done[i]]
+                if not live:
+                    return
+                tokens, entries = s.pick(
+                    logits[live],
+                    [samplings[i] for i in live],
+                    [counts[i] for i in live],
+                    [sequences[i] for i in live],
+                    eos_mask,
+                )
+                following = [self.pad_token_id] * len(batch)
+                outputs = []
+                for i, token, entry in zip(live, tokens, entries, strict=True):
+                    rid, prepared = batch[i]
+                    sequences[i].append(token)
+                    counts[i] += 1
+                    following[i] = token
+                    last = token in self.eos_ids or counts[i] >= prepared.max_new_tokens
+                    outputs.append(SeqOutput(rid, (token,), None if entry is None else (entry,), last))
+                    if last:
+                        done[i] = True
+                        self._drop(rid)
+                emit(outputs)
+                if all(done):
+                    return
+                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=-1)
+                inputs = {
+                    "input_ids": torch.tensor(following, device=device)[:, None],
+                    "attention_mask": mask,
+                    "use_cache": True,
+                    self._cache_name: getattr(out, self._cache_name),
+                }
+                if positions is not None:
+                    positions = positions[:, -1:] + 1
+                    inputs["position_ids"] = positions
+
+
+class PaddedEngine(FrontEnd):
+    """Padded batches of requests on the model's own cache, in this process.
+
+    For models transformers' continuous batching cannot run; `--engine auto`
+    chooses it for them.
+
+    Args:
+        model: a transformers causal LM, already on its device and in eval mode.
+        tokenizer: its fast tokenizer.
+        settings: `max_batch_size` rows in one batch, `max_queue` more waiting.
+        default_max_new_tokens: the length used when a request leaves it unset.
+    """
+
+    kind = "padded"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        settings: BatchingSettings | None = None,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> None:
+        self.settings = settings or BatchingSettings()
+        facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
+        self.padded = PaddedCore(
+            model, facts, max_batch_size=self.settings.max_batch_size, pad_token_id=tokenizer.pad_token_id
+        )
+        super().__init__(
+            self.padded,
+            facts,
+            tokenizer,
+            capacity=self.settings.capacity,
+            capacity_note=self.settings.capacity_note,
+            default_max_new_tokens=default_max_new_tokens,
+        )
+
+    @property
+    def model(self) -> Any:
+        """The transformers model the core runs."""
+        return self.padded.model
