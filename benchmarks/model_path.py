@@ -46,6 +46,25 @@ SHAPES: dict[str, dict[str, Any]] = {
         "intermediate_size": 1376,
         "vocab_size": 16000,
     },
+    # The 35M shape in two architectures continuous batching cannot run
+    # (benchmarks/engines.py: padded batches against one at a time).
+    "gpt-neox-35m": {
+        "kind": "gpt_neox",
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "intermediate_size": 1376,
+        "vocab_size": 16000,
+    },
+    "opt-35m": {
+        "kind": "opt",
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "ffn_dim": 1376,
+        "word_embed_proj_dim": 512,
+        "vocab_size": 16000,
+    },
     # Qwen2-0.5B's shape, random weights.
     "qwen2-0.5b": {
         "kind": "qwen2",
@@ -85,8 +104,12 @@ def materialise(name: str, folder: Path, dtype: str) -> Path:
     torch.manual_seed(0)
     if kind == "llama":
         model: Any = LlamaForCausalLM(LlamaConfig(**shape, **common))
-    else:
+    elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**shape, **common))
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **shape, **common))
     if dtype != "auto":
         model = model.to(getattr(torch, dtype))
     target = folder / name

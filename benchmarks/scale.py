@@ -56,17 +56,64 @@ def target(name: str, device: str, replicas: int, streams: int, *, largest: bool
     return 2.0 if largest and replicas > 1 and streams >= 256 else 0.0
 
 
+Compare = Callable[[str, str, Row, Row, int, argparse.Namespace], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Layout:
-    """One comparison: servers that differ only in `flag`, one per value (the first is the baseline)."""
+    """One comparison: servers that differ only in `flag`, one per value (the first is the baseline).
+
+    `label` names a value's server; `compare(model, value, row, base, streams,
+    args)` is the ratio of a server's row to the baseline's; `warm_streams`
+    concurrent short streams warm each server up before each round.
+    """
 
     key: str
     flag: str
-    unit: str
-    values: tuple[int, ...]
+    values: tuple[str, ...]
+    label: Callable[[str], str]
+    compare: Compare
+    warm_streams: int = 1
 
-    def side(self, n: int) -> str:
-        return f"{n} {self.unit}" + ("s" if n > 1 else "")
+    def side(self, value: str) -> str:
+        return self.label(value)
+
+
+def _replicas(name: str, value: str, row: Row, base: Row, streams: int, args: argparse.Namespace) -> dict[str, Any]:
+    largest = int(value) == max(int(v) for v in args.replicas.split(","))
+    goal = target(name, args.device, int(value), streams, largest=largest)
+    return ratio(f"{name} {value} replicas / {base.method} at {streams} streams", row, base, goal)
+
+
+def _latency(name: str, value: str, row: Row, base: Row, streams: int, args: argparse.Namespace) -> dict[str, Any]:
+    # Lower is better: the baseline's latency over this one's reads as a speed-up.
+    speedup = base.extra["per_token_ms_p50"] / row.extra["per_token_ms_p50"]
+    label = f"{name} per-token speed, TP={value} / {base.method} at {streams} streams"
+    return {"name": label, "value": speedup, "target": 0.0}
+
+
+def replicas(values: str) -> Layout:
+    """Servers with each of `values` (comma-separated) engine replicas."""
+    numbers = tuple(values.split(","))
+    return Layout(
+        "replicas",
+        "--engine-replicas",
+        numbers,
+        lambda v: f"{v} replica" + ("s" if int(v) > 1 else ""),
+        _replicas,
+        warm_streams=max(int(v) for v in numbers),  # least-loaded dispatch gives each replica one
+    )
+
+
+def tensor_parallel(values: str) -> Layout:
+    """Servers with each of `values` (comma-separated) tensor-parallel ranks."""
+    return Layout(
+        "tensor-parallel",
+        "--tensor-parallel",
+        tuple(values.split(",")),
+        lambda v: f"{v} TP rank" + ("s" if int(v) > 1 else ""),
+        _latency,
+    )
 
 
 @dataclass
@@ -184,35 +231,28 @@ def bench_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     every = prompts(tokenizer, max(counts), args.prompt_tokens)
     shared = server_args(folder, args, max(len(p.ids) for p in every))
-    warm_streams = max(layout.values) if layout.key == "replicas" else 1
     with contextlib.ExitStack() as stack:
         with one_thread():
             servers = {
-                layout.side(n): stack.enter_context(ServerProcess(*shared, layout.flag, str(n))) for n in layout.values
+                layout.side(v): stack.enter_context(ServerProcess(*shared, layout.flag, v)) for v in layout.values
             }
         for streams in counts:
             batch = every[:streams]
             outputs = Outputs()
             sides = {
-                s: side(server.target, batch, args.new_tokens, s, outputs, warm_streams)
+                s: side(server.target, batch, args.new_tokens, s, outputs, layout.warm_streams)
                 for s, server in servers.items()
             }
             best = interleaved(sides, args.repeat)
-            rows = [best[layout.side(n)] for n in layout.values]
+            rows = [best[layout.side(v)] for v in layout.values]
             for row in rows:
                 row.bench = f"{name} {layout.key}"
                 row.extra["server_startup_s"] = round(servers[row.method].startup_s, 2)
             base = rows[0]
-            ratios = []
-            for n, row in zip(layout.values[1:], rows[1:], strict=True):
-                if layout.key == "replicas":
-                    label = f"{name} {n} replicas / {layout.values[0]} at {streams} streams"
-                    goal = target(name, args.device, n, streams, largest=n == max(layout.values))
-                    ratios.append(ratio(label, row, base, goal))
-                else:  # latency, lower is better: the baseline's over this one's reads as a speed-up
-                    label = f"{name} per-token speed, TP={n} / TP={layout.values[0]} at {streams} streams"
-                    speedup = base.extra["per_token_ms_p50"] / row.extra["per_token_ms_p50"]
-                    ratios.append({"name": label, "value": speedup, "target": 0.0})
+            ratios = [
+                layout.compare(name, v, row, base, streams, args)
+                for v, row in zip(layout.values[1:], rows[1:], strict=True)
+            ]
             record = {
                 "identical": outputs.identical(),
                 "differing_streams": outputs.differing_streams(),
@@ -245,20 +285,25 @@ def markdown(rows: list[Row], identical: dict[str, bool]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="demo,llama-35m", help=f"demo, {', '.join(SHAPES)}")
+def server_options(parser: argparse.ArgumentParser, repeat: int) -> None:
+    """The options every comparison of servers takes (what `bench_model` and `server_args` read)."""
     parser.add_argument("--device", default="cpu", help="every server's --device")
     parser.add_argument("--dtype", default="auto", help="every server's --dtype")
-    parser.add_argument("--replicas", default="1,2", help="--engine-replicas of each server; the first is the base")
-    parser.add_argument("--streams", default="32,64", help="concurrent streams for replicas, comma-separated")
-    parser.add_argument("--tp", default="1,2", help="--tensor-parallel of each server; the first is the base")
-    parser.add_argument("--tp-streams", default="1,8", help="concurrent streams for tensor parallelism; none: skip")
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; each side keeps its best")
+    parser.add_argument("--repeat", type=int, default=repeat, help="interleaved rounds; each side keeps its best")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens every stream generates, exactly")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32, help="every server's (per engine replica)")
     parser.add_argument("--max-queue", type=int, default=64, help="every server's")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="demo,llama-35m", help=f"demo, {', '.join(SHAPES)}")
+    parser.add_argument("--replicas", default="1,2", help="--engine-replicas of each server; the first is the base")
+    parser.add_argument("--streams", default="32,64", help="concurrent streams for replicas, comma-separated")
+    parser.add_argument("--tp", default="1,2", help="--tensor-parallel of each server; the first is the base")
+    parser.add_argument("--tp-streams", default="1,8", help="concurrent streams for tensor parallelism; none: skip")
+    server_options(parser, repeat=3)
     args = parser.parse_args()
     rows: list[Row] = []
     ratios: list[dict[str, Any]] = []
@@ -267,12 +312,9 @@ def main() -> None:
 
     results = "scale" if args.device == "cpu" else f"scale_{args.device.split(':')[0]}"
 
-    def numbers(text: str) -> tuple[int, ...]:
-        return tuple(int(v) for v in text.split(","))
-
-    plans = [(Layout("replicas", "--engine-replicas", "replica", numbers(args.replicas)), args.streams)]
+    plans = [(replicas(args.replicas), args.streams)]
     if args.tp_streams != "none":
-        plans.append((Layout("tensor-parallel", "--tensor-parallel", "TP rank", numbers(args.tp)), args.tp_streams))
+        plans.append((tensor_parallel(args.tp), args.tp_streams))
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models.split(","):
             for layout, streams in plans:

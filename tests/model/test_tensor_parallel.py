@@ -95,29 +95,23 @@ def _assert_same(served: list[Served], reference: list[Served]) -> None:
         assert logprobs == pytest.approx(expected, abs=1e-4)
 
 
-def test_two_ranks_stream_byte_for_byte_what_one_does(one_rank):
-    engine = tp_engine(2)
-    (ranks,) = engine.ranks
-    envs = [environ(rank.popen.pid) for rank in ranks]
-    served, _ = asyncio.run(_serve(engine))
-    _assert_same(served, one_rank)
-    # Started the way torch.distributed expects, one rendezvous for the group.
-    assert [(e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"]) for e in envs] == [("0", "2", "0"), ("1", "2", "1")]
-    assert envs[0]["MASTER_ADDR"] == "127.0.0.1"
-    assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
-    assert [rank.popen.returncode for rank in ranks] == [0, 0]  # close() stopped every rank
-
-
-def test_replicas_of_tensor_parallel_ranks_compose(one_rank):
+def test_two_replicas_of_two_ranks_stream_byte_for_byte_what_one_process_does(one_rank):
+    # Tensor parallelism and its composition with replicas in one run: four
+    # processes, two cores of two ranks, each core serving what one process does.
     engine = tp_engine(2, replicas=2)
     groups = engine.ranks
-    assert [len(group) for group in groups] == [2, 2]  # four processes
-    ports = [{environ(rank.popen.pid)["MASTER_PORT"] for rank in group} for group in groups]
-    assert all(len(p) == 1 for p in ports)
-    assert ports[0] != ports[1]  # a group each
+    assert [len(group) for group in groups] == [2, 2]
+    envs = [[environ(rank.popen.pid) for rank in group] for group in groups]
     served, steps = asyncio.run(_serve(engine))
     _assert_same(served, one_rank)
     assert all(count > 0 for count in steps), steps  # both replicas decoded
+    # Started the way torch.distributed expects, one rendezvous per group.
+    for group in envs:
+        assert [(e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"]) for e in group] == [("0", "2", "0"), ("1", "2", "1")]
+        assert {e["MASTER_ADDR"] for e in group} == {"127.0.0.1"}
+        assert group[0]["MASTER_PORT"] == group[1]["MASTER_PORT"]
+    assert envs[0][0]["MASTER_PORT"] != envs[1][0]["MASTER_PORT"]
+    assert [rank.popen.returncode for group in groups for rank in group] == [0, 0, 0, 0]  # close() stopped them
 
 
 def _health(target: str) -> int:

@@ -7,7 +7,8 @@ prompts: requests that wait together (up to `max_batch_size`) are
 left-padded into one batch with an attention mask (and position ids, where
 the model takes them), prefilled in one forward pass, and decoded step by
 step on the model's ordinary cache. A request that waits while a batch runs
-joins the next one. Each row chooses its token with its own sampling
+joins the next one (a new batch waits a few milliseconds for requests sent
+with its first). Each row chooses its token with its own sampling
 (`sampling.pick`, the code every core uses), so a seed gives the same text
 alone or in a batch; each row stops on its own (EOS, its length, a cancel
 checked before every step). A finished row's later steps are computed and
@@ -23,6 +24,7 @@ import contextlib
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +38,8 @@ from .settings import BatchingSettings
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Sequence[SeqOutput]], None]
+
+GATHER_WINDOW = 0.005  # seconds a new batch waits for requests that arrive with its first
 
 
 class PaddedCore:
@@ -134,6 +138,13 @@ class PaddedCore:
         while True:
             with self._condition:
                 self._condition.wait_for(lambda: self._waiting or self._closing)
+                # Requests sent together arrive a little apart: give the rest
+                # of them GATHER_WINDOW to join this batch rather than the next.
+                deadline = time.monotonic() + GATHER_WINDOW
+                while not self._closing and len(self._waiting) < self.max_batch_size:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._condition.wait(left):
+                        break
                 if self._closing:
                     return
                 batch = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
