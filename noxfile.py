@@ -110,11 +110,12 @@ def demo(session: nox.Session) -> None:
 
 
 # What `nox -s bench` runs, after `python`: the commands benchmarks/README.md
-# quotes for its CPU tables, argument for argument. About 18 minutes on 2 cores.
+# quotes for its CPU tables, argument for argument. About 23 minutes on 2 cores.
 BENCH = (
     "benchmarks/transport.py",
     "benchmarks/model_path.py --streams 1,32 --repeat 3 --sequential-limit 4 --compare-in-process",
     "benchmarks/scale.py",
+    "benchmarks/engines.py",
 )
 
 

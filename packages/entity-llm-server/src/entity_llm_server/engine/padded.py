@@ -65,6 +65,9 @@ class PaddedCore:
         # Left padding shifts every row's positions: models that take them get
         # them from the mask (the others, Bloom and OPT, derive them from it).
         self._positions = "position_ids" in forward
+        # Only the last position's logits are used: the prefill need not
+        # project every prompt position onto the vocabulary.
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._condition = threading.Condition()
         self._waiting: collections.deque[tuple[str, Prepared]] = collections.deque()
         self._cancelled: set[str] = set()  # requests of the running batch whose client left
@@ -181,6 +184,7 @@ class PaddedCore:
         input_ids = torch.tensor(rows, device=device)
         mask = torch.tensor(masks, device=device)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": True}
+        inputs.update(self._last_logits)
         positions = None
         if self._positions:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -43,6 +43,9 @@ class SequentialCore:
         # past_key_values to cache; models written for either keep working.
         forward = inspect.signature(model.forward).parameters
         self._cache_name = "cache" if "cache" in forward else "past_key_values"
+        # Only the last position's logits are used: the prefill need not
+        # project every prompt position onto the vocabulary.
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._executor: ThreadPoolExecutor | None = None
         self._emit: Callable[[SeqOutput], None] | None = None
         self._cancelled: dict[str, threading.Event] = {}
@@ -126,7 +129,7 @@ class SequentialCore:
         sequence = list(prepared.ids)
         count = 0
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([prepared.ids], device=device), use_cache=True)
+            out = self.model(input_ids=torch.tensor([prepared.ids], device=device), use_cache=True, **self._last_logits)
             self._steps += 1
             logits = out.logits[:, -1]
             vocab = logits.shape[-1]
