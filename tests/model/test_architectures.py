@@ -9,6 +9,7 @@ import pytest
 
 from entity_llm_server import EngineRequest, UnifiedLLMResource
 from entity_llm_server.engine import Finished
+from entity_llm_server.engine.process import ProcessEngine
 from entity_llm_server.resource import ModelLoadError
 
 from ..architectures import EXPECTED, build_remote_code, build_sentencepiece_only, generate_ids
@@ -60,12 +61,22 @@ def test_batching_asked_for_explicitly_is_a_start_up_error_naming_the_architectu
     assert "PagedAttentionCache" in message  # transformers' own reason
 
 
-def test_the_engine_process_falls_back_too(tiny_model):
-    # Its probe fails in the engine process, which says so in its answer to the start.
+def test_the_engine_process_falls_back_by_itself(tiny_model, caplog):
+    # Its probe fails in the engine process, which then serves padded batches
+    # itself (the front end keeps only the tokenizer, as with continuous batching).
     folder = tiny_model("opt")
-    engine, served = asyncio.run(_serve(UnifiedLLMResource(folder, engine_process=True)))
+    resource = UnifiedLLMResource(folder, engine_process=True)
+
+    async def main() -> tuple[str, list[tuple[int, ...]]]:
+        engine = await resource.engine()
+        assert isinstance(engine, ProcessEngine)
+        return await _serve(resource)
+
+    with caplog.at_level("WARNING", logger="entity_llm_server.resource"):
+        engine, served = asyncio.run(main())
     assert engine == "padded"
     assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
+    assert [r for r in caplog.records if "cannot run" in r.getMessage()] == []  # not the front end's fallback
 
 
 def test_a_folder_with_its_own_modeling_code_loads_only_when_trusted(tmp_path):

@@ -18,6 +18,7 @@ from .engine import (
 )
 from .engine.base import BatchingUnsupportedError
 from .engine.launcher import placement
+from .engine.padded import fallback_message
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ class UnifiedLLMResource:
                         *self._log,
                         rank=place,
                         trust_remote_code=self.trust_remote_code,
+                        fall_back=self.engine_kind == "auto",
                     )
                     group.append(EngineProcess(spec))
                     every.append(group[-1])
@@ -330,7 +332,7 @@ class UnifiedLLMResource:
                 except BatchingUnsupportedError as exc:
                     if self.engine_kind != "auto":
                         raise ModelLoadError(f"{exc} (--engine auto would serve it in padded batches)") from exc
-                    log.warning("%s; serving it in padded batches on the model's own cache (--engine padded)", exc)
+                    log.warning("%s", fallback_message(exc))
                     engine = await asyncio.to_thread(self._fall_back, engine)
                     await engine.start()
                 self._engine = engine
@@ -338,7 +340,8 @@ class UnifiedLLMResource:
 
     def _fall_back(self, failed: Engine | None) -> Engine:
         """The padded engine, on the in-process engine's model and tokenizer
-        where it had them, else loaded here (blocking)."""
+        where it had them, else loaded here (blocking): a whole engine process
+        falls back by itself; tensor-parallel ranks cannot, and land here."""
         if isinstance(failed, BatchingEngine):
             return self._padded(failed.model, failed.tokenizer)
         return self._padded(self.load_model(), self._tokenizer())

@@ -78,9 +78,11 @@ ToEngine = Add | Cancel | StateQuery | Ping | Stop
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The model is loaded and warmed up."""
+    """The model is loaded and warmed up; `engine` is the core that serves it:
+    "batching", or "padded" where continuous batching cannot run it."""
 
     facts: ModelFacts
+    engine: str = "batching"
 
 
 @dataclass(frozen=True, slots=True)

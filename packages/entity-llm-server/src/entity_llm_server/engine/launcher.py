@@ -81,6 +81,8 @@ class EngineSpec:
     """What the engine process loads: the arguments of `UnifiedLLMResource`, and how to log.
 
     `rank` is set for a rank of a tensor-parallel group, None for a whole model.
+    `fall_back`: where continuous batching cannot run the model, serve it in
+    padded batches (`--engine auto`) rather than fail (a whole model only).
     """
 
     model: str
@@ -92,6 +94,7 @@ class EngineSpec:
     log_format: str = "text"
     rank: Rank | None = None
     trust_remote_code: bool = False
+    fall_back: bool = False
 
 
 def placement(device: str, replicas: int = 1, tensor_parallel: int = 1) -> list[list[str]]:
@@ -151,6 +154,7 @@ class EngineProcess:
             stdout = None
         env = None if spec.rank is None else {**os.environ, **spec.rank.environment(spec.device)}
         self.rank = 0 if spec.rank is None else spec.rank.rank
+        self.engine = "batching"  # what it serves with, once Ready says
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "entity_llm_server.engine.worker", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
@@ -183,7 +187,8 @@ class EngineProcess:
         except (EOFError, OSError) as exc:
             raise EngineProcessError(f"{name} {self.exit_status()} while starting") from exc
         match message:
-            case Ready(facts):
+            case Ready(facts, engine):
+                self.engine = engine
                 return facts
             case Failed(reason, unsupported=True):
                 raise BatchingUnsupportedError(reason)

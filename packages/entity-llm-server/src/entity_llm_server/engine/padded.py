@@ -13,7 +13,9 @@ with its first). Each row chooses its token with its own sampling
 alone or in a batch; each row stops on its own (EOS, its length, a cancel
 checked before every step). A finished row's later steps are computed and
 discarded, so a batch runs as long as its longest row. One worker thread
-runs the model; the event loop never does.
+runs the model; the event loop never does. The engine process (`worker`)
+hosts this core too, when its probe finds continuous batching cannot run the
+model and the server chose `--engine auto`.
 """
 
 from __future__ import annotations
@@ -92,21 +94,31 @@ class PaddedCore:
         pass  # the front end's capacity is this core's whole admission
 
     async def start(self, sink: CoreSink) -> None:
-        if self._thread is not None:
-            return
         loop = asyncio.get_running_loop()
 
-        def emit(outputs: Sequence[SeqOutput]) -> None:
+        def post(callback: Callable[[Any], None], arg: Any) -> None:
             # A closed loop means the server is gone and the result has no reader.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(sink.deliver, outputs)
+                loop.call_soon_threadsafe(callback, arg)
 
-        self._emit = emit
+        self.launch(lambda outputs: post(sink.deliver, outputs), lambda reason: post(sink.core_failed, reason))
+
+    def launch(self, deliver: Emit, fail: Callable[[str], None]) -> None:
+        """Start the worker thread; `deliver` gets each step's outputs and `fail`
+        the reason if the thread itself dies (both called on that thread). The
+        engine process (`worker`) hosts the core through this."""
+        if self._thread is not None:
+            return
+        self._emit = deliver
         self._closing = False
-        self._thread = threading.Thread(target=self._serve, name="entity-llm-padded", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(fail,), name="entity-llm-padded", daemon=True)
         self._thread.start()
 
     async def close(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def stop(self) -> None:
+        """Drop every request and stop the worker thread (blocking)."""
         with self._condition:
             self._closing = True
             self._cancelled.update(self._running)
@@ -114,7 +126,7 @@ class PaddedCore:
             self._condition.notify_all()
         if self._thread is not None:
             thread, self._thread = self._thread, None
-            await asyncio.to_thread(thread.join, 60)
+            thread.join(60)
 
     def add(self, rid: str, prepared: Prepared) -> None:
         if self._thread is None or self._closing:
@@ -137,7 +149,14 @@ class PaddedCore:
 
     # -- the worker thread ------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, fail: Callable[[str], None]) -> None:
+        try:
+            self._serve_batches()
+        except BaseException as exc:  # a bug here would leave every stream waiting: fail them instead
+            log.exception("the padded batching thread failed")
+            fail(f"the padded batching thread stopped: {type(exc).__name__}: {exc}")
+
+    def _serve_batches(self) -> None:
         while True:
             with self._condition:
                 self._condition.wait_for(lambda: self._waiting or self._closing)
@@ -242,6 +261,12 @@ class PaddedCore:
                 if positions is not None:
                     positions = positions[:, -1:] + 1
                     inputs["position_ids"] = positions
+
+
+def fallback_message(exc: BaseException) -> str:
+    """The one log line a server writes when it serves a model in padded batches
+    because continuous batching cannot run it (`exc`: the probe's error)."""
+    return f"{exc}; serving it in padded batches on the model's own cache (--engine padded)"
 
 
 class PaddedEngine(FrontEnd):

@@ -155,7 +155,8 @@ class ProcessCore:
         return self._active
 
     def check_sampling(self, sampling: Sampling) -> None:
-        if self.settings.graphs_on(self.facts.device_type):
+        # Only continuous batching captures CUDA graphs (padded batches run eagerly).
+        if self.child.engine == "batching" and self.settings.graphs_on(self.facts.device_type):
             check_graph_sampling(sampling)
 
     def check_admission(self) -> None:
@@ -379,6 +380,9 @@ class ProcessEngine(FrontEnd):
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> None:
         self.settings = settings
+        # What the engine processes run: continuous batching, or padded batches
+        # where it cannot run the model (`--engine auto`; every replica alike).
+        self.kind = groups[0][0].engine
         self.processes = [ProcessCore(group[0], facts, settings, group[1:]) for group in groups]
         n = len(self.processes)
         self.remote: ProcessCore | ReplicaCore = self.processes[0] if n == 1 else ReplicaCore(self.processes)

@@ -1,7 +1,8 @@
 """The engine process: `python -m entity_llm_server.engine.worker FD PARENT_PID`.
 
 The child side of `process` (read that module first). It loads the weights,
-runs a `BatchingCore`, and talks to the front end over the pipe whose end is
+runs a `BatchingCore` (or, where continuous batching cannot run the model
+and the spec allows it, a `padded.PaddedCore`), and talks to the front end over the pipe whose end is
 file descriptor FD: a receiving loop (the main thread) turns `ipc` messages
 into calls on the core, and the core's outputs go back through a sender
 thread. Everything it pickles is defined in other modules (`ipc`, `core`,
@@ -47,6 +48,7 @@ from .ipc import (
     send_all,
 )
 from .launcher import EngineSpec
+from .padded import PaddedCore, fallback_message
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +61,24 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue[Message | None]) -> None
         os._exit(1)
 
 
+# The cores an engine process hosts: continuous batching, or padded batches
+# where continuous batching cannot run the model.
+Core = BatchingCore | PaddedCore
+
+
 class _Worker:
     """The engine process's receiving loop, over a launched core."""
 
-    def __init__(self, conn: Connection, core: BatchingCore) -> None:
+    def __init__(self, conn: Connection, core: Core) -> None:
         self.conn = conn
         self.core = core
         self.outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
 
     def deliver(self, outputs: Sequence[SeqOutput]) -> None:
         self.outbox.put(Steps(tuple(outputs), self.core.active))
+
+    def dead(self, reason: str) -> None:
+        self.outbox.put(Dead(reason))
 
     def run(self) -> None:
         sender = threading.Thread(target=_sender, args=(self.conn, self.outbox), name="entity-llm-engine-send")
@@ -150,7 +160,7 @@ def serve(fd: int, parent: int) -> int:
         model = resource.load_model(tensor_parallel=1 if spec.rank is None else spec.rank.world_size)
         tokenizer: TokenizerFacts = conn.recv()
         facts = ModelFacts.of(model, tokenizer.size, tokenizer.eos_token_id)
-        core = BatchingCore(
+        core: Core = BatchingCore(
             model,
             facts,
             spec.batching,
@@ -158,7 +168,16 @@ def serve(fd: int, parent: int) -> int:
             default_max_new_tokens=spec.default_max_new_tokens,
         )
         worker = _Worker(conn, core)
-        core.launch(worker.deliver, lambda reason: worker.outbox.put(Dead(reason)))
+        try:
+            core.launch(worker.deliver, worker.dead)
+        except BatchingUnsupportedError as exc:
+            if not spec.fall_back or spec.rank is not None:
+                raise
+            log.warning("%s", fallback_message(exc))
+            core = worker.core = PaddedCore(
+                model, facts, max_batch_size=spec.batching.max_batch_size, pad_token_id=tokenizer.pad_token_id
+            )
+            core.launch(worker.deliver, worker.dead)
     except BatchingUnsupportedError as exc:  # the front end may serve the model another way
         with contextlib.suppress(OSError):
             conn.send(Failed(str(exc), unsupported=True))
@@ -170,7 +189,7 @@ def serve(fd: int, parent: int) -> int:
         with contextlib.suppress(OSError):
             conn.send(Failed(message))
         return 1
-    conn.send(Ready(facts))
+    conn.send(Ready(facts, "padded" if isinstance(core, PaddedCore) else "batching"))
     worker.run()
     return 0
 
