@@ -29,7 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def children(pid: int) -> list[int]:
     """A process's child processes (the console script's engine process), from Linux /proc."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended between the listing and the read
+            continue
+    return found
 
 
 def alive(pid: int) -> bool:
