@@ -198,8 +198,6 @@ class BatchingCore:
         serving: raise BatchingUnsupportedError, naming the architecture and the
         error, if continuous batching cannot run this model (some architectures
         load, warm up, and then fail every request)."""
-        from .sampling import Sampling
-
         architecture = type(self.model).__name__
         vocab = max(self.facts.vocab_size, 2)
         prompts = {"entity-llm-probe-0": [1, 2, 3], "entity-llm-probe-1": [4, 5, 6, 7, 8, 9, 10]}

@@ -229,7 +229,7 @@ class ProcessCore:
             for peer in self.peers:
                 peer.send(Stop())
             await asyncio.gather(*(asyncio.to_thread(rank.stop) for rank in self.ranks))
-        else:  # never started, failed, or not answering: nothing runs there worth waiting for
+        else:  # never started, or not answering: nothing runs there worth waiting for
             await asyncio.gather(*(asyncio.to_thread(rank.kill) for rank in self.ranks))
         self._outbox.put(None)  # the sender thread ends
         self._wake_state_readers()
