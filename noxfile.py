@@ -34,7 +34,8 @@ TYPING = ("mypy==2.4.1", "types-protobuf", "grpc-stubs==1.53.0.6")
 # hatchling: mypy checks the build hook, which subclasses hatchling's interface.
 LINT = ("ruff==0.17.6", *TYPING, "hatchling==1.33.0", "pytest", "hypothesis")
 # cryptography: the TLS tests make their own CA and certificates; sentencepiece:
-# the server's [sentencepiece] extra, which a tokenizer test trains a model with.
+# the server's [sentencepiece] extra, which a tokenizer test trains a model with;
+# dnslib: a DNS server whose answers a test changes, as a cluster's DNS does.
 TEST = (
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -44,6 +45,7 @@ TEST = (
     "virtualenv>=20",
     "cryptography>=42",
     "sentencepiece>=0.2",
+    "dnslib>=0.9.24",
 )
 
 nox.options.sessions = ["lint", "breaking", "tests"]

@@ -70,13 +70,20 @@ class ServerThread:
     Sync clients in the test's thread and async clients on other loops can all
     reach it; `call()` runs a coroutine on the server's loop (to inspect the
     engine, for example). `server` is the LLMServer (its `health`, `metrics`,
-    `gate`); `credentials` makes its port TLS; `options` go to LLMServer.
+    `gate`); `credentials` makes its port TLS; `address` is where it listens
+    (port 0 picks one); `options` go to LLMServer.
     """
 
     def __init__(
-        self, service: LLMService, *, credentials: grpc.ServerCredentials | None = None, **options: Any
+        self,
+        service: LLMService,
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        address: str = "127.0.0.1:0",
+        **options: Any,
     ) -> None:
         self.service = service
+        self.address = address
         self.credentials = credentials
         self.options = options
         self.server: LLMServer | None = None
@@ -89,7 +96,7 @@ class ServerThread:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address.rpartition(':')[0]}:{self.port}"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -103,7 +110,7 @@ class ServerThread:
 
     async def _serve(self) -> None:
         server = self.server = LLMServer(self.service, **self.options)
-        self.port = server.add_port("127.0.0.1:0", self.credentials)
+        self.port = server.add_port(self.address, self.credentials)
         await server.start()
         self._stop = asyncio.Event()
         self._started.set()
@@ -151,13 +158,14 @@ def console_script(name: str) -> str:
 class RunningServer:
     """`entity-llm-server` in a subprocess; its log goes to a file, never a full pipe."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  # closed by __exit__
         self.process = subprocess.Popen(
             [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from entity_llm_client import FinishReason, LLMClient, UnauthenticatedError, UnavailableError
+from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 
 from ..conftest import RunningServer, console_script, free_port
 from ..pki import Pki, make_pki
@@ -152,6 +153,7 @@ def test_tls_api_keys_and_json_logs_with_request_ids(pki, tmp_path):
         (("--tls-cert", "server.pem"), "--tls-cert and --tls-key go together"),
         (("--api-key-file", "/nonexistent/keys"), "cannot read API key file"),
         (("--tls-cert", "/nonexistent/s.pem", "--tls-key", "/nonexistent/s.key"), "cannot read TLS"),
+        (("--port", "50999", "--health-port", "50999"), "could not bind"),  # one port cannot serve both
     ],
 )
 def test_bad_operations_settings_fail_before_loading_with_a_clear_message(args, needle):
@@ -164,10 +166,37 @@ def test_bad_operations_settings_fail_before_loading_with_a_clear_message(args, 
     assert "loading model" not in out.stderr
 
 
+def test_a_plaintext_health_port_answers_probes_when_the_main_port_needs_a_client_certificate(pki):
+    health_port = free_port()
+    args = ("--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"), "--tls-client-ca",
+            pki.path("ca.pem"), "--health-port", str(health_port), "--max-new-tokens", "8")  # fmt: skip
+    with RunningServer(*args) as server, grpc.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+        health = health_pb2_grpc.HealthStub(probe)
+        llm = health_pb2.HealthCheckRequest(service="entity.grpc.LLMService")
+        assert health.Check(llm, timeout=30).status == SERVING  # as kubelet's gRPC probe asks
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING
+        watch = health.Watch(llm, timeout=120)
+        assert next(watch).status == SERVING
+        # The health service alone: nothing else is reachable without the certificate.
+        with pytest.raises(grpc.RpcError) as only_health:
+            llm_pb2_grpc.LLMServiceStub(probe).GetModelInfo(llm_pb2.GetModelInfoRequest(), timeout=30)
+        assert only_health.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        ca = pki.read("ca.pem")
+        with LLMClient(server.target, timeout=30, root_certificates=ca) as anonymous, pytest.raises(UnavailableError):
+            anonymous.model_info()  # the main port still requires a client certificate
+        with LLMClient(server.target, timeout=60, root_certificates=ca, client_certificate=pki.path("client.pem"),
+                       client_key=pki.path("client.key")) as client:  # fmt: skip
+            assert client.complete("def f(x):").text == " return (self, x): return ("
+        server.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == NOT_SERVING  # probes on the health port see the drain
+        assert server.process.wait(60) == 0
+
+
 def test_help_documents_the_operations_flags():
     out = subprocess.run([console_script("entity-llm-server"), "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--api-key-file", "--metrics-port",
-                 "--health-check-interval", "--log-format"):  # fmt: skip
+                 "--health-check-interval", "--log-format", "--health-port", "--max-connection-age",
+                 "--max-connection-age-grace"):  # fmt: skip
         assert flag in out.stdout
     client = subprocess.run([console_script("entity-llm"), "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--tls", "--root-certificates", "--client-cert", "--client-key", "--api-key", "ENTITY_LLM_API_KEY"):

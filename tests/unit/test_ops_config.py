@@ -52,3 +52,25 @@ def test_inconsistent_operations_flags_name_the_flag(argv, needle, capsys):
         parse_config(argv, env={})
     assert exited.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_connection_age_and_health_port_flags_and_their_server_options():
+    from entity_llm_server.server import SERVER_OPTIONS, server_options
+
+    defaults = parse_config([], env={})
+    assert (defaults.health_port, defaults.max_connection_age, defaults.max_connection_age_grace) == (0, 300.0, 600.0)
+    config = parse_config(["--health-port", "8081"], env={"ENTITY_LLM_MAX_CONNECTION_AGE": "30"})
+    assert (config.health_port, config.max_connection_age) == (8081, 30.0)
+    options = dict(server_options(config.max_connection_age, config.max_connection_age_grace))
+    assert (options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]) == (30_000, 600_000)
+    assert server_options(0, 600) == SERVER_OPTIONS  # 0: connections live on
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ENTITY_LLM_LOG_FORMAT", "yaml"), ("ENTITY_LLM_ENGINE", "vllm"), ("ENTITY_LLM_TRUST_REMOTE_CODE", "yes")],
+)
+def test_a_choice_from_the_environment_is_checked_like_a_flag(variable, value, capsys):
+    with pytest.raises(SystemExit):
+        parse_config([], env={variable: value})
+    assert f"{variable}={value}: not one of" in capsys.readouterr().err

@@ -26,7 +26,9 @@ class LLMClient:
     """A blocking client. Use it as a context manager, or call `close()`.
 
     Args:
-        target: the server address, `host:port`.
+        target: the server: `host:port` or any gRPC target (`dns:///name:port`,
+            `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `xds:///name`); or several
+            servers' `ip:port` addresses, as a list or one string with commas.
         timeout: the default deadline of each call, in seconds (None: none);
             a call's own `timeout` overrides it.
         channel: an existing grpcio channel to use instead of opening one;
@@ -42,10 +44,23 @@ class LLMClient:
         api_key: sent as `authorization: Bearer <key>` with every call.
         options: grpcio channel options; they replace the defaults of the
             same name (keepalive, message size).
-        retries: retry a call that fails with UNAVAILABLE before any response
-            (for a stream: before its first chunk), up to 3 attempts within
-            the call's deadline; False turns retries off. Applies to the
-            channel the client opens, not to one it was given.
+        retries: retry a call that fails with UNAVAILABLE (and, when
+            balancing, RESOURCE_EXHAUSTED) before any response (for a
+            stream: before its first chunk), up to 3 attempts within the
+            call's deadline, throttled while most calls fail; False turns
+            retries off.
+        balancing: spread calls over every server the target names with
+            gRPC's round_robin. None (the default) balances when the target
+            may name several servers (a list, `dns:///`, `xds:///`,
+            `ipv4:` with commas); False keeps to one connection.
+        health_checks: when balancing, send calls only to servers whose
+            grpc.health.v1 status for the service is SERVING (gRPC's
+            client-side health checking, following each server's
+            `Health.Watch`); False sends to every connected server.
+
+        `retries`, `balancing` and `health_checks` apply to the channel the
+        client opens, not to one it was given; a `grpc.service_config` in
+        `options` replaces the service config they make.
 
     Raises:
         ValueError: contradictory arguments.
@@ -54,7 +69,7 @@ class LLMClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
@@ -65,10 +80,12 @@ class LLMClient:
         api_key: str | None = None,
         options: ChannelOptions = (),
         retries: bool = True,
+        balancing: bool | None = None,
+        health_checks: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel, self._owned = connect(
+        self._connection = connect(
             target,
             channel,
             aio=False,
@@ -78,7 +95,10 @@ class LLMClient:
             client_key=client_key,
             options=options,
             retries=retries,
+            balancing=balancing,
+            health_checks=health_checks,
         )
+        self._channel = self._connection.channel
         self._methods = t.Methods(self._channel, auth_metadata(api_key))
 
     def generate(
@@ -142,7 +162,7 @@ class LLMClient:
                 request_id = request_id or response.request_id
                 yield t.to_chunk(response, request_id)
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, balanced=self._connection.balanced) from None
         finally:
             call.cancel()
 
@@ -166,7 +186,7 @@ class LLMClient:
                 t.tokenize_request(text, truncate_input_tokens), timeout=_deadline(self.timeout, timeout)
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, balanced=self._connection.balanced) from None
         return t.to_tokens(response)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -174,12 +194,12 @@ class LLMClient:
         try:
             response = self._methods.model_info(GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout))
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, balanced=self._connection.balanced) from None
         return t.to_model_info(response)
 
     def close(self) -> None:
         """Close the channel (if this client opened it)."""
-        if self._owned:
+        if self._connection.owned:
             self._channel.close()
 
     def __enter__(self) -> LLMClient:
@@ -193,7 +213,9 @@ class AsyncLLMClient:
     """An asyncio client. Use it as an async context manager, or `await close()`.
 
     Args:
-        target: the server address, `host:port`.
+        target: the server: `host:port` or any gRPC target (`dns:///name:port`,
+            `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `xds:///name`); or several
+            servers' `ip:port` addresses, as a list or one string with commas.
         timeout: the default deadline of each call, in seconds (None: none);
             a call's own `timeout` overrides it.
         channel: an existing grpc.aio channel to use instead of opening one;
@@ -209,10 +231,23 @@ class AsyncLLMClient:
         api_key: sent as `authorization: Bearer <key>` with every call.
         options: grpcio channel options; they replace the defaults of the
             same name (keepalive, message size).
-        retries: retry a call that fails with UNAVAILABLE before any response
-            (for a stream: before its first chunk), up to 3 attempts within
-            the call's deadline; False turns retries off. Applies to the
-            channel the client opens, not to one it was given.
+        retries: retry a call that fails with UNAVAILABLE (and, when
+            balancing, RESOURCE_EXHAUSTED) before any response (for a
+            stream: before its first chunk), up to 3 attempts within the
+            call's deadline, throttled while most calls fail; False turns
+            retries off.
+        balancing: spread calls over every server the target names with
+            gRPC's round_robin. None (the default) balances when the target
+            may name several servers (a list, `dns:///`, `xds:///`,
+            `ipv4:` with commas); False keeps to one connection.
+        health_checks: when balancing, send calls only to servers whose
+            grpc.health.v1 status for the service is SERVING (gRPC's
+            client-side health checking, following each server's
+            `Health.Watch`); False sends to every connected server.
+
+        `retries`, `balancing` and `health_checks` apply to the channel the
+        client opens, not to one it was given; a `grpc.service_config` in
+        `options` replaces the service config they make.
 
     Raises:
         ValueError: contradictory arguments.
@@ -221,7 +256,7 @@ class AsyncLLMClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
@@ -232,10 +267,12 @@ class AsyncLLMClient:
         api_key: str | None = None,
         options: ChannelOptions = (),
         retries: bool = True,
+        balancing: bool | None = None,
+        health_checks: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel, self._owned = connect(
+        self._connection = connect(
             target,
             channel,
             aio=True,
@@ -245,7 +282,10 @@ class AsyncLLMClient:
             client_key=client_key,
             options=options,
             retries=retries,
+            balancing=balancing,
+            health_checks=health_checks,
         )
+        self._channel = self._connection.channel
         self._methods = t.Methods(self._channel, auth_metadata(api_key))
 
     def generate(
@@ -281,7 +321,7 @@ class AsyncLLMClient:
                 request_id = request_id or response.request_id
                 yield t.to_chunk(response, request_id)
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, balanced=self._connection.balanced) from None
         finally:
             call.cancel()
 
@@ -307,7 +347,7 @@ class AsyncLLMClient:
                 t.tokenize_request(text, truncate_input_tokens), timeout=_deadline(self.timeout, timeout)
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, balanced=self._connection.balanced) from None
         return t.to_tokens(response)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -315,12 +355,12 @@ class AsyncLLMClient:
         try:
             response = await self._methods.model_info(GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout))
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, balanced=self._connection.balanced) from None
         return t.to_model_info(response)
 
     async def close(self) -> None:
         """Close the channel (if this client opened it)."""
-        if self._owned:
+        if self._connection.owned:
             await self._channel.close(grace=None)
 
     async def __aenter__(self) -> AsyncLLMClient:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +28,116 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-# Retries are gRPC's own (gRFC A6, "When Retries are Valid"): an attempt may be
-# retried only until the call is committed, and it commits when the client
-# receives the server's response headers, which a gRPC server sends with its
-# first message. So a Generate stream is retried only if it failed before its
-# first token; one that has yielded text ends with the error, never replayed.
-# Only UNAVAILABLE is retried: the server was unreachable or refused the call
-# before doing anything for it. Throttling stops retries while most calls fail.
-SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "entity.grpc.LLMService"}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-    }
-)
+SERVICE_NAME = "entity.grpc.LLMService"
+
+# Resolvers whose names can stand for several servers (gRPC's naming doc).
+_MANY = ("dns:", "xds:", "google-c2p:")
+_SCHEMES = (*_MANY, "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def _ip(address: str) -> tuple[int, str] | None:
+    """(4 or 6, the address as a gRPC ipv4:/ipv6: entry) for an `ip:port` address, else None."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return None
+    if ip.version == 6 and not bracketed:
+        return None
+    return ip.version, address
+
+
+def resolve_target(target: str | Sequence[str]) -> tuple[str, bool]:
+    """The gRPC target for `target`, and whether it may name several servers.
+
+    `target` is a gRPC target (`host:port`, `dns:///name:port`,
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `xds:///name`, `unix:path`), or
+    several `ip:port` addresses: a list, or one string with commas. A name
+    that DNS may resolve to several servers is balanced only when written
+    `dns:///name:port`: a plain `host:port` keeps to one connection.
+
+    Raises:
+        ValueError: an empty target, or a list that is not IP addresses of one family.
+    """
+    if isinstance(target, str):
+        if target.startswith(_SCHEMES):
+            return target, target.startswith(_MANY) or "," in target
+        addresses = [a.strip() for a in target.split(",")] if "," in target else [target]
+    else:
+        addresses = list(target)
+    if not addresses or not all(isinstance(a, str) and a for a in addresses):
+        raise ValueError(f"target must name a server, got {target!r}")
+    if len(addresses) == 1:
+        return addresses[0], False
+    parsed = [_ip(a) for a in addresses]
+    if any(p is None for p in parsed) or len({p[0] for p in parsed if p}) != 1:
+        raise ValueError(
+            "a list of servers takes ip:port addresses of one family (10.0.0.1:50051, [::1]:50051); "
+            f"for a name that resolves to several servers, use 'dns:///name:port' (got {addresses!r})"
+        )
+    family = parsed[0][0] if parsed[0] else 4
+    return f"ipv{family}:{','.join(addresses)}", True
+
+
+def service_config(*, retries: bool, balancing: bool, health_checks: bool) -> str | None:
+    """The channel's gRPC service config (JSON), or None for gRPC's defaults.
+
+    Retries are gRPC's own (gRFC A6, "When Retries are Valid"): an attempt
+    may be retried only until the call is committed, and it commits when the
+    client receives the server's response headers, which the server sends
+    with its first message. So a Generate stream is retried only if it failed
+    before its first token; one that has yielded text ends with the error,
+    never replayed. UNAVAILABLE is retried (the server was unreachable or
+    refused the call before doing anything for it) and, when balancing,
+    RESOURCE_EXHAUSTED too (a full replica's refusal: another may have room),
+    with up to 5 attempts, gRPC's most, since round_robin may pick a full
+    replica again. Throttling stops retries once failed attempts outnumber
+    successful calls by 5 (each failure costs a token, each success earns
+    one back): a fleet where one replica of three is full keeps retrying, a
+    fleet that refuses everything stops within a few calls.
+
+    Balancing is gRPC's `round_robin` over every address the target resolves
+    to, with client-side health checking (gRFC A17): a replica whose
+    grpc.health.v1 status for the service is not SERVING gets no new calls,
+    and a change of status reaches the client through `Health.Watch`.
+    """
+    config: dict[str, Any] = {}
+    if retries:
+        codes = ["UNAVAILABLE", *(["RESOURCE_EXHAUSTED"] if balancing else [])]
+        policy = {
+            "maxAttempts": 5 if balancing else 3,
+            "initialBackoff": "0.2s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": codes,
+        }
+        config["methodConfig"] = [{"name": [{"service": SERVICE_NAME}], "retryPolicy": policy}]
+        # 1.0, not 1: grpcio reads an integral tokenRatio as no ratio at all,
+        # and then successes never earn tokens back (seen with grpcio 1.85).
+        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 1.0}
+    if balancing:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        if health_checks:
+            config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+    return json.dumps(config) if config else None
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A client's channel.
+
+    Attributes:
+        channel: the grpcio channel (sync or aio).
+        owned: the client opened it (and closes it).
+        balanced: calls are spread over several servers by round_robin.
+    """
+
+    channel: Any
+    owned: bool
+    balanced: bool
 
 
 def _pem(source: Pem | None) -> bytes | None:
@@ -82,15 +170,16 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
-def channel_options(overrides: ChannelOptions, retries: bool = True) -> list[tuple[str, Any]]:
-    """The default channel options (with the retry policy or retries off), `overrides` replacing same-named ones."""
+def channel_options(
+    overrides: ChannelOptions, retries: bool = True, balancing: bool = False, health_checks: bool = True
+) -> list[tuple[str, Any]]:
+    """The default channel options (with the service config that the switches make), `overrides`
+    replacing same-named ones."""
+    config = service_config(retries=retries, balancing=balancing, health_checks=health_checks)
     defaults = [
         *CHANNEL_OPTIONS,
-        *(
-            [("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
-            if retries
-            else [("grpc.enable_retries", 0)]
-        ),
+        ("grpc.enable_retries", int(retries)),
+        *([("grpc.service_config", config)] if config else []),
     ]
     given = dict(overrides)
     return [(name, value) for name, value in defaults if name not in given] + list(given.items())
@@ -103,9 +192,11 @@ def open_channel(
     *,
     aio: bool,
     retries: bool = True,
+    balancing: bool = False,
+    health_checks: bool = True,
 ) -> Any:
     """A sync or grpc.aio channel to `target`, TLS when `credentials` are given."""
-    opts = channel_options(options, retries)
+    opts = channel_options(options, retries, balancing, health_checks)
     if aio:
         if credentials is None:
             return grpc.aio.insecure_channel(target, options=opts)
@@ -116,7 +207,7 @@ def open_channel(
 
 
 def connect(
-    target: str,
+    target: str | Sequence[str],
     channel: Any,
     *,
     aio: bool,
@@ -126,11 +217,21 @@ def connect(
     client_key: Pem | None,
     options: ChannelOptions,
     retries: bool,
-) -> tuple[Any, bool]:
-    """The client's channel and whether the client owns it: `channel` as given, or a new one."""
+    balancing: bool | None = None,
+    health_checks: bool = True,
+) -> Connection:
+    """The client's channel: `channel` as given, or a new one to `target`.
+
+    `balancing` None balances when the target may name several servers.
+    """
     if channel is None:
+        resolved, several = resolve_target(target)
+        balanced = several if balancing is None else balancing
         credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
-        return open_channel(target, credentials, options, aio=aio, retries=retries), True
+        opened = open_channel(
+            resolved, credentials, options, aio=aio, retries=retries, balancing=balanced, health_checks=health_checks
+        )
+        return Connection(opened, owned=True, balanced=balanced)
     if tls or options or any(c is not None for c in (root_certificates, client_certificate, client_key)):
         raise ValueError("pass TLS settings and options, or a channel, not both")
-    return channel, False
+    return Connection(channel, owned=False, balanced=False)

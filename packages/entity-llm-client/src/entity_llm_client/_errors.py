@@ -12,6 +12,8 @@ from ._gen.google.rpc import BadRequest, Status
 # Where grpcio-status (and every gRPC implementation) puts a google.rpc.Status.
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _BAD_REQUEST = "google.rpc.BadRequest"
+# How grpcio's round_robin (and pick_first) fail a call that no server can take.
+_NO_BACKEND = ("connections to all backends failing", "failed to connect to all addresses")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +111,16 @@ def field_violations(error: grpc.RpcError) -> tuple[FieldViolation, ...]:
     return tuple(FieldViolation(v.field, v.description) for r in requests for v in r.field_violations)
 
 
-def from_rpc_error(error: grpc.RpcError) -> LLMError:
-    """The LLMError subclass for a failed call (sync or aio)."""
+def from_rpc_error(error: grpc.RpcError, *, balanced: bool = False) -> LLMError:
+    """The LLMError subclass for a failed call (sync or aio).
+
+    `balanced`: the call was balanced over several servers, so an UNAVAILABLE
+    that no server sent means none of them could take it.
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(error)
+    if balanced and code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NO_BACKEND):
+        details = f"no replica was healthy (none of the target's servers is reachable and SERVING): {details}"
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgumentError(code, details, field_violations(error))
     return _BY_CODE.get(code, LLMError)(code, details)

@@ -7,6 +7,7 @@ entity-llm --json generate "import os" --top-logprobs 3   # one JSON object per 
 entity-llm tokenize "def f(x):"
 entity-llm info
 entity-llm --tls --root-certificates ca.pem --target llm.example:443 info   # key in $ENTITY_LLM_API_KEY
+entity-llm --target dns:///entity-llm.default.svc:50051 info   # round_robin over every replica the name has
 """
 
 from __future__ import annotations
@@ -40,7 +41,30 @@ def _jsonable(value: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
     parser = argparse.ArgumentParser(prog="entity-llm", description="Client for an entity-llm gRPC server.")
-    parser.add_argument("--target", default="localhost:50051", help="server address (default: %(default)s)")
+    parser.add_argument(
+        "--target",
+        default="localhost:50051",
+        help="server address, any gRPC target (dns:///name:port, ipv4:a:p,b:p, xds:///name), or several "
+        "ip:port addresses separated by commas (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--balancing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="round_robin over the target's servers (auto: when it may name several) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-health-checks",
+        dest="health_checks",
+        action="store_false",
+        help="when balancing, also send calls to servers that do not report SERVING",
+    )
+    parser.add_argument(
+        "--no-retries",
+        dest="retries",
+        action="store_false",
+        help="do not retry calls refused before their first response",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (implied by the certificate flags)")
@@ -173,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_certificate=args.client_cert,
             client_key=args.client_key,
             api_key=args.api_key,
+            retries=args.retries,
+            balancing=None if args.balancing == "auto" else args.balancing == "on",
+            health_checks=args.health_checks,
         )
     except (OSError, ValueError) as error:
         print(f"entity-llm: {error}", file=sys.stderr)

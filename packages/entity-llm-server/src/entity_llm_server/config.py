@@ -19,6 +19,13 @@ from .resource import DTYPES, ENGINES
 
 ENV_PREFIX = "ENTITY_LLM_"
 
+# A client resolves a name (dns:///) again only when a connection closes: a
+# maximum connection age makes each client reconnect now and then, and so find
+# replicas that started after it connected. Streams of minutes are the norm,
+# so the grace a connection's streams get to finish after its GOAWAY is long.
+MAX_CONNECTION_AGE = 300.0
+MAX_CONNECTION_AGE_GRACE = 600.0
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -71,6 +78,14 @@ class ServerConfig:
         trust_remote_code: `on` runs the Python code a model folder ships for
             its architecture (`auto_map`); that code runs with the server's
             rights, so allow it only for folders you trust.
+        health_port: a plaintext port serving grpc.health.v1 alone on
+            `host`, for probes that cannot present a client certificate
+            (Kubernetes' gRPC probes with --tls-client-ca); 0: none.
+        max_connection_age: seconds after which the server asks a client
+            to reconnect (with jitter), so that clients resolve the service's
+            name again and find new replicas; 0: connections live on.
+        max_connection_age_grace: seconds the streams of such a connection
+            get to finish before it is closed.
         on_engine_failure: `stay` keeps the process up once the engine has
             failed (health NOT_SERVING, every Generate INTERNAL) for an
             orchestrator's probe to restart it; `exit` ends the process with
@@ -98,6 +113,9 @@ class ServerConfig:
     tls_client_ca: str | None = None
     api_key_file: str | None = None
     metrics_port: int = 0
+    health_port: int = 0
+    max_connection_age: float = MAX_CONNECTION_AGE
+    max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
     health_check_interval: float = 1.0
     engine_process: str = "on"
     engine_replicas: int = 1
@@ -215,6 +233,23 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="accepted API keys, one per line; calls must send 'authorization: Bearer <key>' (health excepted)",
     )
     add("--metrics-port", type=_port, help="serve Prometheus metrics on http://HOST:PORT/metrics; 0: off")
+    add(
+        "--health-port",
+        type=_port,
+        help="also serve grpc.health.v1 alone, in plaintext, on this port (probes that cannot present a client "
+        "certificate); 0: off",
+    )
+    add(
+        "--max-connection-age",
+        type=_non_negative_float,
+        help="seconds before a client is asked to reconnect (and so re-resolve the service's name and find new "
+        "replicas); 0: never",
+    )
+    add(
+        "--max-connection-age-grace",
+        type=_non_negative_float,
+        help="seconds the streams of such a connection get to finish before it closes",
+    )
     add("--health-check-interval", type=_positive_float, help="seconds between two looks at the engine's health")
     add(
         "--on-engine-failure",
@@ -228,6 +263,13 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     """Parse flags (and the environment) into a ServerConfig."""
     parser = build_parser(env)
     args = parser.parse_args(argv)
+    # argparse checks `choices` only for values on the command line, not for
+    # defaults, which is where ENTITY_LLM_* values arrive.
+    for action in parser._actions:  # argparse has no public list of its actions
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            variable = ENV_PREFIX + action.dest.upper()
+            parser.error(f"{variable}={value}: not one of {', '.join(map(str, action.choices))}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:

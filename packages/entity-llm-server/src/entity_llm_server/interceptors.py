@@ -4,10 +4,13 @@ It wraps each handler once (one extra generator layer on the per-token path,
 not one per concern) and, per RPC:
 
 1. takes the request id from `x-request-id` metadata, else the request's own
-   `request_id` field, else makes one; echoes a caller's header in the initial
-   metadata, puts
-   it on every log record of the RPC, and fills an empty `request_id` field
-   with it so the servicer echoes the same id in its responses;
+   `request_id` field, else makes one; puts it on every log record of the
+   RPC, fills an empty `request_id` field with it so the servicer echoes the
+   same id in its responses, and echoes a caller's header in the initial
+   metadata, sent with the first response: never earlier, since response
+   headers commit a call (gRFC A6) and a refusal that comes after them
+   (the drain's UNAVAILABLE, a full engine's RESOURCE_EXHAUSTED) could no
+   longer be retried on another replica;
 2. checks the API key (`authorization: Bearer <key>`) when keys are set;
 3. refuses new RPCs with UNAVAILABLE once a drain has begun, and counts the
    admitted ones so the drain can wait for them;
@@ -128,7 +131,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Calla
 
 
 class _Call:
-    __slots__ = ("gated", "last", "method", "open", "request_id", "start", "streamed_ids", "timed")
+    __slots__ = ("echo", "gated", "last", "method", "open", "request_id", "start", "streamed_ids", "timed")
 
     def __init__(self, method: str) -> None:
         service = method.split("/")[1] if method.count("/") >= 2 else ""
@@ -137,6 +140,7 @@ class _Call:
         self.timed = service == LLM_SERVICE  # token timings: Generate's messages, not health Watch's
         self.start = time.perf_counter()
         self.request_id = ""
+        self.echo = False  # the caller sent x-request-id: echo it in the initial metadata
         self.gated = False
         self.last: Any = None
         self.streamed_ids = 0
@@ -157,6 +161,18 @@ def _request_id(metadata: Any, request: Any) -> str:
     if own == "":
         request.request_id = rid  # the servicer echoes the field: one id in metadata, responses and logs
     return rid
+
+
+async def _echoing(stream: AsyncIterator[Any], context: Any, request_id: str) -> AsyncIterator[Any]:
+    """`stream`, with the request-id header sent just before its first message:
+    once the handler has a response, the call has been accepted."""
+    async with aclosing(stream) as messages:  # type: ignore[type-var]
+        async for message in messages:
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+            yield message
+            break
+        async for message in messages:
+            yield message
 
 
 def _final_code(error: BaseException | None, context: Any) -> grpc.StatusCode:
@@ -219,7 +235,10 @@ class OperationsInterceptor(_Interceptor):
             error: BaseException | None = None
             try:
                 await self._admit(call, request, context)
-                return await inner(request, context)
+                response = await inner(request, context)
+                if call.echo:  # accepted and answered: the headers may go now
+                    await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+                return response
             except BaseException as exc:
                 error = exc
                 raise
@@ -238,7 +257,10 @@ class OperationsInterceptor(_Interceptor):
             error: BaseException | None = None
             try:
                 await self._admit(call, request, context)
-                async with aclosing(inner(request, context)) as stream:  # type: ignore[type-var]
+                source = inner(request, context)
+                if call.echo:
+                    source = _echoing(source, context, call.request_id)
+                async with aclosing(source) as stream:  # type: ignore[type-var]
                     if not call.timed:
                         async for message in stream:
                             yield message
@@ -278,12 +300,11 @@ class OperationsInterceptor(_Interceptor):
         metadata = context.invocation_metadata() or ()
         call.request_id = _request_id(metadata, request)
         logs.request_id.set(call.request_id)
-        if any(key == REQUEST_ID_HEADER for key, _ in metadata):
-            # Echo the caller's header. Only then: headers sent ahead of the
-            # first message measurably slow every later message of a stream in
-            # grpc.aio (benchmarks/transport.py: ~25% at one stream); the id
-            # is in the first and last messages' request_id field anyway.
-            await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
+        # Echo the caller's header, only then: headers sent ahead of the
+        # first message measurably slow every later message of a stream in
+        # grpc.aio (benchmarks/transport.py: ~25% at one stream); the id is in
+        # the first and last messages' request_id field anyway.
+        call.echo = any(key == REQUEST_ID_HEADER for key, _ in metadata)
         if not call.open:
             if (problem := self.api_keys.check(metadata)) is not None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)

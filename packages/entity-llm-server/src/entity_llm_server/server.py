@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._gen.entity.grpc import llm_pb2_grpc
 from .auth import ApiKeys, load_api_keys
-from .config import ServerConfig
+from .config import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, ServerConfig
 from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor
 from .interceptors import DrainGate, OperationsInterceptor
 from .metrics import Metrics
@@ -52,6 +52,19 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+def server_options(
+    max_connection_age: float = MAX_CONNECTION_AGE, max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
+) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with a maximum connection age (seconds; 0: connections live on) and its grace."""
+    if not max_connection_age:
+        return list(SERVER_OPTIONS)
+    return [
+        *SERVER_OPTIONS,
+        ("grpc.max_connection_age_ms", round(max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(max_connection_age_grace * 1000)),
+    ]
+
+
 def build_server(service: LLMService) -> grpc.aio.Server:
     """A bare grpc.aio server with LLMService registered and no ports bound yet.
 
@@ -69,6 +82,7 @@ class LLMServer:
     Registers `grpc.health.v1.Health` (`health`) and server reflection, and
     routes every RPC through one interceptor for request ids, API keys, the
     drain, undecodable requests, metrics (`metrics`) and access logs.
+    `add_health_port` serves the health service alone on a port of its own.
 
     Args:
         service: the servicer.
@@ -100,6 +114,7 @@ class LLMServer:
         llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
         reflection.enable_server_reflection((LLM_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc_server)
+        self.health_server: grpc.aio.Server | None = None
 
     def _engine_load(self) -> tuple[int, int] | None:
         engine = self.service.current_engine
@@ -127,6 +142,28 @@ class LLMServer:
             raise OSError(f"could not bind {address}")
         return port
 
+    def add_health_port(self, address: str) -> int:
+        """Serve grpc.health.v1 alone, in plaintext, on `address`; return the port (`:0` picks one).
+
+        For probes that cannot present a client certificate (Kubernetes'
+        gRPC probes) when the main port requires mutual TLS: the health
+        service tells nothing a caller could misuse. Its statuses are the
+        main port's, through the drain.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        if self.health_server is None:
+            self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.health_server)
+        try:
+            port = self.health_server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"could not bind {address}: {exc}") from exc
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        return port
+
     def add_insecure_port(self, address: str) -> int:
         """`add_port` without TLS (grpc.aio.Server's name for it)."""
         return self.add_port(address)
@@ -146,6 +183,8 @@ class LLMServer:
         """Publish the health status, start its watcher, and start serving."""
         await self.health.start()
         await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop.
@@ -168,6 +207,8 @@ class LLMServer:
             log.warning("drain over (grace spent, or a second signal): cancelling %d RPCs", self.gate.in_flight)
             remaining = 0.0
         await self.grpc_server.stop(remaining)
+        if self.health_server is not None:  # probes read NOT_SERVING until the very end
+            await self.health_server.stop(0)
         await self.health.stop()
         self.metrics.close()
 
@@ -200,6 +241,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         service,
         api_keys=api_keys,
         health_check_interval=config.health_check_interval,
+        options=server_options(config.max_connection_age, config.max_connection_age_grace),
         token_timings=bool(config.metrics_port),
     )
     host = config.host.strip("[]")
@@ -207,6 +249,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     port = server.add_port(f"{config.host}:{config.port}", credentials)
     try:
         metrics_port = server.serve_metrics(config.host, config.metrics_port) if config.metrics_port else None
+        health_port = server.add_health_port(f"{config.host}:{config.health_port}") if config.health_port else None
         # Open the port while the model loads: health probes get NOT_SERVING
         # (not a refused connection) until it is loaded and warmed up, and a
         # call that comes early waits for the load.
@@ -231,6 +274,8 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     )
     if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, metrics_port)
+    if health_port is not None:
+        log.info("health (grpc.health.v1 alone, plaintext) on %s:%d", host, health_port)
     if config.max_new_tokens > info.max_max_new_tokens:
         log.warning(
             "--max-new-tokens %d is more than the model's %d-token context allows: "
