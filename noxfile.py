@@ -35,7 +35,8 @@ TYPING = ("mypy==2.4.1", "types-protobuf", "grpc-stubs==1.53.0.6")
 LINT = ("ruff==0.17.6", *TYPING, "hatchling==1.33.0", "pytest", "hypothesis")
 # cryptography: the TLS tests make their own CA and certificates; sentencepiece:
 # the server's [sentencepiece] extra, which a tokenizer test trains a model with;
-# dnslib: a DNS server whose answers a test changes, as a cluster's DNS does.
+# dnslib: a DNS server whose answers a test changes, as a cluster's DNS does;
+# OpenTelemetry: the server's [tracing] extra and the client's, which the tracing tests use.
 TEST = (
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -46,6 +47,9 @@ TEST = (
     "cryptography>=42",
     "sentencepiece>=0.2",
     "dnslib>=0.9.24",
+    "opentelemetry-sdk>=1.30",
+    "opentelemetry-exporter-otlp-proto-grpc>=1.30",
+    "opentelemetry-instrumentation-grpc>=0.51b0",
 )
 
 nox.options.sessions = ["lint", "breaking", "tests"]

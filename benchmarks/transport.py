@@ -6,7 +6,9 @@ no model); the client is the same raw grpc.aio stub. Two servers of ours: the
 servicer alone on `build_server` (the servicer, the engine seam, the server's
 options) and `LLMServer`, what the console script runs (plus the operations
 interceptor: request ids, API-key check, drain gate, metrics, access log),
-without and with per-message timings (on when --metrics-port is set).
+without and with per-message timings (on when --metrics-port is set), and
+with OpenTelemetry tracing (a span per RPC, batched to an exporter that drops
+them: the server's own cost, not a collector's).
 
 Tokens are the token ids the messages carry (the last message carries none),
 and every stream must bring exactly the ids asked for. Each round warms every
@@ -31,6 +33,7 @@ from _common import Row, interleaved, ratio, report
 from entity_llm_server import LLMServer, LLMService, build_server
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.testing import FakeEngine
+from entity_llm_server.tracing import Tracing
 
 PIECES = ("def", " fib", "(n", "):", "\n", "    return", " n")
 NAMES = {
@@ -38,6 +41,7 @@ NAMES = {
     "service": "LLMService+fake",
     "server": "LLMServer+fake",
     "server+metrics": "LLMServer+fake+timings",
+    "server+tracing": "LLMServer+fake+tracing",
 }
 REQUEST_ID = "0" * 32  # as long as the ids the server makes
 
@@ -64,6 +68,20 @@ class BareService(llm_pb2_grpc.LLMServiceServicer):
             yield message
 
 
+def _dropping_provider() -> Any:
+    """A TracerProvider that batches spans, as the OTLP one does, to an exporter that drops them."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    return provider
+
+
 def _serve(kind: str, tokens: int, port_out: Any) -> None:
     async def main() -> None:
         service = LLMService(engine=FakeEngine(PIECES, default_max_new_tokens=tokens))
@@ -72,6 +90,8 @@ def _serve(kind: str, tokens: int, port_out: Any) -> None:
             llm_pb2_grpc.add_LLMServiceServicer_to_server(BareService(tokens), server)
         elif kind == "service":
             server = build_server(service)
+        elif kind == "server+tracing":
+            server = LLMServer(service, token_timings=False, tracing=Tracing(_dropping_provider()))
         else:
             server = LLMServer(service, token_timings=kind == "server+metrics")
         port_out.send(server.add_insecure_port("127.0.0.1:0"))
@@ -138,11 +158,13 @@ def main() -> None:
         tokens = args.tokens if streams == 1 else max(args.tokens // 10, 50)
         measured = measure(tuple(NAMES), tokens, streams, args.repeats)
         bare = measured["bare"]
-        for kind in ("service", "server", "server+metrics"):
+        for kind in ("service", "server", "server+metrics", "server+tracing"):
             ours = measured[kind]
             rows.append(ours)
             ratios.append(ratio(f"{NAMES[kind]} / bare at {streams} streams", ours, bare, 0.9))
         rows.append(bare)
+        on, off = measured["server+tracing"], measured["server"]
+        ratios.append(ratio(f"tracing on / off at {streams} streams", on, off, 0.9))
     report("transport", rows, ratios, {"args": vars(args)})
 
 

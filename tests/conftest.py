@@ -210,3 +210,28 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def _application_tracing() -> Any:
+    """The application's OpenTelemetry, set once per process: a global tracer provider that keeps
+    finished spans in memory (the client SDK traces through the global provider, as libraries do)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    yield exporter
+    provider.shutdown()
+
+
+@pytest.fixture
+def client_spans(_application_tracing: Any) -> Iterator[Any]:
+    """The spans the client SDK finishes during the test (an InMemorySpanExporter)."""
+    _application_tracing.clear()
+    yield _application_tracing
+    _application_tracing.clear()

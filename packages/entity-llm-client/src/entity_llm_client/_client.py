@@ -10,8 +10,9 @@ import grpc
 
 from . import _transport as t
 from ._connection import ChannelOptions, Pem, auth_metadata, connect
-from ._errors import from_rpc_error
+from ._errors import LLMError, from_rpc_error
 from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
+from ._tracing import Traced, outcome
 from ._types import Chunk, Completion, GenerateOptions, ModelInfo, Tokens
 
 Metadata = Sequence[tuple[str, str]]
@@ -155,16 +156,22 @@ class LLMClient:
     def _stream(
         self, request: GenerateRequest, timeout: float | None, metadata: Metadata
     ) -> Generator[Chunk, None, None]:
-        call: Any = self._methods.generate(request, timeout=timeout, metadata=tuple(metadata))
+        traced = Traced("Generate", self._connection.target)
+        call: Any = self._methods.generate(request, timeout=timeout, metadata=(*metadata, *traced.metadata))
+        failure: LLMError | None = None
+        last: Chunk | None = None
         try:
             request_id = ""  # the server sends it on the first and last message
             for response in call:
                 request_id = request_id or response.request_id
-                yield t.to_chunk(response, request_id)
+                last = t.to_chunk(response, request_id)
+                yield last
         except grpc.RpcError as error:
-            raise from_rpc_error(error, balanced=self._connection.balanced) from None
+            failure = from_rpc_error(error, balanced=self._connection.balanced)
+            raise failure from None
         finally:
             call.cancel()
+            traced.end(failure, **outcome(last))
 
     def complete(
         self,
@@ -181,20 +188,31 @@ class LLMClient:
 
     def tokenize(self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None) -> Tokens:
         """The served model's tokens for `text`."""
+        request = t.tokenize_request(text, truncate_input_tokens)
+        traced = Traced("Tokenize", self._connection.target)
         try:
             response = self._methods.tokenize(
-                t.tokenize_request(text, truncate_input_tokens), timeout=_deadline(self.timeout, timeout)
+                request, timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error, balanced=self._connection.balanced) from None
+            failure = from_rpc_error(error, balanced=self._connection.balanced)
+            traced.end(failure)
+            raise failure from None
+        traced.end()
         return t.to_tokens(response)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
+        traced = Traced("GetModelInfo", self._connection.target)
         try:
-            response = self._methods.model_info(GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout))
+            response = self._methods.model_info(
+                GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
+            )
         except grpc.RpcError as error:
-            raise from_rpc_error(error, balanced=self._connection.balanced) from None
+            failure = from_rpc_error(error, balanced=self._connection.balanced)
+            traced.end(failure)
+            raise failure from None
+        traced.end()
         return t.to_model_info(response)
 
     def close(self) -> None:
@@ -314,16 +332,22 @@ class AsyncLLMClient:
     async def _stream(
         self, request: GenerateRequest, timeout: float | None, metadata: Metadata
     ) -> AsyncGenerator[Chunk, None]:
-        call: Any = self._methods.generate(request, timeout=timeout, metadata=tuple(metadata))
+        traced = Traced("Generate", self._connection.target)
+        call: Any = self._methods.generate(request, timeout=timeout, metadata=(*metadata, *traced.metadata))
+        failure: LLMError | None = None
+        last: Chunk | None = None
         try:
             request_id = ""  # the server sends it on the first and last message
             async for response in call:
                 request_id = request_id or response.request_id
-                yield t.to_chunk(response, request_id)
+                last = t.to_chunk(response, request_id)
+                yield last
         except grpc.RpcError as error:
-            raise from_rpc_error(error, balanced=self._connection.balanced) from None
+            failure = from_rpc_error(error, balanced=self._connection.balanced)
+            raise failure from None
         finally:
             call.cancel()
+            traced.end(failure, **outcome(last))
 
     async def complete(
         self,
@@ -342,20 +366,31 @@ class AsyncLLMClient:
         self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None
     ) -> Tokens:
         """The served model's tokens for `text`."""
+        request = t.tokenize_request(text, truncate_input_tokens)
+        traced = Traced("Tokenize", self._connection.target)
         try:
             response = await self._methods.tokenize(
-                t.tokenize_request(text, truncate_input_tokens), timeout=_deadline(self.timeout, timeout)
+                request, timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error, balanced=self._connection.balanced) from None
+            failure = from_rpc_error(error, balanced=self._connection.balanced)
+            traced.end(failure)
+            raise failure from None
+        traced.end()
         return t.to_tokens(response)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
+        traced = Traced("GetModelInfo", self._connection.target)
         try:
-            response = await self._methods.model_info(GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout))
+            response = await self._methods.model_info(
+                GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
+            )
         except grpc.RpcError as error:
-            raise from_rpc_error(error, balanced=self._connection.balanced) from None
+            failure = from_rpc_error(error, balanced=self._connection.balanced)
+            traced.end(failure)
+            raise failure from None
+        traced.end()
         return t.to_model_info(response)
 
     async def close(self) -> None:

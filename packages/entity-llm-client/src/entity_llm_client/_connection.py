@@ -133,11 +133,13 @@ class Connection:
         channel: the grpcio channel (sync or aio).
         owned: the client opened it (and closes it).
         balanced: calls are spread over several servers by round_robin.
+        target: the gRPC target it was opened to ("" for a channel given).
     """
 
     channel: Any
     owned: bool
     balanced: bool
+    target: str = ""
 
 
 def _pem(source: Pem | None) -> bytes | None:
@@ -231,7 +233,7 @@ def connect(
         opened = open_channel(
             resolved, credentials, options, aio=aio, retries=retries, balancing=balanced, health_checks=health_checks
         )
-        return Connection(opened, owned=True, balanced=balanced)
+        return Connection(opened, owned=True, balanced=balanced, target=resolved)
     if tls or options or any(c is not None for c in (root_certificates, client_certificate, client_key)):
         raise ValueError("pass TLS settings and options, or a channel, not both")
     return Connection(channel, owned=False, balanced=False)

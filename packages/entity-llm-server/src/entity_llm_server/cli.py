@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelLoadError, TlsConfigError, ApiKeyFileError) as exc:
         print(f"entity-llm-server: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # tracing asked for without the `tracing` extra
+        print(f"entity-llm-server: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # an address could not be bound
         print(f"entity-llm-server: {exc}", file=sys.stderr)
         return 2

@@ -86,6 +86,10 @@ class ServerConfig:
             name again and find new replicas; 0: connections live on.
         max_connection_age_grace: seconds the streams of such a connection
             get to finish before it is closed.
+        otlp_endpoint: an OTLP/gRPC collector (`http://collector:4317`) to
+            export a trace span for each RPC and its phases to; unset, the
+            standard `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` variables decide
+            (neither set: no tracing, at no cost). Needs the `tracing` extra.
         on_engine_failure: `stay` keeps the process up once the engine has
             failed (health NOT_SERVING, every Generate INTERNAL) for an
             orchestrator's probe to restart it; `exit` ends the process with
@@ -116,6 +120,7 @@ class ServerConfig:
     health_port: int = 0
     max_connection_age: float = MAX_CONNECTION_AGE
     max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
+    otlp_endpoint: str | None = None
     health_check_interval: float = 1.0
     engine_process: str = "on"
     engine_replicas: int = 1
@@ -249,6 +254,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--max-connection-age-grace",
         type=_non_negative_float,
         help="seconds the streams of such a connection get to finish before it closes",
+    )
+    add(
+        "--otlp-endpoint",
+        help="export OpenTelemetry trace spans (one per RPC and per phase) to this OTLP/gRPC collector, e.g. "
+        "http://collector:4317; unset: the OTEL_EXPORTER_OTLP_* variables decide (none: no tracing)",
     )
     add("--health-check-interval", type=_positive_float, help="seconds between two looks at the engine's health")
     add(

@@ -18,7 +18,9 @@ not one per concern) and, per RPC:
    is not UTF-8), for request bytes that do not parse (grpcio alone would
    answer UNKNOWN "Exception deserializing request");
 5. records metrics and writes one log line when the RPC ends, with its final
-   status code: OK, an abort's code, CANCELLED, DEADLINE_EXCEEDED or UNKNOWN.
+   status code: OK, an abort's code, CANCELLED, DEADLINE_EXCEEDED or UNKNOWN;
+6. when tracing, names the RPC's outcome on its span and adds the spans of
+   its phases (`tracing.py`).
 
 The health service stays open: no key, and still answered during a drain, so
 probes keep working.
@@ -40,13 +42,17 @@ from google.protobuf import descriptor_pool
 
 from . import logs
 from .auth import ApiKeys
+from .engine.base import HANDOFF
 from .errors import status_for
 from .health import HEALTH_SERVICE, LLM_SERVICE
 from .metrics import Metrics
+from .tracing import Moments
 from .validation import MAX_REQUEST_ID_CHARS, UndecodableRequestError, non_utf8_fields
 
 if TYPE_CHECKING:
     from google.protobuf.descriptor import Descriptor
+
+    from .tracing import Tracing
 
 log = logging.getLogger("entity_llm_server.access")
 
@@ -131,7 +137,9 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Calla
 
 
 class _Call:
-    __slots__ = ("echo", "gated", "last", "method", "open", "request_id", "start", "streamed_ids", "timed")
+    __slots__ = (
+        "echo", "gated", "last", "method", "moments", "open", "request_id", "span", "start", "streamed_ids", "timed",
+    )  # fmt: skip
 
     def __init__(self, method: str) -> None:
         service = method.split("/")[1] if method.count("/") >= 2 else ""
@@ -144,6 +152,8 @@ class _Call:
         self.gated = False
         self.last: Any = None
         self.streamed_ids = 0
+        self.span: Any = None  # the RPC's span, when tracing
+        self.moments: Moments | None = None
 
 
 def _request_id(metadata: Any, request: Any) -> str:
@@ -202,13 +212,23 @@ class OperationsInterceptor(_Interceptor):
         token_timings: time every message of a Generate stream (the TTFT and
             inter-token histograms); off when no metrics are served, since
             it is the interceptor's only per-token cost.
+        tracing: traces the RPCs (None: no tracing, at no cost).
     """
 
-    def __init__(self, *, api_keys: ApiKeys, gate: DrainGate, metrics: Metrics, token_timings: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        api_keys: ApiKeys,
+        gate: DrainGate,
+        metrics: Metrics,
+        token_timings: bool = True,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.api_keys = api_keys
         self.gate = gate
         self.metrics = metrics
         self.token_timings = token_timings
+        self.tracing = tracing
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
@@ -265,7 +285,7 @@ class OperationsInterceptor(_Interceptor):
                         async for message in stream:
                             yield message
                         return
-                    if not self.token_timings:  # nobody scrapes the latency histograms
+                    if not self.token_timings and call.moments is None:  # nobody scrapes or traces timings
                         async for message in stream:
                             call.last = message
                             call.streamed_ids += len(getattr(message, "token_ids", ()))
@@ -279,6 +299,8 @@ class OperationsInterceptor(_Interceptor):
                             between_tokens(now - last_at)
                         else:
                             first_token(now - call.start)
+                            if call.moments is not None:
+                                call.moments.first_token = now
                         last_at = now
                         call.last = message
                         call.streamed_ids += len(getattr(message, "token_ids", ()))
@@ -294,6 +316,9 @@ class OperationsInterceptor(_Interceptor):
     def _open(self, method: str) -> _Call:
         call = _Call(method)
         self.metrics.in_flight.labels(method).inc()
+        if self.tracing is not None and (span := self.tracing.current_span()) is not None:
+            call.span, call.moments = span, Moments(call.start)
+            HANDOFF.set(call.moments.handoff)  # the RPC's own context: its task's
         return call
 
     async def _admit(self, call: _Call, request: Any, context: Any) -> None:
@@ -329,6 +354,11 @@ class OperationsInterceptor(_Interceptor):
         m.duration.labels(call.method).observe(seconds)
         if call.gated:
             self.gate.leave()
+        if self.tracing is not None and call.span is not None and call.moments is not None:
+            try:
+                self.tracing.finish(call.span, call.request_id, call.last, call.moments)
+            except Exception:  # a tracing fault must not fail the RPC
+                log.exception("could not record the RPC's trace")
         log.log(
             logging.DEBUG if call.open else logging.INFO,
             "rpc finished method=%s code=%s duration_ms=%.1f tokens=%d",

@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .resource import UnifiedLLMResource
 from .service import LLMService
 from .tls import server_credentials
+from .tracing import Tracing, otlp_provider, wanted
 from .validation import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class LLMServer:
         token_timings: time each Generate message for the TTFT and
             inter-token histograms (the console script turns it on with
             --metrics-port only).
+        tracing: trace every RPC but health checks with OpenTelemetry
+            (`Tracing(tracer_provider)`); None traces nothing.
     """
 
     def __init__(
@@ -102,15 +105,23 @@ class LLMServer:
         health_check_interval: float = 1.0,
         options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
         token_timings: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         self.service = service
+        self.tracing = tracing
         self.health = HealthMonitor(service, interval=health_check_interval)
         self.gate = DrainGate()
         self.metrics = Metrics(engine_load=self._engine_load, engine_cores=self._engine_cores)
         interceptor = OperationsInterceptor(
-            api_keys=ApiKeys(api_keys), gate=self.gate, metrics=self.metrics, token_timings=token_timings
+            api_keys=ApiKeys(api_keys),
+            gate=self.gate,
+            metrics=self.metrics,
+            token_timings=token_timings,
+            tracing=tracing,
         )
-        self.grpc_server = grpc.aio.server(options=list(options), interceptors=[interceptor])
+        # OpenTelemetry's interceptor goes first: the RPC's span is current in ours.
+        interceptors = [*([tracing.interceptor] if tracing else []), interceptor]
+        self.grpc_server = grpc.aio.server(options=list(options), interceptors=interceptors)
         llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
         reflection.enable_server_reflection((LLM_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc_server)
@@ -222,6 +233,21 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
     # Settings that can be wrong fail now, before a model loads for minutes.
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     api_keys = load_api_keys(config.api_key_file) if config.api_key_file else ()
+    tracing = Tracing(otlp_provider(config.otlp_endpoint)) if wanted(config.otlp_endpoint) else None
+    try:
+        return await _serve(config, credentials, api_keys, tracing, ready)
+    finally:
+        if tracing is not None:  # export the last spans (the exporter blocks while it flushes)
+            await asyncio.to_thread(tracing.shutdown)
+
+
+async def _serve(
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials | None,
+    api_keys: Sequence[str],
+    tracing: Tracing | None,
+    ready: asyncio.Event | None,
+) -> int:
     resource = UnifiedLLMResource(
         config.model,
         device=config.device,
@@ -243,6 +269,7 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         health_check_interval=config.health_check_interval,
         options=server_options(config.max_connection_age, config.max_connection_age_grace),
         token_timings=bool(config.metrics_port),
+        tracing=tracing,
     )
     host = config.host.strip("[]")
     # Bind first: a taken port fails in a moment, not after loading a model.
@@ -276,6 +303,8 @@ async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> 
         log.info("metrics on http://%s:%d/metrics", host, metrics_port)
     if health_port is not None:
         log.info("health (grpc.health.v1 alone, plaintext) on %s:%d", host, health_port)
+    if tracing is not None:
+        log.info("tracing: spans go to %s over OTLP", config.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint")
     if config.max_new_tokens > info.max_max_new_tokens:
         log.warning(
             "--max-new-tokens %d is more than the model's %d-token context allows: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncGenerator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -12,6 +13,11 @@ from .sampling import GREEDY, Sampling, TokenLogprob
 # The length of a request that leaves max_new_tokens unset, unless the server
 # is started with another (`--max-new-tokens`).
 DEFAULT_MAX_NEW_TOKENS = 128
+
+# While an RPC is traced, its interceptor puts a list here (in the RPC's own
+# context) and the front end appends the moment (time.perf_counter) it hands
+# the request to its core: where queueing ends and the prefill begins.
+HANDOFF: ContextVar[list[float] | None] = ContextVar("entity_llm_handoff", default=None)
 
 
 class FinishReason(enum.Enum):

@@ -26,6 +26,7 @@ from typing import Any
 
 from .base import (
     DEFAULT_MAX_NEW_TOKENS,
+    HANDOFF,
     CoreState,
     EngineError,
     EngineEvent,
@@ -280,6 +281,8 @@ class FrontEnd:
             if self._failure is not None:  # failed meanwhile
                 raise EngineError(f"engine has failed: {self._failure}")
             self.core.add(rid, prepared)
+            if (moments := HANDOFF.get()) is not None:
+                moments.append(time.perf_counter())
             while not done:
                 item = await queue.get()
                 # A stream that fell behind takes every step waiting as one.
