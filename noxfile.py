@@ -49,7 +49,6 @@ TEST = (
     "dnslib>=0.9.24",
     "opentelemetry-sdk>=1.30",
     "opentelemetry-exporter-otlp-proto-grpc>=1.30",
-    "opentelemetry-instrumentation-grpc>=0.51b0",
 )
 
 nox.options.sessions = ["lint", "breaking", "tests"]

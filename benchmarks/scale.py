@@ -11,6 +11,12 @@ generates exactly `--new-tokens` tokens) go to each server. Tokens are the
 counts each stream's usage reports; tokens/s is their sum over the round's
 wall time; TTFT is from submission to the first message with token ids.
 
+Pods: the same, with whole servers as pods would run them: each value of
+`--pods` (default 1 and 2) is that many servers of one engine replica each,
+on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...) with one port,
+which the client reaches as a list of addresses (gRPC's round_robin with
+health checking, the SDK's default for several servers).
+
 Tensor parallelism: the same, with servers that differ only in
 `--tensor-parallel` (`--tp`, default 1 and 2: one engine process, or two
 ranks of one core, each rank on one core), at `--tp-streams` concurrencies;
@@ -24,7 +30,7 @@ replicas) before its timed streams; the rounds are interleaved
 round's greedy token ids must be the same on every side; the report says
 whether they were, and the JSON keeps the texts.
 
-    python benchmarks/scale.py [--models demo,llama-35m] [--streams 32,64] [--tp-streams 1,8] [--repeat 3]
+    python benchmarks/scale.py [--models demo,llama-35m] [--streams 32,64] [--pods 1,2] [--tp-streams 1,8] [--repeat 3]
     python benchmarks/scale.py --device cuda --dtype bfloat16 --models qwen2-0.5b --replicas 1,2,4 \
         --streams 64,256 --tp-streams none --new-tokens 128 --repeat 1     # one GPU (device_run.sh)
 """
@@ -35,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +72,9 @@ class Layout:
 
     `label` names a value's server; `compare(model, value, row, base, streams,
     args)` is the ratio of a server's row to the baseline's; `warm_streams`
-    concurrent short streams warm each server up before each round.
+    concurrent short streams warm each server up before each round. With
+    `pods`, a value is a number of servers (no flag), each on a loopback
+    address of its own and one shared port, and a side is their address list.
     """
 
     key: str
@@ -74,6 +83,7 @@ class Layout:
     label: Callable[[str], str]
     compare: Compare
     warm_streams: int = 1
+    pods: bool = False
 
     def side(self, value: str) -> str:
         return self.label(value)
@@ -103,6 +113,41 @@ def replicas(values: str) -> Layout:
         _replicas,
         warm_streams=max(int(v) for v in numbers),  # least-loaded dispatch gives each replica one
     )
+
+
+def _pods(name: str, value: str, row: Row, base: Row, streams: int, args: argparse.Namespace) -> dict[str, Any]:
+    goal = target(name, args.device, int(value), streams, largest=int(value) == max(map(int, args.pods.split(","))))
+    return ratio(f"{name} {value} pods / {base.method} at {streams} streams", row, base, goal)
+
+
+def pods(values: str) -> Layout:
+    """Each of `values` (comma-separated) whole servers, behind the client's round_robin."""
+    numbers = tuple(values.split(","))
+    return Layout(
+        "pods",
+        "",
+        numbers,
+        lambda v: f"{v} pod" + ("s" if int(v) > 1 else ""),
+        _pods,
+        warm_streams=2 * max(int(v) for v in numbers),  # round_robin: every pod gets one
+        pods=True,
+    )
+
+
+def _shared_port(hosts: list[str]) -> int:
+    """A port free on every one of `hosts`, as every pod of a Deployment listens on one."""
+    for _ in range(20):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise SystemExit("no port free on every pod address")
 
 
 def tensor_parallel(values: str) -> Layout:
@@ -139,7 +184,7 @@ class Outputs:
 
 
 async def _round(
-    target: str, batch: list[Prompt], new_tokens: int, method: str, warm_streams: int
+    target: str | list[str], batch: list[Prompt], new_tokens: int, method: str, warm_streams: int
 ) -> tuple[Row, list[tuple[int, ...]], list[str]]:
     from entity_llm_client import AsyncLLMClient
 
@@ -200,7 +245,7 @@ def one_thread() -> Iterator[None]:
 
 
 def side(
-    target: str, batch: list[Prompt], new_tokens: int, method: str, outputs: Outputs, warm_streams: int
+    target: str | list[str], batch: list[Prompt], new_tokens: int, method: str, outputs: Outputs, warm_streams: int
 ) -> Callable[[], Row]:
     """One round against one server, its outputs kept in `outputs`."""
 
@@ -232,22 +277,34 @@ def bench_model(
     every = prompts(tokenizer, max(counts), args.prompt_tokens)
     shared = server_args(folder, args, max(len(p.ids) for p in every))
     with contextlib.ExitStack() as stack:
+        targets: dict[str, str | list[str]] = {}
+        startups: dict[str, float] = {}
         with one_thread():
-            servers = {
-                layout.side(v): stack.enter_context(ServerProcess(*shared, layout.flag, v)) for v in layout.values
-            }
+            if layout.pods:
+                hosts = [f"127.0.0.{2 + i}" for i in range(sum(int(v) for v in layout.values))]
+                port = _shared_port(hosts)
+                for v in layout.values:
+                    mine, hosts = hosts[: int(v)], hosts[int(v) :]
+                    started = [
+                        stack.enter_context(ServerProcess(*shared, "--host", host, "--port", str(port)))
+                        for host in mine
+                    ]
+                    targets[layout.side(v)] = [server.target for server in started]
+                    startups[layout.side(v)] = max(server.startup_s for server in started)
+            else:
+                for v in layout.values:
+                    server = stack.enter_context(ServerProcess(*shared, layout.flag, v))
+                    targets[layout.side(v)], startups[layout.side(v)] = server.target, server.startup_s
         for streams in counts:
             batch = every[:streams]
             outputs = Outputs()
-            sides = {
-                s: side(server.target, batch, args.new_tokens, s, outputs, layout.warm_streams)
-                for s, server in servers.items()
-            }
+            warm = layout.warm_streams
+            sides = {s: side(target, batch, args.new_tokens, s, outputs, warm) for s, target in targets.items()}
             best = interleaved(sides, args.repeat)
             rows = [best[layout.side(v)] for v in layout.values]
             for row in rows:
                 row.bench = f"{name} {layout.key}"
-                row.extra["server_startup_s"] = round(servers[row.method].startup_s, 2)
+                row.extra["server_startup_s"] = round(startups[row.method], 2)
             base = rows[0]
             ratios = [
                 layout.compare(name, v, row, base, streams, args)
@@ -301,6 +358,8 @@ def main() -> None:
     parser.add_argument("--models", default="demo,llama-35m", help=f"demo, {', '.join(SHAPES)}")
     parser.add_argument("--replicas", default="1,2", help="--engine-replicas of each server; the first is the base")
     parser.add_argument("--streams", default="32,64", help="concurrent streams for replicas, comma-separated")
+    parser.add_argument("--pods", default="1,2", help="whole servers behind round_robin per side; none: skip")
+    parser.add_argument("--pod-streams", default="32", help="concurrent streams for pods, comma-separated")
     parser.add_argument("--tp", default="1,2", help="--tensor-parallel of each server; the first is the base")
     parser.add_argument("--tp-streams", default="1,8", help="concurrent streams for tensor parallelism; none: skip")
     server_options(parser, repeat=3)
@@ -313,6 +372,8 @@ def main() -> None:
     results = "scale" if args.device == "cpu" else f"scale_{args.device.split(':')[0]}"
 
     plans = [(replicas(args.replicas), args.streams)]
+    if args.pods != "none":
+        plans.append((pods(args.pods), args.pod_streams))
     if args.tp_streams != "none":
         plans.append((tensor_parallel(args.tp), args.tp_streams))
     with tempfile.TemporaryDirectory() as scratch:

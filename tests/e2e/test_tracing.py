@@ -66,9 +66,9 @@ def test_the_console_script_exports_its_spans_into_the_callers_trace(collector, 
     assert wait_until(lambda: len(received.spans()) >= 4, timeout=10)
     ours = [(r, s) for r, s in received.spans() if int.from_bytes(s.trace_id, "big") == mine.context.trace_id]
     names = sorted(s.name for _, s in ours)
-    assert names == ["/entity.grpc.LLMService/Generate", "decode", "prefill", "queue"]
+    assert names == ["decode", "entity.grpc.LLMService/Generate", "prefill", "queue"]
     assert {r["service.name"] for r, _ in ours} == {"entity-llm-server"}
-    (rpc,) = [s for _, s in ours if s.name.startswith("/")]
+    (rpc,) = [s for _, s in ours if s.name.startswith("entity.grpc")]
     attributes = {a.key: a.value for a in rpc.attributes}
     assert attributes["entity_llm.request_id"].string_value == "otlp-1"
     assert attributes["gen_ai.usage.output_tokens"].int_value == 8

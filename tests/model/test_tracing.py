@@ -22,7 +22,7 @@ from ..conftest import wait_until
 
 pytestmark = pytest.mark.model
 
-GENERATE = "/entity.grpc.LLMService/Generate"
+GENERATE = "entity.grpc.LLMService/Generate"
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_the_async_client_and_the_unary_rpcs_are_traced_too(traced, client_spans
     asyncio.run(run())
     names = sorted(s.name for s in client_spans.get_finished_spans())
     assert names == [f"entity.grpc.LLMService/{m}" for m in ("Generate", "GetModelInfo", "Tokenize")]
-    tokenize = _server_span(spans, "/entity.grpc.LLMService/Tokenize")
+    tokenize = _server_span(spans, "entity.grpc.LLMService/Tokenize")
     (client_tokenize,) = [s for s in client_spans.get_finished_spans() if s.name.endswith("Tokenize")]
     assert tokenize.context.trace_id == client_tokenize.context.trace_id
 

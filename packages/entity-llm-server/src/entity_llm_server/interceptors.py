@@ -251,7 +251,7 @@ class OperationsInterceptor(_Interceptor):
 
     def _unary(self, method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def behavior(request: Any, context: Any) -> Any:
-            call = self._open(method)
+            call = self._open(method, context)
             error: BaseException | None = None
             try:
                 await self._admit(call, request, context)
@@ -273,7 +273,7 @@ class OperationsInterceptor(_Interceptor):
         clock = time.perf_counter
 
         async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-            call = self._open(method)
+            call = self._open(method, context)
             error: BaseException | None = None
             try:
                 await self._admit(call, request, context)
@@ -285,7 +285,14 @@ class OperationsInterceptor(_Interceptor):
                         async for message in stream:
                             yield message
                         return
-                    if not self.token_timings and call.moments is None:  # nobody scrapes or traces timings
+                    if not self.token_timings:  # nobody scrapes the latency histograms
+                        async for message in stream:
+                            if call.moments is not None:  # a trace's first-token moment
+                                call.moments.first_token = clock()
+                            call.last = message
+                            call.streamed_ids += len(getattr(message, "token_ids", ()))
+                            yield message
+                            break
                         async for message in stream:
                             call.last = message
                             call.streamed_ids += len(getattr(message, "token_ids", ()))
@@ -313,12 +320,15 @@ class OperationsInterceptor(_Interceptor):
 
         return behavior
 
-    def _open(self, method: str) -> _Call:
+    def _open(self, method: str, context: Any) -> _Call:
         call = _Call(method)
         self.metrics.in_flight.labels(method).inc()
-        if self.tracing is not None and (span := self.tracing.current_span()) is not None:
-            call.span, call.moments = span, Moments(call.start)
-            HANDOFF.set(call.moments.handoff)  # the RPC's own context: its task's
+        if self.tracing is not None:
+            moments = Moments(call.start)
+            span = self.tracing.start(method, context.invocation_metadata() or (), moments.ns(call.start))
+            if span is not None:
+                call.span, call.moments = span, moments
+                HANDOFF.set(moments.handoff)  # the RPC's own context: its task's
         return call
 
     async def _admit(self, call: _Call, request: Any, context: Any) -> None:
@@ -356,7 +366,7 @@ class OperationsInterceptor(_Interceptor):
             self.gate.leave()
         if self.tracing is not None and call.span is not None and call.moments is not None:
             try:
-                self.tracing.finish(call.span, call.request_id, call.last, call.moments)
+                self.tracing.finish(call.span, code, call.request_id, call.last, call.moments)
             except Exception:  # a tracing fault must not fail the RPC
                 log.exception("could not record the RPC's trace")
         log.log(

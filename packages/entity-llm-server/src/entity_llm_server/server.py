@@ -119,9 +119,7 @@ class LLMServer:
             token_timings=token_timings,
             tracing=tracing,
         )
-        # OpenTelemetry's interceptor goes first: the RPC's span is current in ours.
-        interceptors = [*([tracing.interceptor] if tracing else []), interceptor]
-        self.grpc_server = grpc.aio.server(options=list(options), interceptors=interceptors)
+        self.grpc_server = grpc.aio.server(options=list(options), interceptors=[interceptor])
         llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
         reflection.enable_server_reflection((LLM_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc_server)
