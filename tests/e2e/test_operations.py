@@ -192,6 +192,27 @@ def test_a_plaintext_health_port_answers_probes_when_the_main_port_needs_a_clien
         assert server.process.wait(60) == 0
 
 
+def test_sigterm_while_the_model_loads_stops_at_once_and_cleanly():
+    process = subprocess.Popen(
+        [console_script("entity-llm-server"), "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:  # the load starts once the port is open and signals are handled
+            if "loading model" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "stopped before the model had loaded" in err
+    assert "listening" not in out
+
+
 def test_help_documents_the_operations_flags():
     out = subprocess.run([console_script("entity-llm-server"), "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--api-key-file", "--metrics-port",

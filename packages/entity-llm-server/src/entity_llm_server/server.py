@@ -272,6 +272,12 @@ async def _serve(
     host = config.host.strip("[]")
     # Bind first: a taken port fails in a moment, not after loading a model.
     port = server.add_port(f"{config.host}:{config.port}", credentials)
+    # Signals are handled from now on, the model's load included: as a
+    # container's PID 1 the process would otherwise ignore SIGTERM until then.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         metrics_port = server.serve_metrics(config.host, config.metrics_port) if config.metrics_port else None
         health_port = server.add_health_port(f"{config.host}:{config.health_port}") if config.health_port else None
@@ -279,7 +285,17 @@ async def _serve(
         # (not a refused connection) until it is loaded and warmed up, and a
         # call that comes early waits for the load.
         await server.start()
-        info = (await service.engine()).info()
+        loading = asyncio.ensure_future(service.engine())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not loading.done():
+            loading.cancel()
+            log.info("stopped before the model had loaded")
+            await server.stop(0)
+            await resource.close()
+            return 0
+        info = loading.result().info()
         await server.health.update()  # SERVING now, not at the watcher's next look
     except BaseException:
         await server.stop(0)
@@ -311,10 +327,6 @@ async def _serve(
             info.context_length,
             info.default_max_new_tokens,
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
     waiter = asyncio.create_task(server.wait_for_termination())
