@@ -159,6 +159,31 @@ MUTATIONS = (
         "manager.logit_processor = self.sampling if manager.is_tp_driver else manager.logit_processor",
         ("tests/model/test_tensor_parallel.py", "-k", "byte"),
     ),
+    Mutation(
+        "echo-after-accept",
+        "response headers go out only once a call is accepted, so a refusal stays retryable on another replica",
+        "interceptors.py",
+        "call.echo = any(key == REQUEST_ID_HEADER for key, _ in metadata)",
+        "call.echo = False; await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),)) "
+        "if any(key == REQUEST_ID_HEADER for key, _ in metadata) else None",
+        ("tests/integration/test_balancing.py", "-k", "draining or refused"),
+    ),
+    Mutation(
+        "connection-age",
+        "--max-connection-age makes clients reconnect, re-resolve and find replicas started after them",
+        "server.py",
+        '("grpc.max_connection_age_ms", round(max_connection_age * 1000)),',
+        '("grpc.max_connection_idle_ms", round(max_connection_age * 1000)),',
+        ("tests/e2e/test_replicas.py", "-k", "finds"),
+    ),
+    Mutation(
+        "trace-phases",
+        "a traced Generate has queue, prefill and decode spans, split where the front end hands it to its core",
+        "engine/frontend.py",
+        "moments.append(time.perf_counter())",
+        "pass",
+        ("tests/model/test_tracing.py", "-k", "phases"),
+    ),
 )
 
 

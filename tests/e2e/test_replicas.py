@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from entity_llm_client import (
     UnavailableError,
 )
 
-from ..conftest import RunningServer, alive, children, wait_until
+from ..conftest import RunningServer, alive, children, console_script, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -155,6 +156,18 @@ def test_one_client_spreads_its_streams_over_every_replica(replicas):
     served = _served_since(replicas, before, 60)
     assert sum(served.values()) == 60, served
     assert all(n >= 10 for n in served.values()), served
+
+
+def test_the_command_takes_several_servers_in_one_target(replicas):
+    before = replicas.served()
+    command = [console_script("entity-llm"), "--target", ",".join(replicas.addresses()), "--json"]
+    for _ in range(8):
+        out = subprocess.run([*command, "generate", "def c(x):", "--max-new-tokens", "2"], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    served = _served_since(replicas, before, 8)
+    assert sum(served.values()) == 8, served
+    assert len([n for n in served.values() if n]) >= 2, served  # a new client each time, spread all the same
 
 
 def test_a_full_replicas_refusals_are_retried_on_the_others(replicas):
