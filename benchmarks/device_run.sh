@@ -32,7 +32,7 @@ timeout 150 python3 benchmarks/model_path.py --device cuda --dtype bfloat16 --mo
     --compare-in-process --compare-no-graphs --compare-sampling 2>&1 | grep -v "it/s]" | tee "$OUT/cuda.log"
 cp benchmarks/results/model_path_cuda.json "$OUT/" 2>/dev/null
 timeout 140 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --models qwen2-0.5b --replicas 1,2,4 \
-    --streams "${SCALE_STREAMS:-64,256}" --tp-streams none --new-tokens "${NEW_TOKENS:-128}" --prompt-tokens 64 \
+    --streams "${SCALE_STREAMS:-64,256}" --tp-streams none --pods none --new-tokens "${NEW_TOKENS:-128}" --prompt-tokens 64 \
     --max-batch-size 256 --max-queue 256 --repeat 1 2>&1 | grep -v "it/s]" | tee "$OUT/scale_cuda.log"
 cp benchmarks/results/scale_cuda.json "$OUT/" 2>/dev/null
 exit 0

@@ -15,9 +15,9 @@ call ends, three child spans with the moments it measured:
 OpenTelemetry's gRPC instrumentation would make the same span with an
 interceptor of its own, in front of this one: a second generator layer on
 every message and a proxy around every servicer context, for what the
-interceptor every RPC already passes can do. Measured side by side in the
-transport benchmark (three runs), neither costs measurably more than the
-other; this way needs no instrumentation package.
+interceptor every RPC already passes can do. Side by side in the transport
+benchmark (three runs) the two were not told apart; this way needs no
+instrumentation package.
 
 Off unless configured (`--otlp-endpoint`, or the standard
 `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`): then nothing of OpenTelemetry is
