@@ -54,6 +54,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def shared_port(hosts: list[str] | tuple[str, ...]) -> int:
+    """A port free now on every one of `hosts` (loopback addresses standing in for pods, which
+    all listen on one port)."""
+    for _ in range(20):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on every one of {hosts}")
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
     """Poll `predicate` until it is true or `timeout` seconds pass; return its last value's truth."""
     deadline = time.monotonic() + timeout

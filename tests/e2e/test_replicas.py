@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,7 +29,7 @@ from entity_llm_client import (
     UnavailableError,
 )
 
-from ..conftest import RunningServer, alive, children, console_script, wait_until
+from ..conftest import RunningServer, alive, children, console_script, shared_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -48,27 +47,11 @@ ENV = {"OMP_NUM_THREADS": "1"}  # three engines share two cores
 FINISHED = "rpc finished method=/entity.grpc.LLMService/Generate code="
 
 
-def _shared_port() -> int:
-    """A port free on every replica address, as every pod of a Deployment listens on one."""
-    for _ in range(20):
-        with socket.socket() as probe:
-            probe.bind((HOSTS[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in (*HOSTS[1:], LATE):
-                with socket.socket() as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every replica address")
-
-
 class Fleet:
     """Replicas on distinct loopback addresses and one port; dead ones come back in `ensure()`."""
 
     def __init__(self) -> None:
-        self.port = _shared_port()
+        self.port = shared_port((*HOSTS, LATE))
         self.replicas: dict[str, RunningServer] = {}
 
     def start(self, *hosts: str) -> None:

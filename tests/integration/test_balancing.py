@@ -3,7 +3,6 @@ part of the bargain (no response headers before a call is accepted)."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncGenerator
 
@@ -18,7 +17,7 @@ from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import EngineEvent, EngineOverloadedError, EngineRequest
 from entity_llm_server.testing import FakeEngine
 
-from ..conftest import ServerThread, wait_until
+from ..conftest import ServerThread, shared_port, wait_until
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -36,22 +35,9 @@ class Full(FakeEngine):
         yield  # an async generator, like every engine's generate
 
 
-def _port() -> int:
-    for _ in range(20):
-        with socket.socket() as first, socket.socket() as second:
-            first.bind((HOSTS[0], 0))
-            port = int(first.getsockname()[1])
-            try:
-                second.bind((HOSTS[1], port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no port free on both addresses")
-
-
 def _pair(serve, *engines: FakeEngine) -> tuple[list[ServerThread], list[str]]:
     """Servers on 127.0.0.2 and 127.0.0.3 with one port (as pods), each engine started."""
-    port = _port()
+    port = shared_port(HOSTS)
     servers = []
     for host, engine in zip(HOSTS, engines, strict=True):
         server = serve(LLMService(engine=engine), address=f"{host}:{port}", health_check_interval=0.05).start()

@@ -230,42 +230,7 @@ class LLMClient:
 class AsyncLLMClient:
     """An asyncio client. Use it as an async context manager, or `await close()`.
 
-    Args:
-        target: the server: `host:port` or any gRPC target (`dns:///name:port`,
-            `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `xds:///name`); or several
-            servers' `ip:port` addresses, as a list or one string with commas.
-        timeout: the default deadline of each call, in seconds (None: none);
-            a call's own `timeout` overrides it.
-        channel: an existing grpc.aio channel to use instead of opening one;
-            the client does not close a channel it was given. It excludes
-            the TLS arguments and `options`.
-        tls: use TLS, verifying the server against `root_certificates` (or
-            the system's roots). Implied by any certificate argument.
-        root_certificates: PEM CA certificates that signed the server's
-            certificate (bytes, or the path of a PEM file).
-        client_certificate: the client's PEM certificate chain, for servers
-            that require mutual TLS (bytes or a path); needs `client_key`.
-        client_key: the client certificate's PEM private key (bytes or a path).
-        api_key: sent as `authorization: Bearer <key>` with every call.
-        options: grpcio channel options; they replace the defaults of the
-            same name (keepalive, message size).
-        retries: retry a call that fails with UNAVAILABLE (and, when
-            balancing, RESOURCE_EXHAUSTED) before any response (for a
-            stream: before its first chunk), up to 3 attempts within the
-            call's deadline, throttled while most calls fail; False turns
-            retries off.
-        balancing: spread calls over every server the target names with
-            gRPC's round_robin. None (the default) balances when the target
-            may name several servers (a list, `dns:///`, `xds:///`,
-            `ipv4:` with commas); False keeps to one connection.
-        health_checks: when balancing, send calls only to servers whose
-            grpc.health.v1 status for the service is SERVING (gRPC's
-            client-side health checking, following each server's
-            `Health.Watch`); False sends to every connected server.
-
-        `retries`, `balancing` and `health_checks` apply to the channel the
-        client opens, not to one it was given; a `grpc.service_config` in
-        `options` replaces the service config they make.
+    It takes the arguments of `LLMClient`, with `channel` a grpc.aio channel.
 
     Raises:
         ValueError: contradictory arguments.
