@@ -31,12 +31,14 @@ BUF = "buf-bin==1.75.0"
 # floor is then satisfied without another download.
 TORCH = "torch==2.13.0"
 TYPING = ("mypy==2.4.1", "types-protobuf", "grpc-stubs==1.53.0.6")
+# The server's and the client's [tracing] extras: mypy checks the code that
+# uses them, and the tracing tests run them.
+TRACING = ("opentelemetry-sdk>=1.30", "opentelemetry-exporter-otlp-proto-grpc>=1.30")
 # hatchling: mypy checks the build hook, which subclasses hatchling's interface.
-LINT = ("ruff==0.17.6", *TYPING, "hatchling==1.33.0", "pytest", "hypothesis")
+LINT = ("ruff==0.17.6", *TYPING, *TRACING, "hatchling==1.33.0", "pytest", "hypothesis")
 # cryptography: the TLS tests make their own CA and certificates; sentencepiece:
 # the server's [sentencepiece] extra, which a tokenizer test trains a model with;
-# dnslib: a DNS server whose answers a test changes, as a cluster's DNS does;
-# OpenTelemetry: the server's [tracing] extra and the client's, which the tracing tests use.
+# dnslib: a DNS server whose answers a test changes, as a cluster's DNS does.
 TEST = (
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -47,8 +49,7 @@ TEST = (
     "cryptography>=42",
     "sentencepiece>=0.2",
     "dnslib>=0.9.24",
-    "opentelemetry-sdk>=1.30",
-    "opentelemetry-exporter-otlp-proto-grpc>=1.30",
+    *TRACING,
 )
 
 nox.options.sessions = ["lint", "breaking", "tests"]
