@@ -103,3 +103,23 @@ def test_a_default_length_beyond_the_context_is_warned_about_and_reported_as_ser
     # The demo model's context is 512 tokens: a request without max_new_tokens gets at most 511.
     assert (info.default_max_new_tokens, info.max_max_new_tokens) == (511, 511)
     assert "--max-new-tokens 100000 is more than the model's 512-token context allows" in log
+
+
+def test_a_clean_start_and_requests_log_nothing_at_warning_or_above():
+    """The first thing a newcomer reads is the log: a clean run has no warning or error in it, ours or
+    a library's (transformers once printed an ERROR about psutil)."""
+    with RunningServer("--max-new-tokens", "8") as server:
+        with LLMClient(server.target, timeout=60) as client:
+            client.complete("def f(x):")
+            client.complete(messages=[("system", "Answer in Python."), ("user", "Add two numbers.")])
+            client.tokenize("def f(x):")
+            client.model_info()
+        assert server.stop() == 0
+        log = server.stderr()
+    loud = [
+        line
+        for line in log.splitlines()
+        if any(word in line for word in ("WARNING", "ERROR", "CRITICAL", "Warning:", "Traceback"))
+    ]
+    assert loud == [], "\n".join(loud)
+    assert "rpc finished" in log  # the log was read, and it is the access log's
