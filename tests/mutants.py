@@ -184,6 +184,14 @@ MUTATIONS = (
         "pass",
         ("tests/model/test_tracing.py", "-k", "phases"),
     ),
+    Mutation(
+        "chat-content-data",
+        "special-token text in a chat message stays text: no forged turns",
+        "engine/frontend.py",
+        'ids += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=data)["input_ids"]',
+        'ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]',
+        ("tests/model/test_chat_content.py",),
+    ),
 )
 
 

@@ -24,6 +24,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from . import chat
 from .base import (
     DEFAULT_MAX_NEW_TOKENS,
     HANDOFF,
@@ -117,6 +118,7 @@ class FrontEnd:
         # Read now, not on a first request: those may encode on the event loop
         # and in a worker thread at once, and a tokenizer's first call may set it up.
         self._specials = special_ids(tokenizer)
+        self._special_texts = chat.special_texts(tokenizer)
         # A token's text decoded alone, for top_logprobs alternatives.
         self._piece_text = functools.lru_cache(maxsize=65536)(lambda token: str(tokenizer.decode([token])))
         self._queues: dict[str, asyncio.Queue[Any]] = {}
@@ -191,6 +193,17 @@ class FrontEnd:
         With `truncate`, the start token and the last tokens are kept, at
         most `truncate` in all when it leaves room for the special ones."""
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._framed(ids, truncate, specials)
+
+    def encode_chat(self, messages: tuple[tuple[str, str], ...], truncate: int | None = None) -> list[int]:
+        """A conversation's prompt ids: the chat template's markup as it writes it (its
+        special tokens included), each message's content as data (`chat.pieces`)."""
+        ids: list[int] = []
+        for piece, data in chat.pieces(self.tokenizer, messages, self._special_texts):
+            ids += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=data)["input_ids"]
+        return self._framed(ids, truncate, specials=False)  # the template writes its own (BOS)
+
+    def _framed(self, ids: list[int], truncate: int | None, specials: bool) -> list[int]:
         start, end = self._specials
         tail = end if specials else []
         if start and ids[: len(start)] == start:  # the text's own start token: kept, not doubled
@@ -204,24 +217,15 @@ class FrontEnd:
 
     def render(self, messages: tuple[tuple[str, str], ...]) -> str:
         """A conversation as prompt text: the chat template with a generation prompt."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": role, "content": content} for role, content in messages],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-        except Exception as exc:  # the template's own checks (jinja raise_exception) name the problem
-            raise InvalidRequestError("messages", f"the chat template rejected them: {exc}") from exc
-        return str(text)
+        return chat.render(self.tokenizer, messages)
 
     def prepare(self, request: EngineRequest) -> Prepared:
         """Validate a request against the model and turn it into input ids."""
         self.core.check_sampling(request.sampling)
-        # The template writes its own special tokens (BOS): encode its text as is.
-        prompt = self.render(request.messages) if request.messages else request.prompt
-        ids = self.encode(prompt, request.truncate_input_tokens, specials=not request.messages)
+        if request.messages:
+            ids = self.encode_chat(request.messages, request.truncate_input_tokens)
+        else:
+            ids = self.encode(request.prompt, request.truncate_input_tokens)
         if not ids:
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else min(self.eos_ids, default=0)]
