@@ -74,3 +74,9 @@ def test_a_choice_from_the_environment_is_checked_like_a_flag(variable, value, c
     with pytest.raises(SystemExit):
         parse_config([], env={variable: value})
     assert f"{variable}={value}: not one of" in capsys.readouterr().err
+
+
+def test_fair_share_flags():
+    assert (parse_config([], env={}).max_streams_per_key, parse_config([], env={}).max_streams_per_peer) == (0, 0)
+    config = parse_config(["--max-streams-per-key", "8"], env={"ENTITY_LLM_MAX_STREAMS_PER_PEER": "16"})
+    assert (config.max_streams_per_key, config.max_streams_per_peer) == (8, 16)

@@ -49,22 +49,28 @@ class ApiKeys:
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """None if the metadata carries an accepted key, else the reason it does not."""
+        return self.caller(metadata)[0]
+
+    def caller(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str | None, int | None]:
+        """(None, the key's position in the file) for an accepted key, (None, None) when no
+        key is needed, else (the reason, None)."""
         if not self._keys:
-            return None
+            return None, None
         values = [value for name, value in metadata or () if name == AUTHORIZATION]
         if not values:
-            return f"missing API key: send metadata '{AUTHORIZATION}: Bearer <key>'"
+            return f"missing API key: send metadata '{AUTHORIZATION}: Bearer <key>'", None
         if len(values) > 1:  # which one would count is a guess a proxy may make differently
-            return f"{len(values)} {AUTHORIZATION} entries: send exactly one"
+            return f"{len(values)} {AUTHORIZATION} entries: send exactly one", None
         presented = values[0]
         raw = presented if isinstance(presented, bytes) else presented.encode()
         scheme, _, key = raw.strip().partition(b" ")
         if scheme.lower() != b"bearer" or not key.strip():
-            return f"malformed {AUTHORIZATION} metadata: expected 'Bearer <key>'"
+            return f"malformed {AUTHORIZATION} metadata: expected 'Bearer <key>'", None
         key = key.strip()
         # compare_digest against every key (no early exit): the time taken
         # says nothing about how much of a key, or which key, matched.
-        matched = False
-        for accepted in self._keys:
-            matched |= hmac.compare_digest(key, accepted)
-        return None if matched else "invalid API key"
+        matched: int | None = None
+        for index, accepted in enumerate(self._keys):
+            if hmac.compare_digest(key, accepted):
+                matched = index
+        return (None, matched) if matched is not None else ("invalid API key", None)

@@ -60,6 +60,10 @@ class ServerConfig:
         api_key_file: a file of accepted API keys, one per line (`#`
             comments and blank lines ignored); set, calls must send
             `authorization: Bearer <key>` (the health service excepted).
+        max_streams_per_key: Generate streams one API key may hold at once
+            (0: no limit); a caller over its share gets RESOURCE_EXHAUSTED
+            naming the limit while others are admitted.
+        max_streams_per_peer: the same for one client host (its address).
         metrics_port: port of the Prometheus `/metrics` endpoint on `host`;
             0 serves no metrics.
         health_check_interval: seconds between two looks at the engine's
@@ -116,6 +120,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     api_key_file: str | None = None
+    max_streams_per_key: int = 0
+    max_streams_per_peer: int = 0
     metrics_port: int = 0
     health_port: int = 0
     max_connection_age: float = MAX_CONNECTION_AGE
@@ -236,6 +242,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add(
         "--api-key-file",
         help="accepted API keys, one per line; calls must send 'authorization: Bearer <key>' (health excepted)",
+    )
+    add(
+        "--max-streams-per-key",
+        type=_non_negative_int,
+        help="Generate streams one API key may hold at once; more get RESOURCE_EXHAUSTED; 0: no limit",
+    )
+    add(
+        "--max-streams-per-peer",
+        type=_non_negative_int,
+        help="Generate streams one client host may hold at once; more get RESOURCE_EXHAUSTED; 0: no limit",
     )
     add("--metrics-port", type=_port, help="serve Prometheus metrics on http://HOST:PORT/metrics; 0: off")
     add(

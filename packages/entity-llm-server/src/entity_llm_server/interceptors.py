@@ -11,7 +11,9 @@ not one per concern) and, per RPC:
    headers commit a call (gRFC A6) and a refusal that comes after them
    (the drain's UNAVAILABLE, a full engine's RESOURCE_EXHAUSTED) could no
    longer be retried on another replica;
-2. checks the API key (`authorization: Bearer <key>`) when keys are set;
+2. checks the API key (`authorization: Bearer <key>`) when keys are set,
+   and, with fair shares set, refuses a Generate stream over its key's or its
+   client host's share with RESOURCE_EXHAUSTED;
 3. refuses new RPCs with UNAVAILABLE once a drain has begun, and counts the
    admitted ones so the drain can wait for them;
 4. answers INVALID_ARGUMENT, naming the problem (and each string field that
@@ -46,6 +48,7 @@ from .engine.base import HANDOFF
 from .errors import status_for
 from .health import HEALTH_SERVICE, LLM_SERVICE
 from .metrics import Metrics
+from .shares import Shares
 from .tracing import Moments
 from .validation import MAX_REQUEST_ID_CHARS, UndecodableRequestError, non_utf8_fields
 
@@ -138,7 +141,8 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Calla
 
 class _Call:
     __slots__ = (
-        "echo", "gated", "last", "method", "moments", "open", "request_id", "span", "start", "streamed_ids", "timed",
+        "echo", "gated", "key", "last", "method", "moments", "open", "request_id", "shared", "span", "start",
+        "stream", "streamed_ids", "timed",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -153,6 +157,9 @@ class _Call:
         self.last: Any = None
         self.streamed_ids = 0
         self.span: Any = None  # the RPC's span, when tracing
+        self.stream = False  # a server-streaming RPC (Generate, for the LLM service)
+        self.key: int | None = None  # the API key's place in the key file
+        self.shared: str | None = None  # the peer whose share the call counts against
         self.moments: Moments | None = None
 
 
@@ -213,6 +220,7 @@ class OperationsInterceptor(_Interceptor):
             inter-token histograms); off when no metrics are served, since
             it is the interceptor's only per-token cost.
         tracing: traces the RPCs (None: no tracing, at no cost).
+        shares: the streams one API key or one client host may hold (None: no limits).
     """
 
     def __init__(
@@ -223,8 +231,10 @@ class OperationsInterceptor(_Interceptor):
         metrics: Metrics,
         token_timings: bool = True,
         tracing: Tracing | None = None,
+        shares: Shares | None = None,
     ) -> None:
         self.api_keys = api_keys
+        self.shares = shares if shares is not None and shares.limited else None
         self.gate = gate
         self.metrics = metrics
         self.token_timings = token_timings
@@ -274,6 +284,7 @@ class OperationsInterceptor(_Interceptor):
 
         async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
             call = self._open(method, context)
+            call.stream = True
             error: BaseException | None = None
             try:
                 await self._admit(call, request, context)
@@ -341,11 +352,17 @@ class OperationsInterceptor(_Interceptor):
         # the first and last messages' request_id field anyway.
         call.echo = any(key == REQUEST_ID_HEADER for key, _ in metadata)
         if not call.open:
-            if (problem := self.api_keys.check(metadata)) is not None:
+            problem, call.key = self.api_keys.caller(metadata)
+            if problem is not None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
             if not self.gate.enter():
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             call.gated = True
+            if self.shares is not None and call.stream and call.timed:
+                peer = context.peer()
+                if (refusal := self.shares.take(call.key, peer)) is not None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                call.shared = peer
         if isinstance(request, _Undecodable):
             await context.abort(*status_for(request.error))
 
@@ -364,6 +381,8 @@ class OperationsInterceptor(_Interceptor):
         m.duration.labels(call.method).observe(seconds)
         if call.gated:
             self.gate.leave()
+        if self.shares is not None and call.shared is not None:
+            self.shares.give_back(call.key, call.shared)
         if self.tracing is not None and call.span is not None and call.moments is not None:
             try:
                 self.tracing.finish(call.span, code, call.request_id, call.last, call.moments)

@@ -21,6 +21,7 @@ from .interceptors import DrainGate, OperationsInterceptor
 from .metrics import Metrics
 from .resource import UnifiedLLMResource
 from .service import LLMService
+from .shares import Shares
 from .tls import server_credentials
 from .tracing import Tracing, otlp_provider, wanted
 from .validation import MAX_MESSAGE_BYTES
@@ -95,6 +96,9 @@ class LLMServer:
             --metrics-port only).
         tracing: trace every RPC but health checks with OpenTelemetry
             (`Tracing(tracer_provider)`); None traces nothing.
+        max_streams_per_key: Generate streams one API key may hold at once
+            (0: no limit); more get RESOURCE_EXHAUSTED.
+        max_streams_per_peer: the same for one client host.
     """
 
     def __init__(
@@ -106,6 +110,8 @@ class LLMServer:
         options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
         token_timings: bool = True,
         tracing: Tracing | None = None,
+        max_streams_per_key: int = 0,
+        max_streams_per_peer: int = 0,
     ) -> None:
         self.service = service
         self.tracing = tracing
@@ -118,6 +124,7 @@ class LLMServer:
             metrics=self.metrics,
             token_timings=token_timings,
             tracing=tracing,
+            shares=Shares(max_streams_per_key, max_streams_per_peer),
         )
         self.grpc_server = grpc.aio.server(options=list(options), interceptors=[interceptor])
         llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
@@ -268,6 +275,8 @@ async def _serve(
         options=server_options(config.max_connection_age, config.max_connection_age_grace),
         token_timings=bool(config.metrics_port),
         tracing=tracing,
+        max_streams_per_key=config.max_streams_per_key,
+        max_streams_per_peer=config.max_streams_per_peer,
     )
     host = config.host.strip("[]")
     # Bind first: a taken port fails in a moment, not after loading a model.
