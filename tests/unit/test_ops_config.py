@@ -58,11 +58,11 @@ def test_connection_age_and_health_port_flags_and_their_server_options():
     from entity_llm_server.server import SERVER_OPTIONS, server_options
 
     defaults = parse_config([], env={})
-    assert (defaults.health_port, defaults.max_connection_age, defaults.max_connection_age_grace) == (0, 300.0, 600.0)
+    assert (defaults.health_port, defaults.max_connection_age, defaults.max_connection_age_grace) == (0, 300.0, 3600.0)
     config = parse_config(["--health-port", "8081"], env={"ENTITY_LLM_MAX_CONNECTION_AGE": "30"})
     assert (config.health_port, config.max_connection_age) == (8081, 30.0)
     options = dict(server_options(config.max_connection_age, config.max_connection_age_grace))
-    assert (options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]) == (30_000, 600_000)
+    assert (options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]) == (30_000, 3_600_000)
     assert server_options(0, 600) == SERVER_OPTIONS  # 0: connections live on
 
 

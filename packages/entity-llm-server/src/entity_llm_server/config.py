@@ -21,10 +21,12 @@ ENV_PREFIX = "ENTITY_LLM_"
 
 # A client resolves a name (dns:///) again only when a connection closes: a
 # maximum connection age makes each client reconnect now and then, and so find
-# replicas that started after it connected. Streams of minutes are the norm,
-# so the grace a connection's streams get to finish after its GOAWAY is long.
+# replicas that started after it connected. The grace is what a stream
+# running on a connection at its GOAWAY gets to finish: long, since a long
+# generation on a CPU runs for many minutes, and an old connection that only
+# carries such streams costs nothing.
 MAX_CONNECTION_AGE = 300.0
-MAX_CONNECTION_AGE_GRACE = 600.0
+MAX_CONNECTION_AGE_GRACE = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
