@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -195,6 +196,31 @@ def test_on_engine_failure_exit_ends_the_process_with_code_3(server):
     _kill_the_engine_mid_stream(running)
     # Not the 60 s grace: nothing is left to drain once every stream has failed.
     assert running.process.wait(20) == 3
+
+
+def test_on_engine_failure_restart_loads_the_engine_again_until_the_bound_then_exits_3(server):
+    from grpc_health.v1 import health_pb2
+
+    metrics_port = free_port()
+    running = server("--on-engine-failure", "restart", "--max-engine-restarts", "3", "--health-check-interval",
+                     "0.2", "--metrics-port", str(metrics_port), "--host", "127.0.0.1")  # fmt: skip
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for restart in range(3):
+        old = children(running.process.pid)
+        _kill_the_engine_mid_stream(running)  # the stream on it ends INTERNAL, as before
+
+        # A new engine process, serving again within 15 s of the kill.
+        def serving_anew(old: list[int] = old) -> bool:
+            new = [pid for pid in children(running.process.pid) if alive(pid)]
+            return bool(new) and not set(new) & set(old) and _health(running.target) == serving
+
+        assert wait_until(serving_anew, timeout=15)
+        with LLMClient(running.target, timeout=60) as client:
+            assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8)) == IMPORT_OS_8
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert f"entity_llm_engine_restarts_total {restart + 1}.0" in scraped
+    _kill_the_engine_mid_stream(running)  # the fourth failure in 10 minutes: a crash loop
+    assert running.process.wait(30) == 3
 
 
 def test_a_killed_tensor_parallel_rank_ends_the_server_with_code_3_under_on_engine_failure_exit(server):

@@ -99,7 +99,11 @@ class ServerConfig:
         on_engine_failure: `stay` keeps the process up once the engine has
             failed (health NOT_SERVING, every Generate INTERNAL) for an
             orchestrator's probe to restart it; `exit` ends the process with
-            code 3, for a supervisor (systemd, a container restart policy).
+            code 3, for a supervisor (systemd, a container restart policy);
+            `restart` loads the engine again (NOT_SERVING meanwhile), with a
+            backoff, up to `max_engine_restarts` times in 10 minutes, then
+            exits with code 3.
+        max_engine_restarts: restarts `restart` makes within 10 minutes.
     """
 
     model: str | None = None
@@ -135,6 +139,7 @@ class ServerConfig:
     tensor_parallel: int = 1
     trust_remote_code: str = "off"
     on_engine_failure: str = "stay"
+    max_engine_restarts: int = 3
 
     def batching(self) -> BatchingSettings:
         """The batching engine's settings."""
@@ -281,8 +286,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--health-check-interval", type=_positive_float, help="seconds between two looks at the engine's health")
     add(
         "--on-engine-failure",
-        choices=("stay", "exit"),
-        help="once the engine has failed: stay up reporting NOT_SERVING, or exit with code 3 for a supervisor",
+        choices=("stay", "exit", "restart"),
+        help="once the engine has failed: stay up reporting NOT_SERVING, exit with code 3 for a supervisor, or "
+        "restart it (NOT_SERVING meanwhile; past --max-engine-restarts in 10 minutes, exit with code 3)",
+    )
+    add(
+        "--max-engine-restarts",
+        type=_positive_int,
+        help="with --on-engine-failure restart: restarts allowed within 10 minutes before the server gives up",
     )
     return parser
 

@@ -55,6 +55,9 @@ class HealthMonitor:
         # How many times `update()` has looked at the engine: what a test
         # waits on to know the watcher has looked again, instead of sleeping.
         self.looks = 0
+        # While the server restarts a failed engine (--on-engine-failure
+        # restart): NOT_SERVING, and no new failure to report.
+        self.restarting = False
         self._served = False
         self._task: asyncio.Task[None] | None = None
 
@@ -85,7 +88,7 @@ class HealthMonitor:
         """Look at the engine now and publish what it says."""
         ready = self.engine_ready()
         await self._set(SERVING if ready else NOT_SERVING)
-        if not ready and self._served and not self.draining and not self._stalled():
+        if not ready and self._served and not self.draining and not self.restarting and not self._stalled():
             self.engine_failed.set()
         self.looks += 1
 

@@ -20,6 +20,7 @@ from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor
 from .interceptors import DrainGate, OperationsInterceptor
 from .metrics import Metrics
 from .resource import UnifiedLLMResource
+from .restarts import Restarts, restart
 from .service import LLMService
 from .shares import Shares
 from .tls import server_credentials
@@ -35,6 +36,8 @@ FLUSH_GRACE = 1.0
 # Generate has failed already; this is for a Tokenize or GetModelInfo in flight).
 ENGINE_FAILED = 3
 ENGINE_FAILURE_GRACE = 2.0
+# --on-engine-failure restart: --max-engine-restarts within this many seconds.
+ENGINE_RESTART_WINDOW = 600.0
 
 # Long generations can stream for minutes between client messages: accept
 # client keepalive pings without counting them as abuse ("too many pings").
@@ -339,10 +342,25 @@ async def _serve(
     if ready is not None:
         ready.set()
     waiter = asyncio.create_task(server.wait_for_termination())
-    failed = asyncio.create_task(server.health.engine_failed.wait()) if config.on_engine_failure == "exit" else None
-    endings = [waiter, asyncio.create_task(stop.wait()), *([failed] if failed else [])]
-    await asyncio.wait(endings, return_when=asyncio.FIRST_COMPLETED)
-    if failed is not None and failed.done():
+    stopped = asyncio.create_task(stop.wait())
+    restarts = Restarts(config.max_engine_restarts, ENGINE_RESTART_WINDOW)
+    while True:
+        watching = config.on_engine_failure in ("exit", "restart")
+        failed = asyncio.create_task(server.health.engine_failed.wait()) if watching else None
+        await asyncio.wait([waiter, stopped, *([failed] if failed else [])], return_when=asyncio.FIRST_COMPLETED)
+        if failed is None or not failed.done():
+            if failed is not None:
+                failed.cancel()
+            break
+        if config.on_engine_failure == "restart" and restarts.allow():
+            log.error("the engine has failed: loading it again in %.1fs", restarts.backoff)
+            try:
+                await restart(service, server.health, server.metrics, restarts.backoff)
+                continue
+            except Exception:
+                log.exception("the engine could not be loaded again")
+        elif config.on_engine_failure == "restart":
+            log.error("the engine failed %d times in %.0fs: giving up", restarts.limit + 1, restarts.window)
         # Every Generate already ends INTERNAL; what may be left in flight is
         # quick (Tokenize, GetModelInfo) or endless (health Watch streams).
         log.error("the engine has failed: exiting (code %d) for a supervisor to restart the server", ENGINE_FAILED)
