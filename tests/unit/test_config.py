@@ -75,7 +75,7 @@ def test_environment_sets_defaults_and_flags_win():
         (["--max-queue", "-1"], {}, "--max-queue"),
         (["--engine", "vllm"], {}, "--engine"),
         (["--cuda-graphs", "yes"], {}, "--cuda-graphs"),
-        (["--on-engine-failure", "restart"], {}, "--on-engine-failure"),
+        (["--on-engine-failure", "reboot"], {}, "--on-engine-failure"),
         (["--trust-remote-code", "yes"], {}, "--trust-remote-code"),
         ([], {"ENTITY_LLM_PORT": "-1"}, "--port"),
     ],
