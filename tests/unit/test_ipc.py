@@ -26,13 +26,12 @@ EXAMPLES: list[object] = [
     ipc.StateReply(3, CoreState(2, 40)),
     ipc.Pong(4),
     ipc.Dead("the batching thread stopped"),
-    ipc.TokenizerFacts(1024, 0, None),
     EngineSpec("demo", "cpu", "auto", 128, BatchingSettings(max_batch_size=4)),
 ]
 
 
 def test_every_message_kind_has_an_example():
-    kinds = set(typing.get_args(ipc.Message)) | {ipc.TokenizerFacts, EngineSpec}
+    kinds = set(typing.get_args(ipc.Message)) | {EngineSpec}
     assert {type(example) for example in EXAMPLES} == kinds
 
 

@@ -152,7 +152,7 @@ class UnifiedLLMResource:
         log.info("loading model %s on %s (%s%s)", self.model_id, self.device, self.dtype, layout)
         if self.engine_process:
             return self._load_process_engine()
-        tokenizer = self._tokenizer()
+        tokenizer = self.tokenizer()
         model = self.load_model()
         if self.engine_kind == "sequential":
             return self._sequential(model, tokenizer)
@@ -225,7 +225,12 @@ class UnifiedLLMResource:
                 f"({kv_heads} key-value heads) do not divide by {n}"
             )
 
-    def _tokenizer(self) -> Any:
+    def tokenizer(self) -> Any:
+        """The model's fast tokenizer, as transformers' AutoTokenizer chooses it (imports torch).
+
+        Raises:
+            ModelLoadError: it cannot be loaded, or is not a fast one; the message says what to do.
+        """
         from transformers import AutoTokenizer
 
         try:
@@ -268,7 +273,7 @@ class UnifiedLLMResource:
         groups: list[list[EngineProcess]] = []
         every: list[EngineProcess] = []
         try:
-            # Every process loads its model (or its shard) while this process loads the tokenizer.
+            # Every process loads its model (or its shard) and the tokenizer.
             for devices in self.placement:
                 port = free_port() if len(devices) > 1 else 0
                 group = []
@@ -291,10 +296,8 @@ class UnifiedLLMResource:
                     group.append(EngineProcess(spec))
                     every.append(group[-1])
                 groups.append(group)
-            tokenizer = self._tokenizer()
-            for child in every:
-                child.send_tokenizer(tokenizer)
             facts = wait_ready(every)[0]  # every one: any may fail to load
+            tokenizer = every[0].tokenizer  # loaded by the engine process: this one imports no torch
         except EngineProcessError as exc:
             for child in every:
                 child.kill()
@@ -344,7 +347,7 @@ class UnifiedLLMResource:
         falls back by itself; tensor-parallel ranks cannot, and land here."""
         if isinstance(failed, BatchingEngine):
             return self._padded(failed.model, failed.tokenizer)
-        return self._padded(self.load_model(), self._tokenizer())
+        return self._padded(self.load_model(), self.tokenizer())
 
     async def close(self) -> None:
         """Stop the engine; a later `engine()` call loads again."""

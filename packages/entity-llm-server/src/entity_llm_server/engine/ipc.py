@@ -1,9 +1,10 @@
 """What crosses the pipe between the front end and its engine process: one class per message.
 
 Pickled over a `multiprocessing` connection, dispatched with `match` on each
-side (`process.ProcessCore`, `worker`). At start the front end sends an
-`launcher.EngineSpec`, then `TokenizerFacts`; the engine process answers
-`Ready` or `Failed` once, then serves:
+side (`process.ProcessCore`, `worker`). At start the front end sends a
+`launcher.EngineSpec`; the engine process loads the model and the tokenizer
+and answers `Ready` (with the tokenizer, from the first rank) or `Failed`
+once, then serves:
 
 - front end to engine: `Add`, `Cancel`, `StateQuery`, `Ping`, `Stop`;
 - engine to front end: `Steps` (per batch of results: every request's new
@@ -16,20 +17,11 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 from .base import CoreState
 from .core import ModelFacts, SeqOutput
 from .sampling import Sampling
-
-
-@dataclass(frozen=True, slots=True)
-class TokenizerFacts:
-    """What the engine process needs of the tokenizer, which it does not load itself."""
-
-    size: int
-    eos_token_id: int | None
-    pad_token_id: int | None
-
 
 # -- front end to engine ---------------------------------------------------------
 
@@ -79,10 +71,14 @@ ToEngine = Add | Cancel | StateQuery | Ping | Stop
 @dataclass(frozen=True, slots=True)
 class Ready:
     """The model is loaded and warmed up; `engine` is the core that serves it:
-    "batching", or "padded" where continuous batching cannot run it."""
+    "batching", or "padded" where continuous batching cannot run it.
+    `tokenizer` is the model's tokenizer as transformers' AutoTokenizer chose
+    it, for the front end, which so never imports torch (unpickling a
+    tokenizer imports its class's module only); None from other ranks."""
 
     facts: ModelFacts
     engine: str = "batching"
+    tokenizer: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The engine process as the front end starts, waits for and stops it.
 
-The front end sends it an `EngineSpec` (what to load) and the tokenizer's
-facts, and it answers `Ready` with the model's facts once warmed up (see
-`ipc`). `process.ProcessCore` talks to it once it runs; `worker` is its side.
+The front end sends it an `EngineSpec` (what to load), and it answers
+`Ready` with the model's facts and its tokenizer once warmed up (see `ipc`):
+the front end, which tokenizes and detokenizes, never imports torch.
+`process.ProcessCore` talks to it once it runs; `worker` is its side.
 
 Under tensor parallelism (`--tensor-parallel N`) one core is N engine
 processes, its ranks: each is started the way torch.distributed expects
@@ -29,7 +30,7 @@ from typing import Any
 
 from .base import BatchingUnsupportedError
 from .core import ModelFacts
-from .ipc import Failed, Ready, TokenizerFacts
+from .ipc import Failed, Ready
 from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class EngineProcess:
         env = None if spec.rank is None else {**os.environ, **spec.rank.environment(spec.device)}
         self.rank = 0 if spec.rank is None else spec.rank.rank
         self.engine = "batching"  # what it serves with, once Ready says
+        self.tokenizer: Any = None  # the model's tokenizer, once the first rank's Ready brings it
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "entity_llm_server.engine.worker", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
@@ -167,12 +169,6 @@ class EngineProcess:
         # An engine that nobody closes (a load abandoned half way) dies with its owner.
         weakref.finalize(self, _kill_quietly, self.popen)
         self.conn.send(spec)
-
-    def send_tokenizer(self, tokenizer: Any) -> None:
-        """Tell the engine process what it needs of the tokenizer (it loads none itself)."""
-        facts = TokenizerFacts(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-        with contextlib.suppress(OSError):  # a child that died already: wait_ready() says why
-            self.conn.send(facts)
 
     def wait_ready(self) -> ModelFacts:
         """Block until the model is loaded and warmed up (however long a download or
@@ -187,8 +183,9 @@ class EngineProcess:
         except (EOFError, OSError) as exc:
             raise EngineProcessError(f"{name} {self.exit_status()} while starting") from exc
         match message:
-            case Ready(facts, engine):
+            case Ready(facts, engine, tokenizer):
                 self.engine = engine
+                self.tokenizer = tokenizer
                 return facts
             case Failed(reason, unsupported=True):
                 raise BatchingUnsupportedError(reason)

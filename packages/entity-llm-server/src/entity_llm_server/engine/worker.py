@@ -44,7 +44,6 @@ from .ipc import (
     StateReply,
     Steps,
     Stop,
-    TokenizerFacts,
     send_all,
 )
 from .launcher import EngineSpec
@@ -149,7 +148,7 @@ def serve(fd: int, parent: int) -> int:
     threading.Thread(target=_exit_when_orphaned, args=(parent,), name="entity-llm-engine-parent", daemon=True).start()
     spec: EngineSpec = conn.recv()
     from ..logs import configure_logging
-    from ..resource import UnifiedLLMResource
+    from ..resource import ModelLoadError, UnifiedLLMResource
 
     configure_logging(spec.log_level, spec.log_format)
     try:
@@ -158,8 +157,9 @@ def serve(fd: int, parent: int) -> int:
         )
         # A rank of a tensor-parallel group: its environment says where the others are.
         model = resource.load_model(tensor_parallel=1 if spec.rank is None else spec.rank.world_size)
-        tokenizer: TokenizerFacts = conn.recv()
-        facts = ModelFacts.of(model, tokenizer.size, tokenizer.eos_token_id)
+        # Loaded here, where torch is anyway: the front end gets it in Ready.
+        tokenizer = resource.tokenizer()
+        facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
         core: Core = BatchingCore(
             model,
             facts,
@@ -182,6 +182,10 @@ def serve(fd: int, parent: int) -> int:
         with contextlib.suppress(OSError):
             conn.send(Failed(str(exc), unsupported=True))
         return 1
+    except ModelLoadError as exc:  # says what is wrong already (a tokenizer that cannot load, say)
+        with contextlib.suppress(OSError):
+            conn.send(Failed(str(exc)))
+        return 1
     except Exception as exc:  # anything: the front end reports it and exits cleanly
         message = str(exc)
         if not message.startswith("cannot load model"):
@@ -189,7 +193,8 @@ def serve(fd: int, parent: int) -> int:
         with contextlib.suppress(OSError):
             conn.send(Failed(message))
         return 1
-    conn.send(Ready(facts, "padded" if isinstance(core, PaddedCore) else "batching"))
+    engine = "padded" if isinstance(core, PaddedCore) else "batching"
+    conn.send(Ready(facts, engine, tokenizer if spec.rank is None or spec.rank.rank == 0 else None))
     worker.run()
     return 0
 
