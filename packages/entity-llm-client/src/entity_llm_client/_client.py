@@ -47,9 +47,9 @@ class LLMClient:
             same name (keepalive, message size).
         retries: retry a call that fails with UNAVAILABLE (and, when
             balancing, RESOURCE_EXHAUSTED) before any response (for a
-            stream: before its first chunk), up to 3 attempts within the
-            call's deadline, throttled while most calls fail; False turns
-            retries off.
+            stream: before its first chunk), up to 3 attempts (5 when
+            balancing) within the call's deadline, throttled while most
+            calls fail; False turns retries off.
         balancing: spread calls over every server the target names with
             gRPC's round_robin. None (the default) balances when the target
             may name several servers (a list, `dns:///`, `xds:///`,
@@ -189,31 +189,23 @@ class LLMClient:
     def tokenize(self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None) -> Tokens:
         """The served model's tokens for `text`."""
         request = t.tokenize_request(text, truncate_input_tokens)
-        traced = Traced("Tokenize", self._connection.target)
-        try:
-            response = self._methods.tokenize(
-                request, timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
-            )
-        except grpc.RpcError as error:
-            failure = from_rpc_error(error, balanced=self._connection.balanced)
-            traced.end(failure)
-            raise failure from None
-        traced.end()
-        return t.to_tokens(response)
+        return t.to_tokens(self._unary("Tokenize", self._methods.tokenize, request, timeout))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
-        traced = Traced("GetModelInfo", self._connection.target)
+        return t.to_model_info(self._unary("GetModelInfo", self._methods.model_info, GetModelInfoRequest(), timeout))
+
+    def _unary(self, name: str, method: Any, request: Any, timeout: float | None) -> Any:
+        """One unary call, traced, its failure translated."""
+        traced = Traced(name, self._connection.target)
         try:
-            response = self._methods.model_info(
-                GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
-            )
+            response = method(request, timeout=_deadline(self.timeout, timeout), metadata=traced.metadata)
         except grpc.RpcError as error:
             failure = from_rpc_error(error, balanced=self._connection.balanced)
             traced.end(failure)
             raise failure from None
         traced.end()
-        return t.to_model_info(response)
+        return response
 
     def close(self) -> None:
         """Close the channel (if this client opened it)."""
@@ -332,31 +324,24 @@ class AsyncLLMClient:
     ) -> Tokens:
         """The served model's tokens for `text`."""
         request = t.tokenize_request(text, truncate_input_tokens)
-        traced = Traced("Tokenize", self._connection.target)
-        try:
-            response = await self._methods.tokenize(
-                request, timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
-            )
-        except grpc.RpcError as error:
-            failure = from_rpc_error(error, balanced=self._connection.balanced)
-            traced.end(failure)
-            raise failure from None
-        traced.end()
-        return t.to_tokens(response)
+        return t.to_tokens(await self._unary("Tokenize", self._methods.tokenize, request, timeout))
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model and the server's limits."""
-        traced = Traced("GetModelInfo", self._connection.target)
+        request = GetModelInfoRequest()
+        return t.to_model_info(await self._unary("GetModelInfo", self._methods.model_info, request, timeout))
+
+    async def _unary(self, name: str, method: Any, request: Any, timeout: float | None) -> Any:
+        """One unary call, traced, its failure translated."""
+        traced = Traced(name, self._connection.target)
         try:
-            response = await self._methods.model_info(
-                GetModelInfoRequest(), timeout=_deadline(self.timeout, timeout), metadata=traced.metadata
-            )
+            response = await method(request, timeout=_deadline(self.timeout, timeout), metadata=traced.metadata)
         except grpc.RpcError as error:
             failure = from_rpc_error(error, balanced=self._connection.balanced)
             traced.end(failure)
             raise failure from None
         traced.end()
-        return t.to_model_info(response)
+        return response
 
     async def close(self) -> None:
         """Close the channel (if this client opened it)."""

@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from ._transport import SERVICE
+
 # PEM data as bytes, or the path of a PEM file.
 Pem = bytes | str | os.PathLike[str]
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -28,15 +30,13 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-SERVICE_NAME = "entity.grpc.LLMService"
-
 # Resolvers whose names can stand for several servers (gRPC's naming doc).
 _MANY = ("dns:", "xds:", "google-c2p:")
 _SCHEMES = (*_MANY, "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 
-def _ip(address: str) -> tuple[int, str] | None:
-    """(4 or 6, the address as a gRPC ipv4:/ipv6: entry) for an `ip:port` address, else None."""
+def _family(address: str) -> int | None:
+    """4 or 6 for an `ip:port` address (`[v6]:port` for IPv6), else None."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         return None
@@ -47,7 +47,7 @@ def _ip(address: str) -> tuple[int, str] | None:
         return None
     if ip.version == 6 and not bracketed:
         return None
-    return ip.version, address
+    return ip.version
 
 
 def resolve_target(target: str | Sequence[str]) -> tuple[str, bool]:
@@ -72,14 +72,13 @@ def resolve_target(target: str | Sequence[str]) -> tuple[str, bool]:
         raise ValueError(f"target must name a server, got {target!r}")
     if len(addresses) == 1:
         return addresses[0], False
-    parsed = [_ip(a) for a in addresses]
-    if any(p is None for p in parsed) or len({p[0] for p in parsed if p}) != 1:
+    families = {_family(a) for a in addresses}
+    if None in families or len(families) != 1:
         raise ValueError(
             "a list of servers takes ip:port addresses of one family (10.0.0.1:50051, [::1]:50051); "
             f"for a name that resolves to several servers, use 'dns:///name:port' (got {addresses!r})"
         )
-    family = parsed[0][0] if parsed[0] else 4
-    return f"ipv{family}:{','.join(addresses)}", True
+    return f"ipv{families.pop()}:{','.join(addresses)}", True
 
 
 def service_config(*, retries: bool, balancing: bool, health_checks: bool) -> str | None:
@@ -114,14 +113,14 @@ def service_config(*, retries: bool, balancing: bool, health_checks: bool) -> st
             "backoffMultiplier": 2,
             "retryableStatusCodes": codes,
         }
-        config["methodConfig"] = [{"name": [{"service": SERVICE_NAME}], "retryPolicy": policy}]
+        config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": policy}]
         # 1.0, not 1: grpcio reads an integral tokenRatio as no ratio at all,
         # and then successes never earn tokens back (seen with grpcio 1.85).
         config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 1.0}
     if balancing:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
         if health_checks:
-            config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+            config["healthCheckConfig"] = {"serviceName": SERVICE}
     return json.dumps(config) if config else None
 
 

@@ -70,6 +70,20 @@ def server_options(
     ]
 
 
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Listen on `address` (TLS with `credentials`); the port, which `:0` picks, or OSError."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"could not bind {address}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
 def build_server(service: LLMService) -> grpc.aio.Server:
     """A bare grpc.aio server with LLMService registered and no ports bound yet.
 
@@ -150,16 +164,7 @@ class LLMServer:
         Raises:
             OSError: the address cannot be bound.
         """
-        try:
-            if credentials is None:
-                port = self.grpc_server.add_insecure_port(address)
-            else:
-                port = self.grpc_server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
-            raise OSError(f"could not bind {address}: {exc}") from exc
-        if port == 0:
-            raise OSError(f"could not bind {address}")
-        return port
+        return _bind(self.grpc_server, address, credentials)
 
     def add_health_port(self, address: str) -> int:
         """Serve grpc.health.v1 alone, in plaintext, on `address`; return the port (`:0` picks one).
@@ -175,13 +180,7 @@ class LLMServer:
         if self.health_server is None:
             self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.health_server)
-        try:
-            port = self.health_server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise OSError(f"could not bind {address}: {exc}") from exc
-        if port == 0:
-            raise OSError(f"could not bind {address}")
-        return port
+        return _bind(self.health_server, address, None)
 
     def add_insecure_port(self, address: str) -> int:
         """`add_port` without TLS (grpc.aio.Server's name for it)."""
@@ -344,8 +343,8 @@ async def _serve(
     waiter = asyncio.create_task(server.wait_for_termination())
     stopped = asyncio.create_task(stop.wait())
     restarts = Restarts(config.max_engine_restarts, ENGINE_RESTART_WINDOW)
+    watching = config.on_engine_failure in ("exit", "restart")
     while True:
-        watching = config.on_engine_failure in ("exit", "restart")
         failed = asyncio.create_task(server.health.engine_failed.wait()) if watching else None
         await asyncio.wait([waiter, stopped, *([failed] if failed else [])], return_when=asyncio.FIRST_COMPLETED)
         if failed is None or not failed.done():
