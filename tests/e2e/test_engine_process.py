@@ -17,7 +17,7 @@ import pytest
 from entity_llm_client import LLMClient, LLMError
 
 from ..conftest import alive, children, console_script, free_port, wait_until
-from .conftest import IMPORT_OS_8
+from .conftest import IMPORT_OS_8, inspect_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -240,50 +240,13 @@ def test_a_killed_tensor_parallel_rank_ends_the_server_with_code_3_under_on_engi
     assert wait_until(lambda: not any(alive(pid) for pid in ranks), timeout=10)
 
 
-# The console script's own `serve()`: once it has answered a chat request (through a plain grpc
-# stub), it reports whether torch was imported and its resident memory before and after.
-FRONT_END = """
-import asyncio, io, re, signal, sys
-import grpc
-from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from entity_llm_server.config import parse_config
-from entity_llm_server.server import serve
-
-def rss_mib():
-    status = open("/proc/self/status").read()
-    return int(re.search(r"VmRSS:\\s+(\\d+)", status).group(1)) / 1024
-
-def chat(port):
-    request = llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(role="user", content="Add two numbers.")])
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return list(llm_pb2_grpc.LLMServiceStub(channel).Generate(request, timeout=60))[-1].generated_token_count
-
-async def main():
-    ready = asyncio.Event()
-    config = parse_config(["--host", "127.0.0.1", "--port", "0", "--max-new-tokens", "8"], env={})
-    served = asyncio.create_task(serve(config, ready=ready))
-    await ready.wait()
-    port = re.search(r"listening on \\S+:(\\d+)", sys.stdout.getvalue()).group(1)
-    before = rss_mib()
-    tokens = await asyncio.to_thread(chat, port)
-    print("report", "torch" in sys.modules, tokens, round(before), round(rss_mib()), file=sys.stderr)
-    signal.raise_signal(signal.SIGTERM)
-    return await served
-
-sys.stdout = io.StringIO()  # serve() prints the port there
-sys.exit(asyncio.run(main()))
-"""
-
-
 def test_the_front_end_serves_a_chat_without_importing_torch():
     """The gRPC process tokenizes, renders chat templates and detokenizes; the engine process loads the
     tokenizer (AutoTokenizer, with torch) and hands it over, so the front end stays small."""
-    out = subprocess.run([sys.executable, "-c", FRONT_END], capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    (report,) = [line.split()[1:] for line in out.stderr.splitlines() if line.startswith("report ")]
-    torch, tokens, before, after = report
-    assert (torch, tokens) == ("False", "8")
+    served = inspect_serving("chat", {})
+    assert served["tokens"] == 8
+    assert "torch" not in served["packages"]
     # 84 and 85 MiB here (2026-12-01); 325 and 327 when the front end loaded the tokenizer itself.
-    assert int(before) < 200
-    assert int(after) < 200
+    before, after = served["rss_mib"]
+    assert before < 200
+    assert after < 200

@@ -3,8 +3,6 @@ in the caller's trace; without an endpoint it imports no OpenTelemetry and runs 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -17,6 +15,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from entity_llm_client import LLMClient
 
 from ..conftest import RunningServer, wait_until
+from .conftest import inspect_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -74,41 +73,8 @@ def test_the_console_script_exports_its_spans_into_the_callers_trace(collector, 
     assert attributes["gen_ai.usage.output_tokens"].int_value == 8
 
 
-# The console script's own `serve()`, without an endpoint: once it has answered a call (through a
-# plain grpc stub, not the client SDK, which imports OpenTelemetry's API when it is installed), it
-# reports which threads run and which OpenTelemetry modules were imported, then stops.
-UNTRACED = """
-import asyncio, io, re, signal, sys, threading
-import grpc
-from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from entity_llm_server.config import parse_config
-from entity_llm_server.server import serve
-
-def call(port):
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        list(llm_pb2_grpc.LLMServiceStub(channel).Generate(llm_pb2.GenerateRequest(prompt="x"), timeout=60))
-
-async def main():
-    ready = asyncio.Event()
-    config = parse_config(["--host", "127.0.0.1", "--port", "0", "--max-new-tokens", "4"], env={})
-    served = asyncio.create_task(serve(config, ready=ready))
-    await ready.wait()
-    port = re.search(r"listening on \\S+:(\\d+)", sys.stdout.getvalue()).group(1)
-    await asyncio.to_thread(call, port)
-    print("threads", sorted(t.name for t in threading.enumerate()), file=sys.stderr)
-    print("modules", sorted(m for m in sys.modules if m.startswith("opentelemetry")), file=sys.stderr)
-    signal.raise_signal(signal.SIGTERM)
-    return await served
-
-sys.stdout = io.StringIO()  # serve() prints the port there
-sys.exit(asyncio.run(main()))
-"""
-
-
 def test_without_an_endpoint_no_opentelemetry_is_imported_and_no_exporter_runs():
-    env = {"HF_HUB_OFFLINE": "1", "OTEL_SERVICE_NAME": "not-exported"}
-    out = subprocess.run([sys.executable, "-c", UNTRACED], capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, out.stderr
-    report = dict(line.split(" ", 1) for line in out.stderr.splitlines() if line.startswith(("threads ", "modules ")))
-    assert "OtelBatch" not in report["threads"]
-    assert report["modules"] == "[]"
+    served = inspect_serving("prompt", {"OTEL_SERVICE_NAME": "not-exported"})
+    assert served["tokens"] == 8
+    assert not [name for name in served["threads"] if name.startswith("OtelBatch")]
+    assert "opentelemetry" not in served["packages"]
