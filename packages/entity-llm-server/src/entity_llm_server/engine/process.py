@@ -5,9 +5,8 @@ one GIL: every token's detokenization, stop matching, protobuf and gRPC write
 waits for the batching loop's Python scheduling between torch calls, and the
 other way round (profiled at 32 streams: the batching thread busy about 78% of
 the time, the event loop 14%, hardly ever at once). Here the model runs in an
-engine process (`worker`, started by `launcher.EngineProcess`) and the gRPC
-process keeps only the tokenizer (which the engine process loads and hands
-over, so the gRPC process imports no torch), and the two loops run in parallel.
+engine process (`worker`, started by `launcher.EngineProcess`), which hands the
+tokenizer to the gRPC process (no torch there), and the loops run in parallel.
 
 `ProcessCore` is the front end's side of that process: it sends requests and
 cancels as `ipc` messages, and reads each step's outputs on the event loop.
