@@ -192,6 +192,14 @@ MUTATIONS = (
         'ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]',
         ("tests/model/test_chat_content.py",),
     ),
+    Mutation(
+        "stalled-streams",
+        "a Generate stream whose client stopped reading is ended and frees its place (--stalled-stream-timeout)",
+        "stalls.py",
+        "asyncio.get_running_loop().call_soon(task.cancel)",
+        "pass",
+        ("tests/integration/test_shares.py", "-k", "stopped_reading"),
+    ),
 )
 
 

@@ -10,6 +10,8 @@ from entity_llm_server import LLMService
 from entity_llm_server.shares import Shares, peer_host
 from entity_llm_server.testing import FakeEngine
 
+from ..conftest import wait_until
+
 
 def _holding(client: LLMClient, count: int) -> list:
     """`count` long streams, each admitted (its first chunk read), left open."""
@@ -73,3 +75,35 @@ def test_shares_count_up_and_down_and_without_limits_are_off():
     assert not Shares().limited
     with pytest.raises(ValueError, match="share"):
         Shares(per_key=-1)
+
+
+def _stalled(server) -> float:
+    return server.server.metrics.registry.get_sample_value("entity_llm_stalled_streams_total")
+
+
+def test_streams_whose_client_stopped_reading_are_ended_and_free_their_share(serve):
+    # 64 KiB pieces: a stream that is not read fills its flow-control window within a few dozen messages.
+    engine = FakeEngine(pieces=("x" * 65536,))
+    server = serve(LLMService(engine=engine), max_streams_per_peer=16, stalled_stream_timeout=1.0).start()
+    with LLMClient(server.target, timeout=60) as client:
+        held = _holding(client, 16)  # each read once (admitted), then never again
+        with pytest.raises(OverloadedError, match="--max-streams-per-peer 16"):
+            client.complete("x", max_new_tokens=1)
+        assert wait_until(lambda: _stalled(server) == 16, timeout=15), _stalled(server)
+        assert wait_until(lambda: engine.active == 0)  # their generations were cancelled
+        # The share came back: a client that reads is served.
+        assert client.complete("x", max_new_tokens=2).usage.generated_tokens == 2
+        # A stalled client that reads again gets what was on its way, then the reason.
+        with pytest.raises(OverloadedError, match=r"had not read for 1 s.*--stalled-stream-timeout 1"):
+            for _ in held[0]:
+                pass
+        for stream in held[1:]:
+            stream.close()
+
+
+def test_a_stream_waiting_on_the_model_is_not_ended_as_stalled(serve):
+    # Each token takes longer than the timeout: the wait is the engine's, not the client's.
+    server = serve(LLMService(engine=FakeEngine(delay=0.8)), stalled_stream_timeout=0.3).start()
+    with LLMClient(server.target, timeout=60) as client:
+        assert client.complete("x", max_new_tokens=3).usage.generated_tokens == 3
+    assert _stalled(server) == 0

@@ -26,6 +26,9 @@ ENV_PREFIX = "ENTITY_LLM_"
 # generation on a CPU runs for many minutes, and an old connection that only
 # carries such streams costs nothing.
 MAX_CONNECTION_AGE = 300.0
+# A Generate stream whose client has not read for this long (its flow-control
+# window full) is ended, so that it frees its place (--stalled-stream-timeout).
+STALLED_STREAM_TIMEOUT = 60.0
 MAX_CONNECTION_AGE_GRACE = 3600.0
 
 
@@ -66,6 +69,9 @@ class ServerConfig:
             (0: no limit); a caller over its share gets RESOURCE_EXHAUSTED
             naming the limit while others are admitted.
         max_streams_per_peer: the same for one client host (its address).
+        stalled_stream_timeout: seconds a Generate stream may wait for its
+            client to read (flow control full) before it is ended, freeing
+            its place (the client then reads RESOURCE_EXHAUSTED); 0: never.
         metrics_port: port of the Prometheus `/metrics` endpoint on `host`;
             0 serves no metrics.
         health_check_interval: seconds between two looks at the engine's
@@ -128,6 +134,7 @@ class ServerConfig:
     api_key_file: str | None = None
     max_streams_per_key: int = 0
     max_streams_per_peer: int = 0
+    stalled_stream_timeout: float = STALLED_STREAM_TIMEOUT
     metrics_port: int = 0
     health_port: int = 0
     max_connection_age: float = MAX_CONNECTION_AGE
@@ -259,6 +266,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--max-streams-per-peer",
         type=_non_negative_int,
         help="Generate streams one client host may hold at once; more get RESOURCE_EXHAUSTED; 0: no limit",
+    )
+    add(
+        "--stalled-stream-timeout",
+        type=_non_negative_float,
+        help="seconds a Generate stream may wait for its client to read before it is ended, freeing its place "
+        "(the client reads RESOURCE_EXHAUSTED); 0: never",
     )
     add("--metrics-port", type=_port, help="serve Prometheus metrics on http://HOST:PORT/metrics; 0: off")
     add(

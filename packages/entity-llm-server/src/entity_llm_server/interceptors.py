@@ -13,7 +13,9 @@ not one per concern) and, per RPC:
    longer be retried on another replica;
 2. checks the API key (`authorization: Bearer <key>`) when keys are set,
    and, with fair shares set, refuses a Generate stream over its key's or its
-   client host's share with RESOURCE_EXHAUSTED;
+   client host's share with RESOURCE_EXHAUSTED; with a stalled-stream
+   timeout, hands each Generate stream to the watch that ends it when its
+   client stops reading (`stalls.py`);
 3. refuses new RPCs with UNAVAILABLE once a drain has begun, and counts the
    admitted ones so the drain can wait for them;
 4. answers INVALID_ARGUMENT, naming the problem (and each string field that
@@ -49,6 +51,7 @@ from .errors import status_for
 from .health import HEALTH_SERVICE, LLM_SERVICE
 from .metrics import Metrics
 from .shares import Shares
+from .stalls import StalledStreams
 from .tracing import Moments
 from .validation import MAX_REQUEST_ID_CHARS, UndecodableRequestError, non_utf8_fields
 
@@ -141,8 +144,8 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Calla
 
 class _Call:
     __slots__ = (
-        "echo", "gated", "key", "last", "method", "moments", "open", "request_id", "shared", "span", "start",
-        "stream", "streamed_ids", "timed",
+        "context", "echo", "gated", "key", "last", "method", "moments", "open", "request_id", "shared", "span",
+        "stalled", "start", "stream", "streamed_ids", "task", "timed", "writing", "written",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -161,6 +164,13 @@ class _Call:
         self.key: int | None = None  # the API key's place in the key file
         self.shared: str | None = None  # the peer whose share the call counts against
         self.moments: Moments | None = None
+        # For the stalled-stream watch (`stalls.py`): a Generate stream's
+        # writes, and what ends it.
+        self.writing = False
+        self.written = 0
+        self.stalled = False
+        self.task: asyncio.Task[Any] | None = None
+        self.context: Any = None
 
 
 def _request_id(metadata: Any, request: Any) -> str:
@@ -221,6 +231,7 @@ class OperationsInterceptor(_Interceptor):
             it is the interceptor's only per-token cost.
         tracing: traces the RPCs (None: no tracing, at no cost).
         shares: the streams one API key or one client host may hold (None: no limits).
+        stalls: ends Generate streams whose client stopped reading (None: never).
     """
 
     def __init__(
@@ -232,8 +243,10 @@ class OperationsInterceptor(_Interceptor):
         token_timings: bool = True,
         tracing: Tracing | None = None,
         shares: Shares | None = None,
+        stalls: StalledStreams | None = None,
     ) -> None:
         self.api_keys = api_keys
+        self.stalls = stalls
         self.shares = shares if shares is not None and shares.limited else None
         self.gate = gate
         self.metrics = metrics
@@ -296,18 +309,27 @@ class OperationsInterceptor(_Interceptor):
                         async for message in stream:
                             yield message
                         return
+                    # `writing` spans the write of each message (grpc.aio
+                    # resumes this generator when the write is done): the
+                    # stalled-stream watch reads it.
                     if not self.token_timings:  # nobody scrapes the latency histograms
                         async for message in stream:
                             if call.moments is not None:  # a trace's first-token moment
                                 call.moments.first_token = clock()
                             call.last = message
                             call.streamed_ids += len(getattr(message, "token_ids", ()))
+                            call.writing = True
                             yield message
+                            call.writing = False
+                            call.written += 1
                             break
                         async for message in stream:
                             call.last = message
                             call.streamed_ids += len(getattr(message, "token_ids", ()))
+                            call.writing = True
                             yield message
+                            call.writing = False
+                            call.written += 1
                         return
                     # The per-token path: locals only, one clock read per message.
                     last_at = 0.0
@@ -322,7 +344,10 @@ class OperationsInterceptor(_Interceptor):
                         last_at = now
                         call.last = message
                         call.streamed_ids += len(getattr(message, "token_ids", ()))
+                        call.writing = True
                         yield message
+                        call.writing = False
+                        call.written += 1
             except BaseException as exc:  # GeneratorExit too: grpcio dropped the stream
                 error = exc
                 raise
@@ -363,11 +388,14 @@ class OperationsInterceptor(_Interceptor):
                 if (refusal := self.shares.take(call.key, peer)) is not None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
                 call.shared = peer
+            if self.stalls is not None and call.stream and call.timed:
+                call.task, call.context = asyncio.current_task(), context
+                self.stalls.watch(call)
         if isinstance(request, _Undecodable):
             await context.abort(*status_for(request.error))
 
     def _close(self, call: _Call, context: Any, error: BaseException | None) -> None:
-        code = _final_code(error, context)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if call.stalled else _final_code(error, context)
         seconds = time.perf_counter() - call.start
         tokens = 0
         if call.timed and call.last is not None:
@@ -383,6 +411,9 @@ class OperationsInterceptor(_Interceptor):
             self.gate.leave()
         if self.shares is not None and call.shared is not None:
             self.shares.give_back(call.key, call.shared)
+        if self.stalls is not None and call.task is not None:
+            self.stalls.forget(call)
+            call.task = call.context = None
         if self.tracing is not None and call.span is not None and call.moments is not None:
             try:
                 self.tracing.finish(call.span, code, call.request_id, call.last, call.moments)

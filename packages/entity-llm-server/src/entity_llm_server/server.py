@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._gen.entity.grpc import llm_pb2_grpc
 from .auth import ApiKeys, load_api_keys
-from .config import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, ServerConfig
+from .config import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, STALLED_STREAM_TIMEOUT, ServerConfig
 from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor
 from .interceptors import DrainGate, OperationsInterceptor
 from .metrics import Metrics
@@ -23,6 +23,7 @@ from .resource import UnifiedLLMResource
 from .restarts import Restarts, restart
 from .service import LLMService
 from .shares import Shares
+from .stalls import StalledStreams
 from .tls import server_credentials
 from .tracing import Tracing, otlp_provider, wanted
 from .validation import MAX_MESSAGE_BYTES
@@ -116,6 +117,8 @@ class LLMServer:
         max_streams_per_key: Generate streams one API key may hold at once
             (0: no limit); more get RESOURCE_EXHAUSTED.
         max_streams_per_peer: the same for one client host.
+        stalled_stream_timeout: seconds a Generate stream may wait for its
+            client to read before it is ended (`stalls.py`); 0: never.
     """
 
     def __init__(
@@ -129,12 +132,16 @@ class LLMServer:
         tracing: Tracing | None = None,
         max_streams_per_key: int = 0,
         max_streams_per_peer: int = 0,
+        stalled_stream_timeout: float = STALLED_STREAM_TIMEOUT,
     ) -> None:
         self.service = service
         self.tracing = tracing
         self.health = HealthMonitor(service, interval=health_check_interval)
         self.gate = DrainGate()
         self.metrics = Metrics(engine_load=self._engine_load, engine_cores=self._engine_cores)
+        self.stalls = (
+            StalledStreams(stalled_stream_timeout, self.metrics.stalled_streams.inc) if stalled_stream_timeout else None
+        )
         interceptor = OperationsInterceptor(
             api_keys=ApiKeys(api_keys),
             gate=self.gate,
@@ -142,6 +149,7 @@ class LLMServer:
             token_timings=token_timings,
             tracing=tracing,
             shares=Shares(max_streams_per_key, max_streams_per_peer),
+            stalls=self.stalls,
         )
         self.grpc_server = grpc.aio.server(options=list(options), interceptors=[interceptor])
         llm_pb2_grpc.add_LLMServiceServicer_to_server(service, self.grpc_server)
@@ -228,6 +236,8 @@ class LLMServer:
         if self.health_server is not None:  # probes read NOT_SERVING until the very end
             await self.health_server.stop(0)
         await self.health.stop()
+        if self.stalls is not None:
+            await self.stalls.close()
         self.metrics.close()
 
     async def wait_for_termination(self) -> None:
@@ -279,6 +289,7 @@ async def _serve(
         tracing=tracing,
         max_streams_per_key=config.max_streams_per_key,
         max_streams_per_peer=config.max_streams_per_peer,
+        stalled_stream_timeout=config.stalled_stream_timeout,
     )
     host = config.host.strip("[]")
     # Bind first: a taken port fails in a moment, not after loading a model.
