@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -81,6 +82,17 @@ def slow_forward(engine: BatchingEngine, seconds: float, fail_after: int | None 
         return forward(*args, **kwargs)
 
     model.forward = slow
+
+
+def held_forward(engine: BatchingEngine, gate: threading.Event) -> None:
+    """Make every forward pass wait for `gate` (a kernel that does not return, until it does)."""
+    forward = engine.model.forward
+
+    def held(*args, **kwargs):
+        gate.wait(120)
+        return forward(*args, **kwargs)
+
+    engine.model.forward = held
 
 
 def assert_engine_failed(client: LLMClient, streams: Iterable[Iterator[object]], cause: str) -> None:

@@ -200,6 +200,14 @@ MUTATIONS = (
         "pass",
         ("tests/integration/test_shares.py", "-k", "stopped_reading"),
     ),
+    Mutation(
+        "stuck-engine",
+        "an engine that holds requests and runs no step is NOT_SERVING and refuses requests until it steps again",
+        "engine/batching.py",
+        'return self._running and self.pulse.stuck(bool(self._seen), int(getattr(manager, "current_batch", 0)))',
+        "return False",
+        ("tests/model/test_engine_health.py", "-k", "stuck"),
+    ),
 )
 
 

@@ -162,17 +162,19 @@ def _health(target: str) -> int:
     return int(reply.status)
 
 
-def _kill_the_engine_mid_stream(running: Server) -> LLMError:
-    """SIGKILL the engine process while a stream is open; return the error that stream ended with."""
+def _kill_the_engine_mid_stream(running: Server, how: signal.Signals = signal.SIGKILL) -> LLMError:
+    """Send `how` to the engine process while a stream is open (SIGKILL, or SIGSTOP: a process stuck
+    for good); return the error that stream ended with."""
     with LLMClient(running.target, timeout=60) as client:
         stream = client.generate("class Parser:", max_new_tokens=400, min_new_tokens=400)
         assert next(stream).text is not None
         (engine_pid,) = children(running.process.pid)
-        os.kill(engine_pid, signal.SIGKILL)
+        os.kill(engine_pid, how)
         with pytest.raises(LLMError) as ended:
             list(stream)
     assert ended.value.code is grpc.StatusCode.INTERNAL
-    assert "SIGKILL" in str(ended.value)
+    if how == signal.SIGKILL:
+        assert "SIGKILL" in str(ended.value)
     return ended.value
 
 
@@ -203,18 +205,22 @@ def test_on_engine_failure_restart_loads_the_engine_again_until_the_bound_then_e
 
     metrics_port = free_port()
     running = server("--on-engine-failure", "restart", "--max-engine-restarts", "3", "--health-check-interval",
-                     "0.2", "--metrics-port", str(metrics_port), "--host", "127.0.0.1")  # fmt: skip
+                     "0.2", "--engine-stuck-timeout", "1", "--metrics-port", str(metrics_port),
+                     "--host", "127.0.0.1")  # fmt: skip
     serving = health_pb2.HealthCheckResponse.SERVING
-    for restart in range(3):
+    # Killed twice, then stopped for good (SIGSTOP: 10 s without an answer to
+    # its pings, 1 s more stalled, and it counts as failed).
+    for restart, (how, within) in enumerate([(signal.SIGKILL, 15), (signal.SIGKILL, 15), (signal.SIGSTOP, 30)]):
         old = children(running.process.pid)
-        _kill_the_engine_mid_stream(running)  # the stream on it ends INTERNAL, as before
+        _kill_the_engine_mid_stream(running, how)  # the stream on it ends INTERNAL, as before
 
         # A new engine process, serving again within 15 s of the kill.
         def serving_anew(old: list[int] = old) -> bool:
             new = [pid for pid in children(running.process.pid) if alive(pid)]
             return bool(new) and not set(new) & set(old) and _health(running.target) == serving
 
-        assert wait_until(serving_anew, timeout=15)
+        assert wait_until(serving_anew, timeout=within)
+        assert not any(alive(pid) for pid in old)  # the stopped one too: killed, not left behind
         with LLMClient(running.target, timeout=60) as client:
             assert "".join(c.text for c in client.generate("import os\n", max_new_tokens=8)) == IMPORT_OS_8
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()

@@ -99,3 +99,22 @@ def test_only_a_failed_engine_not_a_stalled_one_counts_as_engine_failure(serve):
     assert not failed.is_set()
     engine.stalled = False  # alive no more: a failure
     assert wait_until(failed.is_set)
+
+
+def test_an_engine_stalled_past_the_stuck_timeout_has_failed_and_a_recovery_resets_the_clock(serve):
+    engine = BreakableEngine()
+    server = serve(LLMService(engine=engine), health_check_interval=0.02, engine_stuck_timeout=0.5).start()
+    health = server.server.health
+    server.call(engine.start())
+    assert wait_until(lambda: check(server.target, "") == SERVING)
+    for _ in range(3):  # stalls shorter than the timeout, each followed by a recovery: no failure
+        engine.broken = engine.stalled = True
+        assert wait_until(lambda: check(server.target, "") == NOT_SERVING)
+        looked = health.looks
+        assert wait_until(lambda looked=looked: health.looks >= looked + 3)
+        engine.broken = engine.stalled = False
+        assert wait_until(lambda: check(server.target, "") == SERVING)
+    assert not health.engine_failed.is_set()
+    engine.broken = engine.stalled = True  # stuck for good
+    assert wait_until(health.engine_failed.is_set, timeout=5)
+    assert engine.stalled  # still alive: it failed by the clock, not by dying

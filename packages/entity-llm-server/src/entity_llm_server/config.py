@@ -29,6 +29,9 @@ MAX_CONNECTION_AGE = 300.0
 # A Generate stream whose client has not read for this long (its flow-control
 # window full) is ended, so that it frees its place (--stalled-stream-timeout).
 STALLED_STREAM_TIMEOUT = 60.0
+# An engine that has not run for this long (stuck, or its process stopped) has
+# failed: --on-engine-failure decides what follows (--engine-stuck-timeout).
+ENGINE_STUCK_TIMEOUT = 60.0
 MAX_CONNECTION_AGE_GRACE = 3600.0
 
 
@@ -110,6 +113,10 @@ class ServerConfig:
             backoff, up to `max_engine_restarts` times in 10 minutes, then
             exits with code 3.
         max_engine_restarts: restarts `restart` makes within 10 minutes.
+        engine_stuck_timeout: seconds an engine may go without running
+            while it holds requests (or, in its own process, without
+            answering) before it counts as failed; after 10 s it is
+            NOT_SERVING already, and may recover until then. 0: never.
     """
 
     model: str | None = None
@@ -147,6 +154,7 @@ class ServerConfig:
     trust_remote_code: str = "off"
     on_engine_failure: str = "stay"
     max_engine_restarts: int = 3
+    engine_stuck_timeout: float = ENGINE_STUCK_TIMEOUT
 
     def batching(self) -> BatchingSettings:
         """The batching engine's settings."""
@@ -307,6 +315,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--max-engine-restarts",
         type=_positive_int,
         help="with --on-engine-failure restart: restarts allowed within 10 minutes before the server gives up",
+    )
+    add(
+        "--engine-stuck-timeout",
+        type=_non_negative_float,
+        help="seconds an engine may hold requests without running a step (or its process go unanswered) before it "
+        "counts as failed (--on-engine-failure applies); it is NOT_SERVING after 10 s; 0: never",
     )
     return parser
 

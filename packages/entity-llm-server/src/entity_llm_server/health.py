@@ -2,7 +2,10 @@
 
 NOT_SERVING until the engine is loaded and started (the batching engine warms
 up in `start()`), SERVING while the engine reports `healthy`, NOT_SERVING again
-when it fails (its batching thread died) and, for good, once a drain begins.
+when it fails (its batching thread died) or stalls (stuck, or its process not
+answering: it may recover), and, for good, once a drain begins. An engine
+stalled for `stuck_timeout` seconds has failed (`engine_failed`: the console
+script exits or restarts it, per --on-engine-failure).
 A watcher task polls the engine, so a failure flips the status without any
 request arriving, and Watch streams see each change.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health_pb2
@@ -36,15 +40,18 @@ class HealthMonitor:
     Args:
         service: the LLMService whose engine decides the status.
         interval: seconds between two looks at the engine.
+        stuck_timeout: seconds an engine may stay stalled before it counts as failed (0: never).
     """
 
     names = ("", LLM_SERVICE)
 
-    def __init__(self, service: LLMService, *, interval: float = 1.0) -> None:
+    def __init__(self, service: LLMService, *, interval: float = 1.0, stuck_timeout: float = 0.0) -> None:
         if interval <= 0:
             raise ValueError("the health check interval must be positive")
         self.service = service
         self.interval = interval
+        self.stuck_timeout = stuck_timeout
+        self._stalled_since: float | None = None
         self.servicer = HealthServicer()
         self.status: health_pb2.HealthCheckResponse.ServingStatus | None = None
         self.draining = False
@@ -88,8 +95,18 @@ class HealthMonitor:
         """Look at the engine now and publish what it says."""
         ready = self.engine_ready()
         await self._set(SERVING if ready else NOT_SERVING)
-        if not ready and self._served and not self.draining and not self.restarting and not self._stalled():
-            self.engine_failed.set()
+        stalled = not ready and self._stalled()
+        now = time.monotonic()
+        if not stalled:
+            self._stalled_since = None
+        elif self._stalled_since is None:
+            self._stalled_since = now
+        if not ready and self._served and not self.draining and not self.restarting and not self.engine_failed.is_set():
+            if not stalled:
+                self.engine_failed.set()
+            elif self.stuck_timeout and now - (self._stalled_since or now) >= self.stuck_timeout:
+                log.error("the engine has not run for %g s: it has failed (--engine-stuck-timeout)", self.stuck_timeout)
+                self.engine_failed.set()
         self.looks += 1
 
     async def _watch(self) -> None:

@@ -15,7 +15,13 @@ from grpc_reflection.v1alpha import reflection
 
 from ._gen.entity.grpc import llm_pb2_grpc
 from .auth import ApiKeys, load_api_keys
-from .config import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, STALLED_STREAM_TIMEOUT, ServerConfig
+from .config import (
+    ENGINE_STUCK_TIMEOUT,
+    MAX_CONNECTION_AGE,
+    MAX_CONNECTION_AGE_GRACE,
+    STALLED_STREAM_TIMEOUT,
+    ServerConfig,
+)
 from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor
 from .interceptors import DrainGate, OperationsInterceptor
 from .metrics import Metrics
@@ -108,6 +114,8 @@ class LLMServer:
         service: the servicer.
         api_keys: accepted API keys; empty: calls need no key.
         health_check_interval: seconds between two looks at the engine's health.
+        engine_stuck_timeout: seconds an engine may stay stalled (stuck, or
+            its process not answering) before `health.engine_failed` is set.
         options: grpc.aio server options.
         token_timings: time each Generate message for the TTFT and
             inter-token histograms (the console script turns it on with
@@ -127,6 +135,7 @@ class LLMServer:
         *,
         api_keys: Sequence[str] = (),
         health_check_interval: float = 1.0,
+        engine_stuck_timeout: float = ENGINE_STUCK_TIMEOUT,
         options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
         token_timings: bool = True,
         tracing: Tracing | None = None,
@@ -136,7 +145,7 @@ class LLMServer:
     ) -> None:
         self.service = service
         self.tracing = tracing
-        self.health = HealthMonitor(service, interval=health_check_interval)
+        self.health = HealthMonitor(service, interval=health_check_interval, stuck_timeout=engine_stuck_timeout)
         self.gate = DrainGate()
         self.metrics = Metrics(engine_load=self._engine_load, engine_cores=self._engine_cores)
         self.stalls = (
@@ -284,6 +293,7 @@ async def _serve(
         service,
         api_keys=api_keys,
         health_check_interval=config.health_check_interval,
+        engine_stuck_timeout=config.engine_stuck_timeout,
         options=server_options(config.max_connection_age, config.max_connection_age_grace),
         token_timings=bool(config.metrics_port),
         tracing=tracing,

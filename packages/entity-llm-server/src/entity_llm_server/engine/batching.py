@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, EngineError
-from .core import CoreSink, ModelFacts, SeqOutput
+from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
 from .settings import BatchingSettings, check_graph_sampling
@@ -85,6 +85,7 @@ class BatchingCore:
         self._failure: str | None = None
         self._lock = threading.Lock()  # `_seen` and the logprob records, between callers and the pump
         self._seen: dict[str, int] = {}  # request id -> tokens already reported
+        self.pulse = Pulse()
 
     @property
     def cuda_graphs(self) -> bool:
@@ -93,8 +94,18 @@ class BatchingCore:
 
     @property
     def healthy(self) -> bool:
-        """False once the batching thread has died (or before start)."""
+        """False once the batching thread has died (or before start), and while it is stuck."""
+        return self._running and not self.stalled
+
+    @property
+    def _running(self) -> bool:
         return self._failure is None and self._manager is not None and self._manager.is_running()
+
+    @property
+    def stalled(self) -> bool:
+        """The batching thread runs, holds requests and has finished no step for the pulse's timeout."""
+        manager = self._manager
+        return self._running and self.pulse.stuck(bool(self._seen), int(getattr(manager, "current_batch", 0)))
 
     @property
     def active(self) -> int:
@@ -109,7 +120,8 @@ class BatchingCore:
             check_graph_sampling(sampling)
 
     def check_admission(self) -> None:
-        pass  # the front end's capacity is this core's whole admission
+        if self.stalled:  # the front end's capacity is otherwise this core's whole admission
+            raise self.pulse.refusal()
 
     # -- lifecycle ----------------------------------------------------------
 

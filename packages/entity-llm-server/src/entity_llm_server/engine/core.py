@@ -11,15 +11,51 @@ detokenizing, stop sequences, time limits. Cores: `batching.BatchingCore`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .base import CoreState
+from .base import CoreState, EngineUnavailableError
 
 if TYPE_CHECKING:
     from .frontend import Prepared
     from .sampling import Sampling, TokenLogprob
+
+
+# A core that holds requests and has run no step for LIVENESS_TIMEOUT seconds
+# is stuck (a kernel that never returns, a deadlock): unhealthy and refusing
+# new requests until it steps again. The front end gives the engine process's
+# pings the same time to be answered.
+LIVENESS_TIMEOUT = 10.0
+
+
+class Pulse:
+    """Tells a core that is stuck from one that is idle or busy: whether the
+    steps it counts still move while it holds requests.
+
+    It judges from the moments it is asked (the health watcher asks every
+    second), so it can be late to call a core stuck, never early.
+    """
+
+    def __init__(self, timeout: float = LIVENESS_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._steps = -1  # the step count when last seen moving; -1: not holding requests then
+        self._since = 0.0
+
+    def stuck(self, holding: bool, steps: int) -> bool:
+        """Whether a core holding requests (`holding`) has counted no step beyond `steps` for `timeout` seconds."""
+        now = time.monotonic()
+        if not holding or steps != self._steps:
+            self._steps, self._since = (steps if holding else -1), now
+            return False
+        return now - self._since >= self.timeout
+
+    def refusal(self) -> EngineUnavailableError:
+        """What a request that comes to a stuck core gets."""
+        return EngineUnavailableError(
+            f"the engine has run no step for {self.timeout:g} s while holding requests (stuck); try again later"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +128,12 @@ class Core(Protocol):
 
     @property
     def healthy(self) -> bool:
-        """Whether the core is started and can serve now."""
+        """Whether the core is started and can serve now (not stalled)."""
+        ...
+
+    @property
+    def stalled(self) -> bool:
+        """Not failed, but not running (stuck, or its process not answering): unhealthy, yet it may recover."""
         ...
 
     @property

@@ -134,6 +134,11 @@ class FrontEnd:
         """Started, not failed, and the core can serve."""
         return self._started and self._failure is None and self.core.healthy
 
+    @property
+    def stalled(self) -> bool:
+        """Not failed, but its core does not run (stuck, or its process not answering): it may recover."""
+        return self._started and self._failure is None and self.core.stalled
+
     async def start(self) -> None:
         # The first requests may all call start() at once: one starts the core.
         async with self._start_lock:

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import sampling as s
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
-from .core import CoreSink, ModelFacts, SeqOutput
+from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
 from .settings import BatchingSettings
@@ -78,10 +78,17 @@ class PaddedCore:
         self._closing = False
         self._emit: Emit | None = None
         self._steps = 0  # forward passes, written by the worker thread alone
+        self.pulse = Pulse()
 
     @property
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        """The batch thread holds requests and has run no forward pass for the pulse's timeout."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.pulse.stuck(bool(self._waiting or self._running), self._steps)
 
     @property
     def active(self) -> int:
@@ -91,7 +98,8 @@ class PaddedCore:
         pass  # every sampling feature runs here
 
     def check_admission(self) -> None:
-        pass  # the front end's capacity is this core's whole admission
+        if self.stalled:  # the front end's capacity is otherwise this core's whole admission
+            raise self.pulse.refusal()
 
     async def start(self, sink: CoreSink) -> None:
         loop = asyncio.get_running_loop()

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError, EngineUnavailableError
-from .core import CoreSink, ModelFacts
+from .core import LIVENESS_TIMEOUT, CoreSink, ModelFacts
 from .frontend import FrontEnd, Prepared
 from .ipc import Add, Cancel, Dead, Message, Ping, Pong, StateQuery, StateReply, Steps, Stop, send_all
 from .launcher import EngineProcess
@@ -40,10 +40,10 @@ from .settings import BatchingSettings, check_graph_sampling
 log = logging.getLogger(__name__)
 
 # The front end pings the engine process every LIVENESS_INTERVAL seconds; one
-# that has not answered for LIVENESS_TIMEOUT (stopped, or its interpreter
-# wedged) is unhealthy until it answers again.
+# that has not answered for LIVENESS_TIMEOUT (stopped, its interpreter wedged,
+# or its core stuck: the worker does not answer for a stuck core) is
+# unhealthy until it answers again.
 LIVENESS_INTERVAL = 1.0
-LIVENESS_TIMEOUT = 10.0
 
 
 def _sender(conn: Connection, outbox: queue.SimpleQueue[Message | None], failure: list[Exception]) -> None:
@@ -416,11 +416,6 @@ class ProcessEngine(FrontEnd):
     def ranks(self) -> list[list[EngineProcess]]:
         """Every engine process: each replica's ranks."""
         return [core.ranks for core in self.processes]
-
-    @property
-    def stalled(self) -> bool:
-        """Not failed, but not answering: unhealthy, yet it may recover."""
-        return self.remote.stalled
 
     def per_core(self) -> list[tuple[int, bool]]:
         if isinstance(self.remote, ReplicaCore):

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import sampling as s
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
-from .core import CoreSink, ModelFacts, SeqOutput
+from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
 
@@ -51,11 +51,17 @@ class SequentialCore:
         self._cancelled: dict[str, threading.Event] = {}
         self._held = 0  # requests submitted whose decode loop has not returned
         self._steps = 0  # forward passes run, written by the worker thread alone
+        self.pulse = Pulse()
         self._count_lock = threading.Lock()
 
     @property
     def healthy(self) -> bool:
-        return self._executor is not None
+        return self._executor is not None and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        """A request is decoding and no forward pass has ended for the pulse's timeout."""
+        return self._executor is not None and self.pulse.stuck(self._held > 0, self._steps)
 
     @property
     def active(self) -> int:
@@ -65,7 +71,8 @@ class SequentialCore:
         pass  # every sampling feature runs here
 
     def check_admission(self) -> None:
-        pass
+        if self.stalled:
+            raise self.pulse.refusal()
 
     async def start(self, sink: CoreSink) -> None:
         loop = asyncio.get_running_loop()

@@ -115,8 +115,9 @@ class _Worker:
                         log.exception("reading the engine's state failed")
                         state = CoreState(-1, -1)
                     self.outbox.put(StateReply(token, state))
-                case Ping(token):  # the front end's liveness check: this process still runs
-                    self.outbox.put(Pong(token))
+                case Ping(token):  # the front end's liveness check: this process and its core still run
+                    if not core.stalled:  # a stuck core: no answer, and the front end calls the process stalled
+                        self.outbox.put(Pong(token))
                 case Stop():
                     return
                 case other:
