@@ -67,7 +67,11 @@ def cb_round(
         from entity_llm_server.engine.cb_sampling import SamplingProcessors
 
         manager.logit_processor = SamplingProcessors(
-            int(model.config.vocab_size), sized.eos_ids, model.device, eager=not sized.batching.cuda_graphs
+            int(model.config.vocab_size),
+            sized.eos_ids,
+            model.device,
+            eager=not sized.batching.cuda_graphs,
+            rows=settings.max_batch_size,
         )
     manager.warmup()
     manager.start()

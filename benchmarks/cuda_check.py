@@ -5,7 +5,9 @@ On the embedded model, on CUDA with graphs on (the default there):
 - greedy streams from the batching engine equal the sequential engine's;
 - a seed gives the same tokens alone and among concurrent requests;
 - the same seed gives the same tokens as the sequential engine (eager code);
-- sampled text differs from greedy text.
+- sampled text differs from greedy text;
+- logprobs (with top alternatives) and repetition_penalty, served from inside
+  the captured graph, equal the sequential engine's (eager code).
 
 Prints one PASS/FAIL line per check and exits 1 on any failure.
 
@@ -22,6 +24,19 @@ import sys
 async def tokens(engine, request) -> tuple[int, ...]:  # engine types load late
     events = [event async for event in engine.generate(request)]
     return events[-1].token_ids
+
+
+async def scored(engine, request) -> list[tuple[int, float, tuple[int, ...]]]:
+    """Each generated token's id, logprob and top alternatives' ids."""
+    events = [event async for event in engine.generate(request)]
+    entries = [e for event in events[:-1] for e in (event.logprobs or ())] + list(events[-1].tail_logprobs)
+    return [(e.token_id, e.logprob, tuple(t for t, _ in e.top)) for e in entries]
+
+
+def close(a: list[tuple[int, float, tuple[int, ...]]], b: list[tuple[int, float, tuple[int, ...]]]) -> bool:
+    return len(a) == len(b) and all(
+        x[0] == y[0] and abs(x[1] - y[1]) < 1e-3 and x[2] == y[2] for x, y in zip(a, b, strict=True)
+    )
 
 
 async def main(device: str) -> int:
@@ -52,6 +67,15 @@ async def main(device: str) -> int:
     seq_seeded = [await tokens(seq, seeded(p, 7)) for p in prompts]
     results.append(("seed: batching (graphs) == sequential (eager)", alone == seq_seeded))
     results.append(("sampled != greedy", alone != cb_greedy))
+    wants = [EngineRequest(p, max_new_tokens=16, sampling=Sampling(top_logprobs=3)) for p in prompts]
+    cb_scores = await asyncio.gather(*(scored(cb, r) for r in wants))
+    seq_scores = [await scored(seq, r) for r in wants]
+    results.append(("logprobs: batching (graphs) == sequential (eager)", all(map(close, cb_scores, seq_scores))))
+    penalised = [EngineRequest(p, max_new_tokens=32, sampling=Sampling(repetition_penalty=1.4)) for p in prompts]
+    cb_penalised = await asyncio.gather(*(tokens(cb, r) for r in penalised))
+    seq_penalised = [await tokens(seq, r) for r in penalised]
+    results.append(("repetition_penalty: batching (graphs) == sequential", cb_penalised == seq_penalised))
+    results.append(("repetition_penalty changes greedy text", cb_penalised != cb_greedy))
     await cb.close()
     await seq.close()
     for name, ok in results:

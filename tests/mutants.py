@@ -208,6 +208,24 @@ MUTATIONS = (
         "return False",
         ("tests/model/test_engine_health.py", "-k", "stuck"),
     ),
+    Mutation(
+        "graph-logprobs",
+        "logprobs work with CUDA graphs: copied out of the step's static buffers before its tokens are handed out",
+        "engine/cb_sampling.py",
+        "self.processors.collect()",
+        "pass",
+        ("tests/model/test_sampling.py", "-k", "graph_mode"),
+        occurrence=1,
+        occurrences=2,
+    ),
+    Mutation(
+        "graph-penalty",
+        "repetition_penalty works with CUDA graphs: the penalised rows' tokens in a static mask the step reads",
+        "engine/cb_sampling.py",
+        "rows.seen = self._seen_rows[:n]",
+        "pass",
+        ("tests/model/test_sampling.py", "-k", "graph_mode"),
+    ),
 )
 
 

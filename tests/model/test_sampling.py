@@ -22,7 +22,6 @@ from entity_llm_server.engine import (
     BatchingSettings,
     EngineError,
     Finished,
-    InvalidRequestError,
     Sampling,
     TextDelta,
 )
@@ -304,19 +303,51 @@ def test_bad_sampling_fields_are_invalid_argument_naming_the_field(serve, fields
     assert f"{field}:" in caught.value.details()
 
 
-def test_graph_mode_refuses_what_a_captured_graph_cannot_do(batching):
-    graphs = BatchingEngine(batching.model, batching.tokenizer, settings=BatchingSettings(cuda_graphs=True))
-    for sampling, field in (
-        (Sampling(logprobs=True), "logprobs"),
-        (Sampling(top_logprobs=2), "top_logprobs"),
-        (Sampling(repetition_penalty=1.2), "repetition_penalty"),
-    ):
-        with pytest.raises(InvalidRequestError) as caught:
-            graphs.prepare(EngineRequest(PROMPT, sampling=sampling))
-        assert caught.value.field == field
-        assert "--cuda-graphs off" in str(caught.value)
-    # Sampling itself runs inside the graph.
-    assert graphs.prepare(EngineRequest(PROMPT, sampling=Sampling(temperature=0.7, top_k=5, top_p=0.9))).ids
+def test_graph_mode_gives_logprobs_and_penalties_equal_to_eager_mode(batching):
+    # With graphs asked for on a CPU, transformers runs the steps uncaptured, but the
+    # sampling processors run their graph-mode code: one static computation per step,
+    # the penalised tokens in a static mask, logprobs copied out of static buffers.
+    graphs = UnifiedLLMResource(
+        batching=BatchingSettings(max_batch_size=8, max_queue=8, cuda_graphs=True)
+    ).load_engine()
+    assert isinstance(graphs, BatchingEngine)
+    requests = [
+        EngineRequest(PROMPT, max_new_tokens=12, sampling=Sampling(logprobs=True, top_logprobs=3)),
+        EngineRequest(PROMPT, max_new_tokens=12, sampling=Sampling(repetition_penalty=1.5, logprobs=True)),
+        EngineRequest(
+            "import os\n",
+            max_new_tokens=12,
+            sampling=Sampling(
+                temperature=0.9, top_k=20, seed=5, repetition_penalty=1.3, top_logprobs=s.MAX_TOP_LOGPROBS
+            ),
+        ),
+        EngineRequest("class Parser:", max_new_tokens=12),  # a plain row among them
+    ]
+
+    def outcomes(engine):
+        async def main():
+            return await asyncio.gather(*(run(engine, r) for r in requests))
+
+        results = with_engine(engine, main)
+        return [(final.token_ids, [e for d in deltas for e in d.logprobs or ()] + list(final.tail_logprobs))
+                for _, final, deltas in results]  # fmt: skip
+
+    captured, eager = outcomes(graphs), outcomes(batching)
+    assert not graphs.batching.sampling.eager
+    assert batching.batching.sampling.eager
+    for (ids, entries), (eager_ids, eager_entries) in zip(captured, eager, strict=True):
+        assert ids == eager_ids
+        assert len(entries) == len(eager_entries)
+        for entry, reference in zip(entries, eager_entries, strict=True):
+            assert entry.token_id == reference.token_id
+            assert math.isclose(entry.logprob, reference.logprob, abs_tol=1e-4)
+            assert [t for t, _ in entry.top] == [t for t, _ in reference.top]
+            pairs = zip(entry.top, reference.top, strict=True)
+            assert all(math.isclose(a, b, abs_tol=1e-4) for (_, a), (_, b) in pairs)
+    assert [len(e.top) for e in captured[0][1]] == [3] * 12
+    assert [len(e.top) for e in captured[2][1]] == [s.MAX_TOP_LOGPROBS] * 12
+    # The penalty took effect in graph mode: greedy with and without it differ.
+    assert captured[1][0] != captured[0][0]
 
 
 def test_a_top_k_beyond_the_vocabulary_means_no_limit(batching):

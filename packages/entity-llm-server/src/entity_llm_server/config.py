@@ -59,7 +59,7 @@ class ServerConfig:
         kv_block_size: tokens per KV-cache block.
         max_batch_tokens: tokens per forward pass (0: 256 on CPU, 2048 on GPU).
         cuda_graphs: `auto` (on CUDA devices), `on` or `off`. Graphs multiply
-            GPU throughput; without them logprobs and repetition_penalty work too.
+            GPU throughput; every sampling feature works either way.
         log_format: `text` lines or `json` lines (one object per record).
         tls_cert: PEM certificate chain; with `tls_key`, the port speaks TLS.
         tls_key: PEM private key of `tls_cert`.
@@ -255,7 +255,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add(
         "--cuda-graphs",
         choices=("auto", "on", "off"),
-        help="capture CUDA graphs (auto: on CUDA devices); off enables logprobs and repetition_penalty there",
+        help="capture CUDA graphs (auto: on CUDA devices)",
     )
     add("--log-format", choices=LOG_FORMATS, help="text lines, or JSON lines (one object per record)")
     add("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS")

@@ -35,7 +35,7 @@ from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, E
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
-from .settings import BatchingSettings, check_graph_sampling
+from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ class BatchingCore:
         return min(active, self.settings.max_batch_size)
 
     def check_sampling(self, sampling: Sampling) -> None:
-        if self.cuda_graphs:
-            check_graph_sampling(sampling)
+        pass  # every sampling feature runs here, with CUDA graphs too
 
     def check_admission(self) -> None:
         if self.stalled:  # the front end's capacity is otherwise this core's whole admission
@@ -137,6 +136,8 @@ class BatchingCore:
             max_batch_tokens=s.max_batch_tokens or (2048 if self.facts.device_type == "cuda" else 256),
             max_requests_per_batch=s.max_batch_size,
             use_cuda_graph=self.cuda_graphs,
+            # The sampling processors' graph-mode buffers serve one step at a time (`cb_sampling`).
+            use_async_batching=False,
             allow_block_sharing=False,
             scheduler_type="fifo",
         )
@@ -168,16 +169,18 @@ class BatchingCore:
         manager = self.model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=self.cb_config()
         )
-        from .cb_sampling import SamplingProcessors  # deferred: imports torch and transformers
+        from .cb_sampling import Recorder, SamplingProcessors  # deferred: imports torch and transformers
 
-        # Replaced before warmup() builds the batch processor that uses it.
+        # Replaced before warmup() builds the batch processor that uses them.
         self.sampling = SamplingProcessors(
             int(self.model.config.vocab_size),
             frozenset(self.facts.eos_ids),
             self.model.device,
             eager=not self.cuda_graphs,
+            rows=self.settings.max_batch_size,
         )
         manager.logit_processor = self.sampling
+        manager.output_router = Recorder(self.sampling)
         manager.warmup()
         # A thread inherits daemon-ness from the thread that starts it: started
         # from a daemon thread, the batching thread cannot keep a process that

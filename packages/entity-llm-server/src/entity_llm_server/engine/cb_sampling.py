@@ -8,10 +8,18 @@ manager then takes the argmax. `SamplingProcessors` is such a list: it applies
 Gumbel noise (`sampling.choose`), so the manager's argmax *is* the request's
 sample: greedy rows are untouched argmax, sampled rows an exact, seeded draw.
 
-Eager mode (no CUDA graphs: every CPU server) also records, for requests that
-ask, each chosen token's logprob and top alternatives, and applies repetition
-penalties, which need each sequence's tokens; a captured graph can do
-neither, so the engine refuses those parameters when graphs are on.
+Repetition penalties need each sequence's tokens, and logprobs go back to the
+host. Eager mode (no CUDA graphs: every CPU server) does both in Python around
+the step. Graph mode (`eager=False`) keeps the step one static computation,
+which a captured graph can replay: before the step, the penalised rows'
+tokens are written into a static [rows, vocab] mask the step reads; inside
+it, every row's chosen logprob and top alternatives are written into static
+output buffers; after it, `Recorder` (the manager's output router) copies the
+rows that asked into their records before the manager hands out the step's
+tokens. One set of buffers serves one step at a time, so the manager runs
+without asynchronous batching when graphs are on (`BatchingCore.cb_config`).
+On a CPU, transformers turns graphs off and runs the same graph-mode code
+step by step, which is how the tests check it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from transformers import LogitsProcessorList
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessorList,
 )
+from transformers.generation.continuous_batching.continuous_api import OutputRouter
 
 from . import sampling as s
 
@@ -54,7 +63,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         vocab_size: the model's vocabulary (the logits' last dimension).
         eos_ids: the ids that min_new_tokens keeps from being chosen.
         device: the model's device.
-        eager: no CUDA graphs; enables logprobs and repetition penalties.
+        eager: no CUDA graphs: the per-row work runs in Python around each step.
+        rows: the most rows (requests) a step has: the graph-mode buffers' size.
 
     Requests carry `sampling=Sampling(...)` and `prompt_len=N` as
     `add_request` keyword arguments. A request that wants logprobs registers
@@ -62,7 +72,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
     there in token order until it removes the entry.
     """
 
-    def __init__(self, vocab_size: int, eos_ids: frozenset[int], device: Any, *, eager: bool) -> None:
+    def __init__(self, vocab_size: int, eos_ids: frozenset[int], device: Any, *, eager: bool, rows: int = 0) -> None:
         super().__init__(LogitsProcessorList())
         self.tensors_required = 6
         self.do_processing = True
@@ -84,6 +94,12 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self._noise = True
         self._seen: list[list[int] | None] = []
         self._wanted: list[tuple[str, int] | None] = []
+        if not eager:  # graph mode's static buffers, read and written inside the step
+            self._seen_rows = torch.zeros((rows, vocab_size), dtype=torch.bool, device=device)
+            self._chosen = torch.zeros(rows, dtype=torch.int64, device=device)
+            self._chosen_logprob = torch.zeros(rows, dtype=torch.float32, device=device)
+            self._top_logprobs = torch.zeros((rows, s.MAX_TOP_LOGPROBS), dtype=torch.float32, device=device)
+            self._top_ids = torch.zeros((rows, s.MAX_TOP_LOGPROBS), dtype=torch.int64, device=device)
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         for index, value in enumerate(self._greedy_row):
@@ -126,10 +142,36 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                     row = torch.tensor(column, dtype=torch.int32)
                 arg_storage[index, : len(rows)] = row.to(arg_storage.device)
         if self.eager:
-            self._seen, self._wanted = seen, wanted
+            self._seen = seen
             self._sort = any(v < self.vocab_size for v in columns[_TOP_K]) or any(v < 1 for v in columns[_TOP_P])
             self._noise = any(int(v) & s.SAMPLED for v in columns[_FLAGS])
+        else:
+            self.collect()  # a step whose outputs went nowhere (none should): its records first
+            # Only penalised rows need their mask right: the others' penalty of 1 changes nothing.
+            for index, tokens in enumerate(seen):
+                if tokens is not None:
+                    self._seen_rows[index].zero_()
+                    self._seen_rows[index, torch.tensor(tokens, device=self._seen_rows.device)] = True
+        self._wanted = wanted
         return arg_storage
+
+    def collect(self) -> None:
+        """Graph mode, after a step: copy the chosen logprobs (and alternatives) of the rows that asked
+        into their records. On the batching thread, before the manager hands out the step's tokens."""
+        wanted, self._wanted = self._wanted, []
+        if self.eager or not any(w is not None for w in wanted):
+            return
+        n = len(wanted)
+        chosen = self._chosen[:n].tolist()
+        picked = self._chosen_logprob[:n].tolist()
+        top_n = max(w[1] for w in wanted if w is not None)
+        top_values = self._top_logprobs[:n, :top_n].tolist() if top_n else [[] for _ in range(n)]
+        top_ids = self._top_ids[:n, :top_n].tolist() if top_n else [[] for _ in range(n)]
+        for row, want in enumerate(wanted):
+            if want is None or (log := self.logprobs.get(want[0])) is None:
+                continue
+            top = tuple(zip(top_ids[row][: want[1]], top_values[row][: want[1]], strict=True))
+            log.append(s.TokenLogprob(int(chosen[row]), float(picked[row]), top))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor) -> Any:
         if self.eager and self._plain:
@@ -145,7 +187,16 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             flags=args[_FLAGS],
         )
         if not self.eager:  # one static computation for a captured graph
-            return s.noisy(s.warp(scores, rows, self.eos_mask), rows)
+            rows.seen = self._seen_rows[:n]
+            logprobs = s.warp(scores, rows, self.eos_mask)
+            final = s.noisy(logprobs, rows)
+            chosen = torch.argmax(final, dim=-1)  # the manager's own choice: the same argmax of the same scores
+            self._chosen[:n].copy_(chosen)
+            self._chosen_logprob[:n].copy_(logprobs.gather(1, chosen[:, None])[:, 0])
+            values, ids = torch.topk(logprobs, s.MAX_TOP_LOGPROBS, dim=-1)
+            self._top_logprobs[:n].copy_(values)
+            self._top_ids[:n].copy_(ids)
+            return final
         if any(x is not None for x in self._seen):
             rows.seen = s.seen_mask(self._seen, scores.shape[-1], scores.device)
         logprobs = s.warp(scores, rows, self.eos_mask, sort=self._sort)
@@ -158,3 +209,19 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 if want is not None and entry is not None and (log := self.logprobs.get(want[0])) is not None:
                     log.append(entry)
         return final
+
+
+class Recorder(OutputRouter):
+    """The manager's output router, which first has the processors record the step's logprobs (graph mode)."""
+
+    def __init__(self, processors: SamplingProcessors) -> None:
+        super().__init__()
+        self.processors = processors
+
+    def deliver(self, output: Any) -> None:
+        self.processors.collect()
+        super().deliver(output)
+
+    def deliver_batch(self, outputs: list[Any]) -> None:
+        self.processors.collect()
+        super().deliver_batch(outputs)

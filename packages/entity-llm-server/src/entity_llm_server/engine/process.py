@@ -35,7 +35,7 @@ from .ipc import Add, Cancel, Dead, Message, Ping, Pong, StateQuery, StateReply,
 from .launcher import EngineProcess
 from .replicas import ReplicaCore
 from .sampling import Sampling
-from .settings import BatchingSettings, check_graph_sampling
+from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ class ProcessCore:
         return self._active
 
     def check_sampling(self, sampling: Sampling) -> None:
-        # Only continuous batching captures CUDA graphs (padded batches run eagerly).
-        if self.child.engine == "batching" and self.settings.graphs_on(self.facts.device_type):
-            check_graph_sampling(sampling)
+        pass  # every sampling feature runs in the engine process
 
     def check_admission(self) -> None:
         if not self.responsive:  # its pipe may be full: add nothing more

@@ -1,11 +1,8 @@
-"""How a batching core is sized, and what its captured CUDA graphs cannot do."""
+"""How a batching core is sized."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from .base import InvalidRequestError
-from .sampling import Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +45,3 @@ class BatchingSettings:
     def graphs_on(self, device_type: str) -> bool:
         """Whether the manager captures CUDA graphs on a device of this type."""
         return device_type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
-
-
-def check_graph_sampling(sampling: Sampling) -> None:
-    """Refuse what a captured CUDA graph cannot do: per-sequence token sets
-    (repetition penalty) and host-side logprob records."""
-    for name, used in (
-        ("repetition_penalty", sampling.penalised),
-        ("logprobs", sampling.logprobs),
-        ("top_logprobs", sampling.top_logprobs > 0),
-    ):
-        if used:
-            raise InvalidRequestError(
-                name, "not available while the server captures CUDA graphs (start it with --cuda-graphs off)"
-            )
