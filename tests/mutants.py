@@ -226,6 +226,14 @@ MUTATIONS = (
         "pass",
         ("tests/model/test_sampling.py", "-k", "graph_mode"),
     ),
+    Mutation(
+        "restart-unavailable",
+        "with --on-engine-failure restart, a call to a failed engine gets UNAVAILABLE (retryable), not INTERNAL",
+        "service.py",
+        "raise EngineUnavailableError(RESTARTING)  # failed; the restart begins at the health watcher's next look",
+        "pass",
+        ("tests/reliability/test_hostile.py", "-k", "engine_killed"),
+    ),
 )
 
 

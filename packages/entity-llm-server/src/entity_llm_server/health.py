@@ -62,9 +62,6 @@ class HealthMonitor:
         # How many times `update()` has looked at the engine: what a test
         # waits on to know the watcher has looked again, instead of sleeping.
         self.looks = 0
-        # While the server restarts a failed engine (--on-engine-failure
-        # restart): NOT_SERVING, and no new failure to report.
-        self.restarting = False
         self._served = False
         self._task: asyncio.Task[None] | None = None
 
@@ -101,7 +98,8 @@ class HealthMonitor:
             self._stalled_since = None
         elif self._stalled_since is None:
             self._stalled_since = now
-        if not ready and self._served and not self.draining and not self.restarting and not self.engine_failed.is_set():
+        quiet = self.draining or self.service.restarting or self.engine_failed.is_set()  # nothing new to report
+        if not ready and self._served and not quiet:
             if not stalled:
                 self.engine_failed.set()
             elif self.stuck_timeout and now - (self._stalled_since or now) >= self.stuck_timeout:

@@ -66,15 +66,15 @@ async def restart(service: LLMService, health: HealthMonitor, metrics: Metrics, 
     """
     resource = service.resource
     assert resource is not None, "only a server that loads its own engine can restart it"
-    health.restarting = True
+    service.restarting = True
     try:
         await resource.close()
         await asyncio.sleep(backoff)
         started = time.monotonic()
-        await service.engine()
+        await resource.engine()
         metrics.engine_restarts.inc()
         log.warning("engine restarted in %.1fs", time.monotonic() - started)
     finally:
-        health.restarting = False
+        service.restarting = False
         health.engine_failed.clear()
     await health.update()

@@ -288,7 +288,7 @@ async def _serve(
         log_level=config.log_level,
         log_format=config.log_format,
     )
-    service = LLMService(resource)
+    service = LLMService(resource, restarts=config.on_engine_failure == "restart")
     server = LLMServer(
         service,
         api_keys=api_keys,

@@ -10,11 +10,22 @@ from typing import Any
 import grpc
 
 from ._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from .engine import Engine, EngineRequest, Finished, FinishReason, InvalidRequestError, Sampling, TokenLogprob
+from .engine import (
+    Engine,
+    EngineRequest,
+    EngineUnavailableError,
+    Finished,
+    FinishReason,
+    InvalidRequestError,
+    Sampling,
+    TokenLogprob,
+)
 from .engine.text import sized_call
 from .errors import error_boundary
 from .resource import UnifiedLLMResource
 from .validation import MAX_MESSAGE_BYTES, validate_generate, validate_tokenize
+
+RESTARTING = "the engine has failed and is being loaded again (--on-engine-failure restart); try again shortly"
 
 _FINISH_REASONS = {
     FinishReason.MAX_TOKENS: llm_pb2.FINISH_REASON_MAX_TOKENS,
@@ -78,13 +89,22 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             server loaded it before serving (the console script does).
         engine: an already constructed engine (a fake one in transport tests);
             it takes the place of `resource`.
+        restarts: a failed engine will be loaded again (the console script's
+            --on-engine-failure restart): from its failure until it serves
+            again, a call gets UNAVAILABLE, which a client may retry (on
+            another replica), not INTERNAL.
     """
 
-    def __init__(self, resource: UnifiedLLMResource | None = None, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, resource: UnifiedLLMResource | None = None, *, engine: Engine | None = None, restarts: bool = False
+    ) -> None:
         if resource is not None and engine is not None:
             raise ValueError("pass a resource or an engine, not both")
         self.resource = resource if resource is not None or engine is not None else UnifiedLLMResource()
         self._engine = engine
+        self.restarts = restarts
+        # While `restarts.restart` stops the failed engine, backs off and loads it again.
+        self.restarting = False
 
     @property
     def current_engine(self) -> Engine | None:
@@ -94,12 +114,22 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
         return None if self.resource is None else self.resource.current_engine
 
     async def engine(self) -> Engine:
-        """The started engine, loading the model on first use."""
+        """The started engine, loading the model on first use.
+
+        Raises:
+            EngineUnavailableError: the engine has failed and will be loaded again.
+        """
+        if self.restarting:  # not a load of our own: the restart's backoff holds
+            raise EngineUnavailableError(RESTARTING)
         if self._engine is None:
             assert self.resource is not None
-            return await self.resource.engine()
-        await self._engine.start()
-        return self._engine
+            engine = await self.resource.engine()
+        else:
+            await self._engine.start()
+            engine = self._engine
+        if self.restarts and not engine.healthy and not getattr(engine, "stalled", False):
+            raise EngineUnavailableError(RESTARTING)  # failed; the restart begins at the health watcher's next look
+        return engine
 
     async def Generate(  # noqa: N802  # the RPC's name in the protocol
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
