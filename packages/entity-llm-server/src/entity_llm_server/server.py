@@ -22,8 +22,9 @@ from .config import (
     STALLED_STREAM_TIMEOUT,
     ServerConfig,
 )
+from .drain import DrainGate
 from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor
-from .interceptors import DrainGate, OperationsInterceptor
+from .interceptors import OperationsInterceptor
 from .metrics import Metrics
 from .resource import UnifiedLLMResource
 from .restarts import Restarts, restart

@@ -33,6 +33,7 @@ from .core import LIVENESS_TIMEOUT, CoreSink, ModelFacts
 from .frontend import FrontEnd, Prepared
 from .ipc import Add, Cancel, Dead, Message, Ping, Pong, StateQuery, StateReply, Steps, Stop, send_all
 from .launcher import EngineProcess
+from .ranks import PeerRanks
 from .replicas import ReplicaCore
 from .sampling import Sampling
 from .settings import BatchingSettings
@@ -51,26 +52,6 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue[Message | None], failure
     closes can still be collected (and its process killed by the finalizer)."""
     if (exc := send_all(conn, outbox)) is not None:  # closed: the engine process is gone; its EOF says how
         failure.append(exc)
-
-
-class _Peer:
-    """The front end's watch on a tensor-parallel rank other than 0: it gets
-    only pings and the stop; it reports pongs, its death and its EOF."""
-
-    def __init__(self, process: EngineProcess) -> None:
-        self.process = process
-        self.ping_sent: float | None = None  # when the ping not yet answered went out
-        self.reading = False
-
-    @property
-    def name(self) -> str:
-        return f"tensor-parallel rank {self.process.rank}"
-
-    def send(self, message: Message) -> None:
-        # Straight down the pipe: a rank gets one ping at a time (the next
-        # only once it answered) and a stop, far less than a pipe holds.
-        with contextlib.suppress(OSError, ValueError):  # gone: its EOF says how
-            self.process.conn.send(message)
 
 
 class ProcessCore:
@@ -97,7 +78,7 @@ class ProcessCore:
         self.child = child
         self.facts = facts
         self.settings = settings
-        self.peers = [_Peer(process) for process in peers]
+        self.peers = PeerRanks(peers, self._peer_lost)
         self._conn = child.conn
         # Messages to the engine process go out from a thread of their own: a
         # send blocks once the pipe is full (an engine process that reads
@@ -126,18 +107,12 @@ class ProcessCore:
 
     @property
     def healthy(self) -> bool:
-        return (
-            self._started
-            and self._failure is None
-            and self.child.alive
-            and self.responsive
-            and all(peer.process.alive for peer in self.peers)
-        )
+        return self._started and self._failure is None and self.child.alive and self.responsive and self.peers.alive
 
     @property
     def ranks(self) -> list[EngineProcess]:
         """Its engine processes: rank 0, then any other tensor-parallel ranks."""
-        return [self.child, *(peer.process for peer in self.peers)]
+        return [self.child, *self.peers.processes]
 
     @property
     def responsive(self) -> bool:
@@ -184,14 +159,8 @@ class ProcessCore:
             elif not warned and not self.responsive:
                 log.warning("the engine process has not answered for %g s (stopped, or stuck)", self.liveness_timeout)
                 warned = True
-            now = time.monotonic()
-            for peer in self.peers:
-                if peer.ping_sent is None:
-                    peer.ping_sent = now
-                    peer.send(Ping(next(self._tokens)))
-                elif now - peer.ping_sent >= self.liveness_timeout:
-                    self._died(f"{peer.name} has not answered for {self.liveness_timeout:g} s")
-                    return
+            if not self.peers.ping(time.monotonic(), self._tokens, self.liveness_timeout):
+                return
             await asyncio.sleep(self.liveness_interval)
 
     async def start(self, sink: CoreSink) -> None:
@@ -202,9 +171,7 @@ class ProcessCore:
         # Results are read on the event loop itself when the pipe is readable:
         # no thread of ours competes for this process's GIL.
         self._loop.add_reader(self._conn.fileno(), self._readable)
-        for peer in self.peers:
-            self._loop.add_reader(peer.process.conn.fileno(), self._peer_readable, peer)
-            peer.reading = True
+        self.peers.start(self._loop)
         self._started = True
         self._liveness = self._loop.create_task(self._ping(), name="entity-llm-engine-ping")
 
@@ -219,13 +186,11 @@ class ProcessCore:
             assert self._loop is not None
             self._started = False
             self._loop.remove_reader(self._conn.fileno())
-            for peer in self.peers:
-                self._stop_reading(peer)
+            self.peers.stop_reading()
         if running and self.responsive:
             with contextlib.suppress(EngineError):
                 self._send(Stop())
-            for peer in self.peers:
-                peer.send(Stop())
+            self.peers.stop()
             await asyncio.gather(*(asyncio.to_thread(rank.stop) for rank in self.ranks))
         else:  # never started, or not answering: nothing runs there worth waiting for
             await asyncio.gather(*(asyncio.to_thread(rank.kill) for rank in self.ranks))
@@ -269,31 +234,9 @@ class ProcessCore:
             with contextlib.suppress(OSError):
                 self.child.popen.kill()
 
-    def _peer_readable(self, peer: _Peer) -> None:
-        """What a rank other than 0 says (on the event loop): pongs, and its death."""
-        try:
-            while peer.process.conn.poll():
-                match peer.process.conn.recv():
-                    case Pong():
-                        peer.ping_sent = None
-                    case Dead(reason):
-                        self._stop_reading(peer)
-                        self._died(f"{peer.name}: {reason}")
-                        return
-                    case other:
-                        log.warning("%s sent %s, which it does not send now; ignored", peer.name, type(other).__name__)
-        except (EOFError, OSError):
-            self._stop_reading(peer)
-            if self._failure is None and self._started:
-                self._died(f"{peer.name} {peer.process.exit_status(wait=0.2)}")
-        except Exception as exc:  # an unreadable message
-            self._stop_reading(peer)
-            self._died(f"unreadable message from {peer.name}: {type(exc).__name__}: {exc}")
-
-    def _stop_reading(self, peer: _Peer) -> None:
-        if peer.reading and self._loop is not None:
-            peer.reading = False
-            self._loop.remove_reader(peer.process.conn.fileno())
+    def _peer_lost(self, reason: str) -> None:
+        if self._failure is None and self._started:
+            self._died(reason)
 
     def _died(self, reason: str) -> None:
         if self._failure is not None:
