@@ -27,13 +27,13 @@ import atexit
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, EngineError
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
+from .probe import prove
 from .sampling import Sampling
 from .settings import BatchingSettings
 
@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 
 Deliver = Callable[[Sequence[SeqOutput]], None]
 Fail = Callable[[str], None]
-
-# The start-up probe: two prompts of different lengths in one batch, each
-# made to generate PROBE_TOKENS (a prefill, then decode steps).
-PROBE_TOKENS = 3
-PROBE_TIMEOUT = 120.0  # seconds; a first CUDA step may compile kernels
 
 
 def _post(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None], arg: Any) -> None:
@@ -195,7 +190,8 @@ class BatchingCore:
         cb_log = logging.getLogger("ContinuousBatchingLogger")
         cb_log.setLevel(logging.CRITICAL)
         try:
-            self._prove(manager)
+            prove(manager, type(self.model).__name__, self.facts.vocab_size)
+            self.sampling.faults.clear()
         except BatchingUnsupportedError:
             atexit.unregister(self._stop)
             self._stop()
@@ -207,47 +203,6 @@ class BatchingCore:
             target=self._pump_results, args=(manager, deliver, fail), name="entity-llm-cb-results", daemon=True
         )
         self._pump.start()
-
-    def _prove(self, manager: Any) -> None:
-        """Run a real batched generation (two sequences, prefill and decode) before
-        serving: raise BatchingUnsupportedError, naming the architecture and the
-        error, if continuous batching cannot run this model (some architectures
-        load, warm up, and then fail every request)."""
-        architecture = type(self.model).__name__
-        vocab = max(self.facts.vocab_size, 2)
-        prompts = {"entity-llm-probe-0": [1, 2, 3], "entity-llm-probe-1": [4, 5, 6, 7, 8, 9, 10]}
-        pending = set(prompts)
-
-        def refuse(reason: str) -> BatchingUnsupportedError:
-            return BatchingUnsupportedError(f"continuous batching cannot run {architecture}: {reason}")
-
-        for rid, ids in prompts.items():
-            ids = [i % vocab for i in ids]
-            manager.add_request(  # a no-op on the ranks of a tensor-parallel group other than 0
-                ids,
-                request_id=rid,
-                max_new_tokens=PROBE_TOKENS,
-                streaming=False,
-                sampling=Sampling(min_new_tokens=PROBE_TOKENS),
-                prompt_len=len(ids),
-            )
-        deadline = time.monotonic() + PROBE_TIMEOUT
-        while pending:  # every rank gets the outputs of every request
-            output = manager.get_result(timeout=0.1)
-            if output is None:
-                if not manager.is_running():
-                    error = manager.background_thread_status.fatal_error
-                    raise refuse(f"the batching thread stopped: {type(error).__name__}: {error}")
-                if time.monotonic() > deadline:
-                    raise refuse(f"no result within {PROBE_TIMEOUT:g} s")
-                continue
-            if output.error is not None:
-                raise refuse(str(output.error))
-            if output.request_id in pending and output.is_finished():
-                if len(output.generated_tokens) != PROBE_TOKENS:
-                    raise refuse(f"{len(output.generated_tokens)} tokens generated, not {PROBE_TOKENS}")
-                pending.discard(output.request_id)
-        self.sampling.faults.clear()
 
     def _stop(self) -> None:
         """Stop the batching thread (blocking); also the atexit hook for a process
