@@ -79,6 +79,22 @@ def test_the_engine_process_falls_back_by_itself(tiny_model, caplog):
     assert [r for r in caplog.records if "cannot run" in r.getMessage()] == []  # not the front end's fallback
 
 
+def test_padded_batches_asked_for_run_in_engine_processes_replicas_too(tiny_model):
+    # A model continuous batching runs (Llama), so the padded batches are the request, not a fallback.
+    folder = tiny_model("llama")
+    resource = UnifiedLLMResource(folder, engine="padded", engine_process=True, engine_replicas=2)
+
+    async def main() -> tuple[str, list[tuple[int, ...]]]:
+        engine = await resource.engine()
+        assert isinstance(engine, ProcessEngine)
+        assert [child.engine for child in engine.children] == ["padded", "padded"]
+        return await _serve(resource)
+
+    engine, served = asyncio.run(main())
+    assert engine == "padded"
+    assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
+
+
 def test_a_folder_with_its_own_modeling_code_loads_only_when_trusted(tmp_path):
     folder = build_remote_code(tmp_path / "custom")
     with pytest.raises(ModelLoadError) as refused:

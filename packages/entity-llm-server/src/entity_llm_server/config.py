@@ -221,7 +221,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add(
         "--engine-process",
         choices=("on", "off"),
-        help="on: the batching engine runs the model in a child process (the gRPC loop keeps its own GIL)",
+        help="on: continuous or padded batching runs the model in a child process (the gRPC loop keeps its own GIL)",
     )
     add(
         "--engine-replicas",
@@ -340,9 +340,10 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
-    for flag in ("engine_replicas", "tensor_parallel"):
-        if getattr(args, flag) > 1 and (args.engine_process != "on" or args.engine not in ("auto", "batching")):
-            parser.error(f"--{flag.replace('_', '-')} above 1 needs continuous batching and --engine-process on")
+    if args.engine_replicas > 1 and (args.engine_process != "on" or args.engine == "sequential"):
+        parser.error("--engine-replicas above 1 needs continuous or padded batching and --engine-process on")
+    if args.tensor_parallel > 1 and (args.engine_process != "on" or args.engine not in ("auto", "batching")):
+        parser.error("--tensor-parallel above 1 needs continuous batching and --engine-process on")
     try:
         placement(args.device, args.engine_replicas, args.tensor_parallel)
     except ValueError as exc:

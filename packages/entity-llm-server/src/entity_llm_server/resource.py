@@ -55,9 +55,10 @@ class UnifiedLLMResource:
             (padded batches on the model's own cache, `engine.padded`) or
             `sequential` (one request at a time).
         batching: sizes of the batching engine's batch, queue and KV cache.
-        engine_process: run the batching engine's model in a process of its
-            own (`engine.process`), so the gRPC event loop and the batching
-            thread do not share a GIL; the console script's default. The
+        engine_process: run the model (continuous or padded batches) in a
+            process of its own (`engine.process`), so the gRPC event loop and
+            the batching thread do not share a GIL; the console script's
+            default. The sequential engine always runs in this process. The
             in-process engine starts faster and is what embedding code and
             most tests use.
         engine_replicas: engine processes serving as one engine (each its own
@@ -99,16 +100,18 @@ class UnifiedLLMResource:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.engine_kind = engine
-        self.engine_process = engine_process and engine in ("auto", "batching")
+        self.engine_process = engine_process and engine != "sequential"
         if engine_replicas < 1:
             raise ValueError(f"engine_replicas must be at least 1, not {engine_replicas}")
         if tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be at least 1, not {tensor_parallel}")
         if engine_replicas > 1 and not self.engine_process:
-            raise ValueError("engine replicas run in engine processes: they need the batching engine's engine process")
-        if tensor_parallel > 1 and not self.engine_process:
             raise ValueError(
-                "tensor-parallel ranks run in engine processes: they need the batching engine's engine process"
+                "engine replicas run in engine processes: they need engine_process (and no sequential engine)"
+            )
+        if tensor_parallel > 1 and (not self.engine_process or engine == "padded"):
+            raise ValueError(
+                "tensor-parallel ranks run continuous batching in engine processes: they need engine_process"
             )
         # One list of devices per replica, one device per rank.
         self.placement = placement(device, engine_replicas, tensor_parallel)
@@ -291,7 +294,7 @@ class UnifiedLLMResource:
                         *self._log,
                         rank=place,
                         trust_remote_code=self.trust_remote_code,
-                        fall_back=self.engine_kind == "auto",
+                        engine=self.engine_kind,
                     )
                     group.append(EngineProcess(spec))
                     every.append(group[-1])

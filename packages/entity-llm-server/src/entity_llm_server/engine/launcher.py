@@ -82,8 +82,8 @@ class EngineSpec:
     """What the engine process loads: the arguments of `UnifiedLLMResource`, and how to log.
 
     `rank` is set for a rank of a tensor-parallel group, None for a whole model.
-    `fall_back`: where continuous batching cannot run the model, serve it in
-    padded batches (`--engine auto`) rather than fail (a whole model only).
+    `engine`: `auto` (continuous batching, or padded batches where it cannot
+    run the model: a whole model only), `batching` (or fail), or `padded`.
     """
 
     model: str
@@ -95,7 +95,7 @@ class EngineSpec:
     log_format: str = "text"
     rank: Rank | None = None
     trust_remote_code: bool = False
-    fall_back: bool = False
+    engine: str = "auto"
 
 
 def placement(device: str, replicas: int = 1, tensor_parallel: int = 1) -> list[list[str]]:

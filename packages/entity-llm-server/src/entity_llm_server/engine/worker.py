@@ -1,9 +1,10 @@
 """The engine process: `python -m entity_llm_server.engine.worker FD PARENT_PID`.
 
 The child side of `process` (read that module first). It loads the weights,
-runs a `BatchingCore` (or, where continuous batching cannot run the model
-and the spec allows it, a `padded.PaddedCore`), and talks to the front end over the pipe whose end is
-file descriptor FD: a receiving loop (the main thread) turns `ipc` messages
+runs a `BatchingCore` (or a `padded.PaddedCore`: asked for, or where
+continuous batching cannot run the model and the spec allows it), and talks
+to the front end over the pipe whose end is file descriptor FD: a receiving
+loop (the main thread) turns `ipc` messages
 into calls on the core, and the core's outputs go back through a sender
 thread. Everything it pickles is defined in other modules (`ipc`, `core`,
 `sampling`), so nothing is named `__main__`.
@@ -161,23 +162,31 @@ def serve(fd: int, parent: int) -> int:
         # Loaded here, where torch is anyway: the front end gets it in Ready.
         tokenizer = resource.tokenizer()
         facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
-        core: Core = BatchingCore(
-            model,
-            facts,
-            spec.batching,
-            pad_token_id=tokenizer.pad_token_id,
-            default_max_new_tokens=spec.default_max_new_tokens,
-        )
+
+        def padded() -> PaddedCore:
+            return PaddedCore(
+                model, facts, max_batch_size=spec.batching.max_batch_size, pad_token_id=tokenizer.pad_token_id
+            )
+
+        core: Core
+        if spec.engine == "padded":
+            core = padded()
+        else:
+            core = BatchingCore(
+                model,
+                facts,
+                spec.batching,
+                pad_token_id=tokenizer.pad_token_id,
+                default_max_new_tokens=spec.default_max_new_tokens,
+            )
         worker = _Worker(conn, core)
         try:
             core.launch(worker.deliver, worker.dead)
         except BatchingUnsupportedError as exc:
-            if not spec.fall_back or spec.rank is not None:
+            if spec.engine != "auto" or spec.rank is not None:
                 raise
             log.warning("%s", fallback_message(exc))
-            core = worker.core = PaddedCore(
-                model, facts, max_batch_size=spec.batching.max_batch_size, pad_token_id=tokenizer.pad_token_id
-            )
+            core = worker.core = padded()
             core.launch(worker.deliver, worker.dead)
     except BatchingUnsupportedError as exc:  # the front end may serve the model another way
         with contextlib.suppress(OSError):
