@@ -234,6 +234,14 @@ MUTATIONS = (
         "pass",
         ("tests/reliability/test_hostile.py", "-k", "engine_killed"),
     ),
+    Mutation(
+        "padded-shrink",
+        "a padded batch drops the rows whose requests ended, cache included, and the others stream on unchanged",
+        "engine/padded.py",
+        "cache.batch_select_indices(index)",
+        "pass",
+        ("tests/model/test_padded.py", "-k", "rows_whose"),
+    ),
 )
 
 

@@ -72,3 +72,26 @@ def test_a_seed_gives_the_same_text_alone_and_in_a_padded_batch():
     )
     assert together[-1].token_ids == alone[0].token_ids
     assert together[-1].seed == alone[0].seed == 77
+
+
+@pytest.mark.parametrize("kind", ["demo", "gpt2", "bloom"])
+def test_rows_whose_requests_ended_leave_the_batch_and_the_others_stream_on_unchanged(kind, tiny_model):
+    # Lengths 2 to 16 in one batch: as requests end, the batch (its cache too) keeps only
+    # the rows still generating; each row keeps its own positions and mask.
+    folder = default_model_path() if kind == "demo" else tiny_model(kind)
+    lengths = (2, 3, 5, 9, 16)
+    engine = padded(folder)
+    rows: list[int] = []
+    forward = engine.model.forward
+
+    def counting(*args, **kwargs):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+        return forward(*args, **kwargs)
+
+    engine.model.forward = counting
+    requests = [EngineRequest(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    finals, _ = asyncio.run(_one_batch(engine, requests))
+    assert [f.token_ids for f in finals] == [generate_ids(folder, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    batch = rows[rows.index(5) :]  # the shared batch's passes (the long request ran alone before)
+    assert batch == sorted(batch, reverse=True)
+    assert batch[-1] < 5, batch  # it shrank as requests ended

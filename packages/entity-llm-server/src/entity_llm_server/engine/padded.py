@@ -220,6 +220,7 @@ class PaddedCore:
         sequences = [list(prepared.ids) for _, prepared in batch]
         counts = [0] * len(batch)
         done = [False] * len(batch)
+        order = list(range(len(batch)))  # the request (its index in `batch`) of each row of the tensors
         eos_mask: Any = None
         with torch.inference_mode():
             while True:
@@ -230,27 +231,28 @@ class PaddedCore:
                     eos_mask = s.eos_mask(self.eos_ids, logits.shape[-1], device)
                 with self._condition:
                     left = self._cancelled & self._running
-                for i, (rid, _) in enumerate(batch):
-                    if not done[i] and rid in left:  # its client left: dropped, nothing more sent
+                for i in order:
+                    if not done[i] and batch[i][0] in left:  # its client left: dropped, nothing more sent
                         done[i] = True
-                        self._drop(rid)
-                live = [i for i in range(len(batch)) if not done[i]]
+                        self._drop(batch[i][0])
+                live = [row for row, i in enumerate(order) if not done[i]]
                 if not live:
                     return
                 tokens, entries = s.pick(
                     logits[live],
-                    [samplings[i] for i in live],
-                    [counts[i] for i in live],
-                    [sequences[i] for i in live],
+                    [samplings[order[row]] for row in live],
+                    [counts[order[row]] for row in live],
+                    [sequences[order[row]] for row in live],
                     eos_mask,
                 )
-                following = [self.pad_token_id] * len(batch)
+                following = [self.pad_token_id] * len(order)
                 outputs = []
-                for i, token, entry in zip(live, tokens, entries, strict=True):
+                for row, token, entry in zip(live, tokens, entries, strict=True):
+                    i = order[row]
                     rid, prepared = batch[i]
                     sequences[i].append(token)
                     counts[i] += 1
-                    following[i] = token
+                    following[row] = token
                     last = token in self.eos_ids or counts[i] >= prepared.max_new_tokens
                     outputs.append(SeqOutput(rid, (token,), None if entry is None else (entry,), last))
                     if last:
@@ -259,15 +261,23 @@ class PaddedCore:
                 emit(outputs)
                 if all(done):
                     return
-                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=-1)
-                inputs = {
-                    "input_ids": torch.tensor(following, device=device)[:, None],
-                    "attention_mask": mask,
-                    "use_cache": True,
-                    self._cache_name: getattr(out, self._cache_name),
-                }
+                cache = getattr(out, self._cache_name)
+                mask = torch.cat([mask, torch.ones((len(order), 1), dtype=mask.dtype, device=device)], dim=-1)
+                next_ids = torch.tensor(following, device=device)[:, None]
                 if positions is not None:
                     positions = positions[:, -1:] + 1
+                # Rows whose request ended still cost a row of every step: once they are a
+                # quarter of the batch, the batch (its cache included) keeps only the others.
+                kept = [row for row, i in enumerate(order) if not done[i]]
+                if (len(order) - len(kept)) * 4 >= len(order) and hasattr(cache, "batch_select_indices"):
+                    index = torch.tensor(kept, device=device)
+                    cache.batch_select_indices(index)
+                    mask, next_ids = mask[index], next_ids[index]
+                    if positions is not None:
+                        positions = positions[index]
+                    order = [order[row] for row in kept]
+                inputs = {"input_ids": next_ids, "attention_mask": mask, "use_cache": True, self._cache_name: cache}
+                if positions is not None:
                     inputs["position_ids"] = positions
 
 
