@@ -38,7 +38,8 @@ TRACING = ("opentelemetry-sdk>=1.30", "opentelemetry-exporter-otlp-proto-grpc>=1
 LINT = ("ruff==0.17.6", *TYPING, *TRACING, "hatchling==1.33.0", "pytest", "hypothesis")
 # cryptography: the TLS tests make their own CA and certificates; sentencepiece:
 # the server's [sentencepiece] extra, which a tokenizer test trains a model with;
-# dnslib: a DNS server whose answers a test changes, as a cluster's DNS does.
+# dnslib: a DNS server whose answers a test changes, as a cluster's DNS does;
+# uv: the pipeline tests' builds install their build requirements with it.
 TEST = (
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -49,6 +50,7 @@ TEST = (
     "cryptography>=42",
     "sentencepiece>=0.2",
     "dnslib>=0.9.24",
+    "uv>=0.5",
     *TRACING,
 )
 

@@ -242,6 +242,14 @@ MUTATIONS = (
         "pass",
         ("tests/model/test_padded.py", "-k", "rows_whose"),
     ),
+    Mutation(
+        "ping-strikes",
+        "a long, quiet stream is not cut off by a client's frequent keepalive pings",
+        "server.py",
+        '("grpc.http2.max_ping_strikes", 0),',
+        '("grpc.http2.max_ping_strikes", 2),',
+        ("tests/integration/test_keepalive.py", "-k", "slow_stream"),
+    ),
 )
 
 

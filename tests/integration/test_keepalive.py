@@ -1,8 +1,8 @@
 """A long, quiet stream under aggressive client keepalive pings is not cut off.
 
-The quick run streams a few tokens with long gaps (about 20 s in all). For a
+The quick run streams a few tokens with long gaps (about 10 s in all). For a
 long run, set ENTITY_LLM_TEST_KEEPALIVE_SECONDS (say 600) and, optionally,
-ENTITY_LLM_TEST_KEEPALIVE_GAP (seconds between tokens, default 7).
+ENTITY_LLM_TEST_KEEPALIVE_GAP (seconds between tokens, default 5).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from entity_llm_client import FinishReason, LLMClient
 from entity_llm_server import LLMService
 from entity_llm_server.testing import FakeEngine
 
-GAP = float(os.environ.get("ENTITY_LLM_TEST_KEEPALIVE_GAP", "7"))
-SECONDS = float(os.environ.get("ENTITY_LLM_TEST_KEEPALIVE_SECONDS", "20"))
+GAP = float(os.environ.get("ENTITY_LLM_TEST_KEEPALIVE_GAP", "5"))
+SECONDS = float(os.environ.get("ENTITY_LLM_TEST_KEEPALIVE_SECONDS", "10"))
 
 # A ping every second, also while no data flows: far more often than the
 # server's 5 s minimum, so each quiet gap collects several "bad" pings. A

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.model
 def replicated(replicas: int, max_batch_size: int = 8, max_queue: int = 32) -> ProcessEngine:
     settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
     resource = UnifiedLLMResource(
-        default_max_new_tokens=24, batching=settings, engine_process=True, engine_replicas=replicas
+        default_max_new_tokens=16, batching=settings, engine_process=True, engine_replicas=replicas
     )
     engine = resource.load_engine()
     assert isinstance(engine, ProcessEngine)
@@ -42,7 +42,7 @@ async def _greedy(engine: ProcessEngine) -> tuple[list[tuple[int, ...]], list[in
             assert isinstance(events[-1], Finished)
             return events[-1].token_ids
 
-        together = await asyncio.gather(*(one(i) for i in range(32)))
+        together = await asyncio.gather(*(one(i) for i in range(16)))
         steps = [(await asyncio.to_thread(core.state)).steps for core in engine.processes]
         return list(together), steps
     finally:

@@ -39,7 +39,7 @@ async def burst(target: str, streams: int, channels: int = 8) -> list[grpc.Statu
 
 
 def test_256_streams_against_a_smaller_server_end_ok_or_refused_and_memory_stays_flat():
-    waves = size(3, 8)
+    waves = size(2, 8)
     with RunningServer("--max-batch-size", "8", "--max-queue", "24", "--max-new-tokens", "16") as server:
         pid = server.process.pid
         rss: list[float] = []  # front end + engine process

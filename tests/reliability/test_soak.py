@@ -31,7 +31,7 @@ async def requests(target: str, count: int, offset: int) -> None:
 
 
 def test_rss_after_all_requests_is_within_5_percent_of_rss_after_the_first_tenth():
-    total = size(1_500, 10_000)
+    total = size(1_000, 10_000)
     first = total // 10
     with RunningServer("--max-new-tokens", "8", "--max-batch-size", "16", "--max-queue", "16") as server:
         pid = server.process.pid
