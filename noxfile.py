@@ -39,7 +39,8 @@ LINT = ("ruff==0.17.6", *TYPING, *TRACING, "hatchling==1.33.0", "pytest", "hypot
 # cryptography: the TLS tests make their own CA and certificates; sentencepiece:
 # the server's [sentencepiece] extra, which a tokenizer test trains a model with;
 # dnslib: a DNS server whose answers a test changes, as a cluster's DNS does;
-# uv: the pipeline tests' builds install their build requirements with it.
+# uv: the pipeline tests' builds install their build requirements with it;
+# jsonschema: structured outputs are validated against their schema.
 TEST = (
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -51,6 +52,7 @@ TEST = (
     "sentencepiece>=0.2",
     "dnslib>=0.9.24",
     "uv>=0.5",
+    "jsonschema>=4",
     *TRACING,
 )
 

@@ -11,6 +11,7 @@ head count it does not use fails the probe (the paged cache is sized by it).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,19 @@ def build(kind: str, folder: Path) -> Path:
     return folder
 
 
-def generate_ids(folder: Path, prompt: str, max_new_tokens: int, *, trust_remote_code: bool = False) -> tuple[int, ...]:
-    """The greedy ids plain `model.generate` gives for `prompt` (the reference every engine must match)."""
-    import torch
+@functools.lru_cache(maxsize=4)
+def _reference(folder: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
+    return tokenizer, AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
+
+
+def generate_ids(folder: Path, prompt: str, max_new_tokens: int, *, trust_remote_code: bool = False) -> tuple[int, ...]:
+    """The greedy ids plain `model.generate` gives for `prompt` (the reference every engine must match)."""
+    import torch
+
+    tokenizer, model = _reference(folder, trust_remote_code)
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

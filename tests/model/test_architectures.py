@@ -36,18 +36,19 @@ async def _serve(resource: UnifiedLLMResource) -> tuple[str, list[tuple[int, ...
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
-def test_auto_serves_every_architecture_with_an_engine_that_runs_it(kind, tiny_model, caplog):
+def test_auto_serves_every_architecture_with_an_engine_that_runs_it(kind, tiny_model, capfd):
+    # As the console script serves it by default: in an engine process, which
+    # makes the choice itself and logs it to the stderr it shares with us.
     folder = tiny_model(kind)
-    with caplog.at_level("WARNING", logger="entity_llm_server.resource"):
-        engine, served = asyncio.run(_serve(UnifiedLLMResource(folder)))
+    engine, served = asyncio.run(_serve(UnifiedLLMResource(folder, engine_process=True, log_level="WARNING")))
     expected, architecture = EXPECTED[kind]
     assert engine == expected
     assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
-    fallbacks = [r.getMessage() for r in caplog.records if "continuous batching cannot run" in r.getMessage()]
+    fallbacks = [line for line in capfd.readouterr().err.splitlines() if "continuous batching cannot run" in line]
     if expected == "padded":
         # One line that names the architecture, the reason and what serves instead.
-        assert len(fallbacks) == 1
-        assert fallbacks[0].startswith(f"continuous batching cannot run {architecture}: ")
+        assert len(fallbacks) == 1, fallbacks
+        assert f"continuous batching cannot run {architecture}: " in fallbacks[0]
         assert fallbacks[0].endswith("serving it in padded batches on the model's own cache (--engine padded)")
     else:
         assert fallbacks == []
@@ -61,22 +62,15 @@ def test_batching_asked_for_explicitly_is_a_start_up_error_naming_the_architectu
     assert "PagedAttentionCache" in message  # transformers' own reason
 
 
-def test_the_engine_process_falls_back_by_itself(tiny_model, caplog):
-    # Its probe fails in the engine process, which then serves padded batches
-    # itself (the front end keeps only the tokenizer, as with continuous batching).
+def test_in_process_the_front_end_falls_back_and_says_so_once(tiny_model, caplog):
     folder = tiny_model("opt")
-    resource = UnifiedLLMResource(folder, engine_process=True)
-
-    async def main() -> tuple[str, list[tuple[int, ...]]]:
-        engine = await resource.engine()
-        assert isinstance(engine, ProcessEngine)
-        return await _serve(resource)
-
     with caplog.at_level("WARNING", logger="entity_llm_server.resource"):
-        engine, served = asyncio.run(main())
+        engine, served = asyncio.run(_serve(UnifiedLLMResource(folder)))
     assert engine == "padded"
     assert served == [generate_ids(folder, p, NEW_TOKENS) for p in PROMPTS]
-    assert [r for r in caplog.records if "cannot run" in r.getMessage()] == []  # not the front end's fallback
+    fallbacks = [r.getMessage() for r in caplog.records if "continuous batching cannot run" in r.getMessage()]
+    assert len(fallbacks) == 1
+    assert fallbacks[0].startswith("continuous batching cannot run OPTForCausalLM: ")
 
 
 def test_padded_batches_asked_for_run_in_engine_processes_replicas_too(tiny_model):

@@ -228,6 +228,16 @@ def test_step_keys_and_noise_depend_only_on_seed_step_and_token():
     assert abs(float(sample.var()) - math.pi**2 / 6) < 0.05
 
 
+def test_the_noise_is_finite_for_every_token_even_where_the_hash_is_at_its_top():
+    """Found by a constrained request: at these (key, token) pairs the uniform number rounded to 1.0
+    in float32, the noise was +inf, and that token won whatever its probability (about 1 draw in 16.7
+    million); under a constraint that had masked it, the score became NaN."""
+    for key, token in ((6298, 1272), (8346, 1728), (8979, 3467)):
+        noise = s.gumbel(torch.tensor([key]), 4096)
+        assert torch.isfinite(noise).all()
+        assert noise[0, token] == noise.max()  # still the row's largest draw, now a finite one
+
+
 def test_chat_messages_render_with_the_template(serve):
     server = serve(LLMService()).start()
     engine = server.call(server.service.engine())

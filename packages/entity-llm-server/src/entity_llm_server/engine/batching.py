@@ -30,7 +30,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, EngineError
+from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, EngineError, InvalidRequestError
+from .constraints import Grammars
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .probe import prove
@@ -56,6 +57,7 @@ class BatchingCore:
         facts: the model's facts.
         settings: sizes of the batch, the queue and the KV cache.
         pad_token_id: the tokenizer's padding id.
+        grammars: compiles requests' constraints (structured output).
         default_max_new_tokens: the manager's default length.
     """
 
@@ -66,9 +68,11 @@ class BatchingCore:
         settings: BatchingSettings,
         *,
         pad_token_id: int | None,
+        grammars: Grammars,
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> None:
         self.model = model
+        self.grammars = grammars
         self.facts = facts
         self.settings = settings
         self.pad_token_id = pad_token_id
@@ -287,6 +291,7 @@ class BatchingCore:
         self._seen.pop(rid, None)
         self.sampling.logprobs.pop(rid, None)
         self.sampling.faults.pop(rid, None)
+        self.sampling.followers.pop(rid, None)
 
     # -- requests -----------------------------------------------------------
 
@@ -294,10 +299,18 @@ class BatchingCore:
         manager = self._manager
         if manager is None:
             raise EngineError("engine is not started")
+        follower = None
+        if (constraint := prepared.sampling.constraint) is not None:
+            try:
+                follower = self.grammars.follower(constraint)
+            except InvalidRequestError as exc:
+                raise EngineError(str(exc)) from exc
         with self._lock:
             self._seen[rid] = 0
             if prepared.sampling.wants_logprobs:
                 self.sampling.logprobs[rid] = []
+            if follower is not None:
+                self.sampling.followers[rid] = follower
         try:
             added = manager.add_request(
                 prepared.ids,
@@ -366,17 +379,20 @@ class BatchingEngine(FrontEnd):
     ) -> None:
         self.settings = settings or BatchingSettings()
         facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
+        grammars = Grammars.of(tokenizer, facts)
         self.batching = BatchingCore(
             model,
             facts,
             self.settings,
             pad_token_id=tokenizer.pad_token_id,
+            grammars=grammars,
             default_max_new_tokens=default_max_new_tokens,
         )
         super().__init__(
             self.batching,
             facts,
             tokenizer,
+            grammars=grammars,
             capacity=self.settings.capacity,
             capacity_note=self.settings.capacity_note,
             max_sequence_tokens=self.settings.cache_tokens(facts.context_length),

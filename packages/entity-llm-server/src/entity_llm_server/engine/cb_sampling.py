@@ -34,7 +34,9 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 
+from . import constraints as c
 from . import sampling as s
+from .constraints import Follower
 
 # The rows of the manager's int32 argument tensor (floats travel as their bits).
 _TEMPERATURE, _TOP_K, _TOP_P, _PENALTY, _KEY, _FLAGS = range(6)
@@ -94,7 +96,12 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self._noise = True
         self._seen: list[list[int] | None] = []
         self._wanted: list[tuple[str, int] | None] = []
+        # request id -> its constraint's matcher (`constraints`), registered by the core.
+        self.followers: dict[str, Follower] = {}
+        self._allowed: torch.Tensor | None = None  # eager: the step's allowed tokens, when a row is constrained
+        self._masked: set[int] = set()  # graph mode: rows of the bitmask buffer that are not all ones
         if not eager:  # graph mode's static buffers, read and written inside the step
+            self._bitmask = torch.full((rows, c.words(vocab_size)), -1, dtype=torch.int32, device=device)
             self._seen_rows = torch.zeros((rows, vocab_size), dtype=torch.bool, device=device)
             self._chosen = torch.zeros(rows, dtype=torch.int64, device=device)
             self._chosen_logprob = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -110,7 +117,9 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         columns: list[list[float | int]] = [[] for _ in range(6)]
         seen: list[list[int] | None] = []
         wanted: list[tuple[str, int] | None] = []
-        for future in rows:
+        bitmask: torch.Tensor | None = None
+        constrained: set[int] = set()
+        for index, future in enumerate(rows):
             state = future.state
             kwargs = state.logit_processor_kwargs
             sampling: s.Sampling = kwargs.get("sampling", s.GREEDY)
@@ -128,12 +137,18 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 column.append(value)
             seen.append(state.initial_tokens + state.generated_tokens if sampling.penalised else None)
             wanted.append((state.request_id, sampling.top_logprobs) if sampling.wants_logprobs else None)
+            if (follower := self.followers.get(state.request_id)) is not None:
+                if bitmask is None:
+                    bitmask = torch.full((len(rows), c.words(self.vocab_size)), -1, dtype=torch.int32)
+                self._constrain(follower, state, bitmask, index)
+                constrained.add(index)
         if self.eager:
             # A step where every row is plain greedy (no sampling, no EOS held
-            # off, no penalty, no logprobs) keeps the model's scores as they are.
-            self._plain = not any(columns[_FLAGS]) and not any(seen) and not any(wanted)
+            # off, no penalty, no logprobs, no constraint) keeps the model's scores as they are.
+            self._plain = not any(columns[_FLAGS]) and not any(seen) and not any(wanted) and bitmask is None
             if self._plain:
                 return arg_storage
+            self._allowed = None if bitmask is None else c.allowed(bitmask.to(arg_storage.device), self.vocab_size)
         if rows:
             for index, column in enumerate(columns):
                 if index in _FLOAT_ROWS:
@@ -152,8 +167,29 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 if tokens is not None:
                     self._seen_rows[index].zero_()
                     self._seen_rows[index, torch.tensor(tokens, device=self._seen_rows.device)] = True
+            # Constrained rows get their bitmask; rows constrained before and not now, all ones again.
+            masked = (
+                set() if bitmask is None else {i for i, f in enumerate(rows) if f.state.request_id in self.followers}
+            )
+            for index in self._masked - masked:
+                self._bitmask[index].fill_(-1)
+            for index in masked:
+                assert bitmask is not None
+                self._bitmask[index].copy_(bitmask[index])
+            self._masked = masked
         self._wanted = wanted
         return arg_storage
+
+    def _constrain(self, follower: Follower, state: Any, bitmask: torch.Tensor, index: int) -> None:
+        """Row `index` of `bitmask`: the tokens the request's constraint allows next, once its
+        matcher has seen the tokens generated so far. A matcher in error fails the request alone."""
+        try:
+            follower.follow(state.generated_tokens)
+            if (error := follower.error) is not None:
+                raise ValueError(f"the output left its constraint: {error}")
+            follower.fill(bitmask, index)
+        except Exception as exc:  # this runs on the batching thread: never let it die
+            self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
 
     def collect(self) -> None:
         """Graph mode, after a step: copy the chosen logprobs (and alternatives) of the rows that asked
@@ -188,6 +224,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         )
         if not self.eager:  # one static computation for a captured graph
             rows.seen = self._seen_rows[:n]
+            scores = scores.masked_fill(~c.allowed(self._bitmask[:n], self.vocab_size), -math.inf)
             logprobs = s.warp(scores, rows, self.eos_mask)
             final = s.noisy(logprobs, rows)
             chosen = torch.argmax(final, dim=-1)  # the manager's own choice: the same argmax of the same scores
@@ -197,6 +234,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self._top_logprobs[:n].copy_(values)
             self._top_ids[:n].copy_(ids)
             return final
+        if self._allowed is not None:
+            scores = scores.masked_fill(~self._allowed, -math.inf)
         if any(x is not None for x in self._seen):
             rows.seen = s.seen_mask(self._seen, scores.shape[-1], scores.device)
         logprobs = s.warp(scores, rows, self.eos_mask, sort=self._sort)

@@ -40,6 +40,7 @@ from .base import (
     TextDelta,
     Tokens,
 )
+from .constraints import Grammars
 from .core import Core, ModelFacts, SeqOutput
 from .sampling import GREEDY, Sampling, TokenLogprob
 from .text import Decoder, StopMatcher, sized_call, special_ids
@@ -86,6 +87,8 @@ class FrontEnd:
         max_sequence_tokens: the most tokens one sequence may hold, when the
             core allows fewer than the model's context.
         default_max_new_tokens: the length used when a request leaves it unset.
+        grammars: compiles requests' constraints (structured output); the
+            core's own when it runs in this process.
     """
 
     kind = "batching"
@@ -100,10 +103,13 @@ class FrontEnd:
         capacity_note: str = "",
         max_sequence_tokens: int | None = None,
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        grammars: Grammars | None = None,
     ) -> None:
         self.core = core
         self.facts = facts
         self.tokenizer = tokenizer
+        # Requests' constraints are checked here, before admission (the core has its own for matching).
+        self.grammars = grammars or Grammars.of(tokenizer, facts)
         self.capacity = capacity
         self._capacity_note = capacity_note
         self.default_max_new_tokens = default_max_new_tokens
@@ -225,8 +231,15 @@ class FrontEnd:
         return chat.render(self.tokenizer, messages)
 
     def prepare(self, request: EngineRequest) -> Prepared:
-        """Validate a request against the model and turn it into input ids."""
+        """Validate a request against the model and turn it into input ids (its constraint, if any, is
+        compiled: blocking)."""
         self.core.check_sampling(request.sampling)
+        if (constraint := request.sampling.constraint) is not None:
+            if request.sampling.min_new_tokens:
+                raise InvalidRequestError(
+                    "min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete"
+                )
+            self.grammars.check(constraint)
         if request.messages:
             ids = self.encode_chat(request.messages, request.truncate_input_tokens)
         else:
@@ -320,7 +333,10 @@ class FrontEnd:
 
     async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         size = len(request.prompt) + sum(len(role) + len(content) for role, content in request.messages)
-        prepared = await sized_call(size, self.prepare, request)
+        if request.sampling.constraint is not None:  # compiling a schema or a grammar: off the event loop
+            prepared = await asyncio.to_thread(self.prepare, request)
+        else:
+            prepared = await sized_call(size, self.prepare, request)
         decoder = Decoder(self.tokenizer, prepared.ids)
         stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)
         deadline = None if request.time_limit_ms is None else time.monotonic() + request.time_limit_ms / 1000

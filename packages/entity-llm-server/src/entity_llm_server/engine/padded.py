@@ -32,6 +32,7 @@ from typing import Any
 
 from . import sampling as s
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
+from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
@@ -53,10 +54,14 @@ class PaddedCore:
         max_batch_size: rows in one batch at most.
         pad_token_id: the id padding fills the left of shorter prompts with
             (masked out; any id the model embeds will do).
+        grammars: compiles requests' constraints (structured output).
     """
 
-    def __init__(self, model: Any, facts: ModelFacts, *, max_batch_size: int, pad_token_id: int | None) -> None:
+    def __init__(
+        self, model: Any, facts: ModelFacts, *, max_batch_size: int, pad_token_id: int | None, grammars: Grammars
+    ) -> None:
         self.model = model
+        self.grammars = grammars
         self.eos_ids = frozenset(facts.eos_ids)
         self.max_batch_size = max_batch_size
         self.pad_token_id = pad_token_id if pad_token_id is not None else (min(self.eos_ids, default=0))
@@ -217,6 +222,7 @@ class PaddedCore:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             inputs["position_ids"] = positions
         samplings = [prepared.sampling for _, prepared in batch]
+        followers = [None if x.constraint is None else self.grammars.follower(x.constraint) for x in samplings]
         sequences = [list(prepared.ids) for _, prepared in batch]
         counts = [0] * len(batch)
         done = [False] * len(batch)
@@ -238,12 +244,19 @@ class PaddedCore:
                 live = [row for row, i in enumerate(order) if not done[i]]
                 if not live:
                     return
+                allowed = step_mask(
+                    [followers[order[row]] for row in live],
+                    [sequences[order[row]][len(batch[order[row]][1].ids) :] for row in live],
+                    logits.shape[-1],
+                    device,
+                )
                 tokens, entries = s.pick(
                     logits[live],
                     [samplings[order[row]] for row in live],
                     [counts[order[row]] for row in live],
                     [sequences[order[row]] for row in live],
                     eos_mask,
+                    allowed,
                 )
                 following = [self.pad_token_id] * len(order)
                 outputs = []
@@ -312,13 +325,19 @@ class PaddedEngine(FrontEnd):
     ) -> None:
         self.settings = settings or BatchingSettings()
         facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
+        grammars = Grammars.of(tokenizer, facts)
         self.padded = PaddedCore(
-            model, facts, max_batch_size=self.settings.max_batch_size, pad_token_id=tokenizer.pad_token_id
+            model,
+            facts,
+            max_batch_size=self.settings.max_batch_size,
+            pad_token_id=tokenizer.pad_token_id,
+            grammars=grammars,
         )
         super().__init__(
             self.padded,
             facts,
             tokenizer,
+            grammars=grammars,
             capacity=self.settings.capacity,
             capacity_note=self.settings.capacity_note,
             default_max_new_tokens=default_max_new_tokens,

@@ -27,11 +27,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from .constraints import Constraint
+
 MAX_TOP_LOGPROBS = 10
 # Temperatures below this are greedy: dividing logits by less overflows float32
 # (the property test found NaN logprobs at 1e-38).
 MIN_TEMPERATURE = 1e-5
 _M32 = 0xFFFFFFFF
+_BELOW_ONE = 1.0 - 2.0**-24
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -50,6 +53,7 @@ class Sampling:
             pick one (and report it).
         logprobs: report each chosen token's logprob.
         top_logprobs: also report this many alternatives per token.
+        constraint: what the output must match (`constraints`), or None.
     """
 
     temperature: float = 0.0
@@ -60,6 +64,7 @@ class Sampling:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
     @property
     def sampled(self) -> bool:
@@ -76,7 +81,9 @@ class Sampling:
     @property
     def plain(self) -> bool:
         """Greedy with nothing to apply or report: the model's own argmax is the choice."""
-        return not (self.sampled or self.penalised or self.min_new_tokens or self.wants_logprobs)
+        return not (
+            self.sampled or self.penalised or self.min_new_tokens or self.wants_logprobs or self.constraint is not None
+        )
 
 
 GREEDY = Sampling()
@@ -126,6 +133,10 @@ def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     x = (x * 0x2C1B3C6D) & _M32
     x = x ^ (x >> 16)
     u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    # The top value, (2**24 - 0.5) / 2**24, rounds to 1.0 in float32, and -log(-log(1))
+    # is +inf: that token would win whatever its probability (and a masked one, at
+    # -inf, would become NaN). Keep u below 1: the largest float32 under it.
+    u = u.clamp(max=_BELOW_ONE)
     return -torch.log(-torch.log(u))
 
 
@@ -292,15 +303,20 @@ def pick(
     steps: list[int],
     sequences: list[list[int]],
     eos_ids: torch.Tensor,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Each row's next token and, where its request wants one, its logprob entry.
 
     For cores that decode with the model's own forward pass (one row, or a
     padded batch): row i is at generation step `steps[i]` of a request with
     `samplings[i]`, having seen `sequences[i]` (for repetition penalties);
-    `eos_ids` is `eos_mask`'s mask. Plain greedy rows take the argmax of the
-    logits themselves, as the batching core's hook leaves them.
+    `eos_ids` is `eos_mask`'s mask; `allowed`, a bool [rows, vocab] mask of
+    the tokens constrained rows may take (`constraints`), all True for the
+    others. Plain greedy rows take the argmax of the logits themselves, as the
+    batching core's hook leaves them.
     """
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
 
     if all(sampling.plain for sampling in samplings):
         none: list[TokenLogprob | None] = [None] * len(samplings)

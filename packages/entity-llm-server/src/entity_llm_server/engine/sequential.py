@@ -20,6 +20,7 @@ from typing import Any
 
 from . import sampling as s
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
+from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .sampling import Sampling
@@ -36,8 +37,9 @@ class SequentialCore:
         facts: the model's facts.
     """
 
-    def __init__(self, model: Any, facts: ModelFacts) -> None:
+    def __init__(self, model: Any, facts: ModelFacts, grammars: Grammars) -> None:
         self.model = model
+        self.grammars = grammars  # compiles requests' constraints (structured output)
         self.eos_ids = frozenset(facts.eos_ids)
         # transformers 5.x renamed the KV-cache argument (and output) from
         # past_key_values to cache; models written for either keep working.
@@ -135,6 +137,7 @@ class SequentialCore:
         sampling = prepared.sampling
         sequence = list(prepared.ids)
         count = 0
+        follower = None if sampling.constraint is None else self.grammars.follower(sampling.constraint)
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([prepared.ids], device=device), use_cache=True, **self._last_logits)
             self._steps += 1
@@ -142,7 +145,8 @@ class SequentialCore:
             vocab = logits.shape[-1]
             eos_mask = s.eos_mask(self.eos_ids, vocab, device)
             while count < prepared.max_new_tokens and not cancelled.is_set():
-                (token,), (entry,) = s.pick(logits, [sampling], [count], [sequence], eos_mask)
+                allowed = step_mask([follower], [sequence[len(prepared.ids) :]], vocab, device)
+                (token,), (entry,) = s.pick(logits, [sampling], [count], [sequence], eos_mask, allowed)
                 sequence.append(token)
                 count += 1
                 last = token in self.eos_ids or count == prepared.max_new_tokens
@@ -168,8 +172,11 @@ class TransformersEngine(FrontEnd):
 
     def __init__(self, model: Any, tokenizer: Any, *, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
         facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
-        self.sequential = SequentialCore(model, facts)
-        super().__init__(self.sequential, facts, tokenizer, default_max_new_tokens=default_max_new_tokens)
+        grammars = Grammars.of(tokenizer, facts)
+        self.sequential = SequentialCore(model, facts, grammars)
+        super().__init__(
+            self.sequential, facts, tokenizer, grammars=grammars, default_max_new_tokens=default_max_new_tokens
+        )
 
     @property
     def model(self) -> Any:

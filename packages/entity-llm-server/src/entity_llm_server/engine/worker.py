@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 
 from .base import BatchingUnsupportedError, CoreState, EngineError
 from .batching import BatchingCore
+from .constraints import Grammars
 from .core import ModelFacts, SeqOutput
 from .frontend import Prepared
 from .ipc import (
@@ -162,10 +163,15 @@ def serve(fd: int, parent: int) -> int:
         # Loaded here, where torch is anyway: the front end gets it in Ready.
         tokenizer = resource.tokenizer()
         facts = ModelFacts.of(model, len(tokenizer), tokenizer.eos_token_id)
+        grammars = Grammars.of(tokenizer, facts)
 
         def padded() -> PaddedCore:
             return PaddedCore(
-                model, facts, max_batch_size=spec.batching.max_batch_size, pad_token_id=tokenizer.pad_token_id
+                model,
+                facts,
+                max_batch_size=spec.batching.max_batch_size,
+                pad_token_id=tokenizer.pad_token_id,
+                grammars=grammars,
             )
 
         core: Core
@@ -177,6 +183,7 @@ def serve(fd: int, parent: int) -> int:
                 facts,
                 spec.batching,
                 pad_token_id=tokenizer.pad_token_id,
+                grammars=grammars,
                 default_max_new_tokens=spec.default_max_new_tokens,
             )
         worker = _Worker(conn, core)

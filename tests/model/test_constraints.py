@@ -1,0 +1,165 @@
+"""Structured output at the engine: a constraint per request (JSON schema, JSON object, regex, choice,
+grammar), enforced on every engine, mixed freely with unconstrained requests in one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import jsonschema
+import pytest
+
+from entity_llm_server import EngineRequest, UnifiedLLMResource
+from entity_llm_server.engine import BatchingSettings, Finished, FinishReason, FrontEnd, InvalidRequestError, Sampling
+from entity_llm_server.engine.constraints import MAX_CONSTRAINT_BYTES, Constraint
+
+from ..engines import ENGINE_KINDS, load_engine
+
+pytestmark = pytest.mark.model
+
+# Nested objects, arrays, enums and bounded integers; bounded strings and arrays, so that
+# every sampled output can finish within its length.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "kind": {"enum": ["cat", "dog", "bird"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3},
+        "owner": {
+            "type": "object",
+            "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999}},
+            "required": ["id"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "kind", "age", "tags", "owner"],
+    "additionalProperties": False,
+}
+SCHEMA_TEXT = json.dumps(SCHEMA)
+CHOICES = ["yes", "no", "maybe later"]
+REGEX = r"[a-z]{3}-[0-9]{2,4}"
+GRAMMAR = 'start: "SELECT " col " FROM " table\ncol: "id" | "name" | "*"\ntable: "users" | "orders"\n'
+SELECT = re.compile(r"SELECT (id|name|\*) FROM (users|orders)")
+
+
+def engine_of(kind: str) -> FrontEnd:
+    if kind == "graphs":  # the graph-mode code (transformers runs it uncaptured on a CPU)
+        settings = BatchingSettings(max_batch_size=8, max_queue=64, cuda_graphs=True)
+        engine = UnifiedLLMResource(batching=settings).load_engine()
+        assert isinstance(engine, FrontEnd)
+        return engine
+    return load_engine(kind, max_batch_size=8, max_queue=64)
+
+
+async def _text(engine: FrontEnd, request: EngineRequest) -> tuple[str, Finished]:
+    events = [e async for e in engine.generate(request)]
+    final = events[-1]
+    assert isinstance(final, Finished)
+    return "".join(getattr(e, "text", "") for e in events[:-1]), final
+
+
+def run(engine: FrontEnd, requests: list[EngineRequest]) -> list[tuple[str, Finished]]:
+    async def main() -> list[tuple[str, Finished]]:
+        await engine.start()
+        try:
+            return list(await asyncio.gather(*(_text(engine, r) for r in requests)))
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def constrained(
+    kind: str, text: str, seed: int | None, max_new_tokens: int = 120, prompt: str = "x = "
+) -> EngineRequest:
+    sampling = Sampling(temperature=1.0, seed=seed, constraint=Constraint(kind, text))
+    if seed is None:
+        sampling = Sampling(constraint=Constraint(kind, text))
+    return EngineRequest("x = ", max_new_tokens=max_new_tokens, sampling=sampling)
+
+
+@pytest.mark.parametrize("kind", [*ENGINE_KINDS, "graphs"])
+def test_every_engine_keeps_every_kind_of_constraint(kind):
+    seeds = range(20) if kind == "batching" else range(3)
+    requests = [constrained("json_schema", SCHEMA_TEXT, seed) for seed in seeds]
+    requests += [constrained("choice", json.dumps(CHOICES), seed) for seed in seeds]
+    requests += [constrained("regex", REGEX, seed) for seed in seeds]
+    requests += [constrained("grammar", GRAMMAR, seed) for seed in seeds[:3]]
+    requests += [constrained("json_object", "", seed) for seed in seeds[:3]]
+    results = run(engine_of(kind), requests)
+    n = len(seeds)
+    schemas, choices, regexes = results[:n], results[n : 2 * n], results[2 * n : 3 * n]
+    grammars, objects = results[3 * n : 3 * n + 3], results[3 * n + 3 :]
+    for text, final in schemas:
+        assert final.reason is FinishReason.EOS, (text, final.reason)
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert all(final.reason is FinishReason.EOS and text in CHOICES for text, final in choices), choices
+    assert all(re.fullmatch(REGEX, text) for text, _ in regexes), regexes
+    assert all(SELECT.fullmatch(text) for text, _ in grammars), grammars
+    assert all(isinstance(json.loads(text), dict) for text, _ in objects), objects
+    # Sampled: not all alike.
+    assert len({text for text, _ in schemas}) > 1
+
+
+def test_a_random_weight_model_keeps_a_schema_for_20_seeds(tiny_model):
+    engine = UnifiedLLMResource(tiny_model("llama"), batching=BatchingSettings(max_batch_size=8)).load_engine()
+    assert isinstance(engine, FrontEnd)
+    for text, final in run(engine, [constrained("json_schema", SCHEMA_TEXT, seed, 200) for seed in range(20)]):
+        assert final.reason is FinishReason.EOS, text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_constrained_and_free_requests_share_a_batch_and_the_free_ones_are_untouched():
+    engine = engine_of("batching")
+    free = [EngineRequest(p, max_new_tokens=12) for p in ("def f(x):", "import os\n", "class Parser:")]
+    alone = run(engine, free)
+    mixed = run(engine, [constrained("json_schema", SCHEMA_TEXT, seed) for seed in range(5)] + free)
+    assert [final.token_ids for _, final in mixed[5:]] == [final.token_ids for _, final in alone]
+    assert all(json.loads(text) for text, _ in mixed[:5])
+
+
+def test_a_seed_gives_the_same_constrained_output_alone_and_among_others():
+    engine = engine_of("batching")
+    (alone,) = run(engine, [constrained("json_schema", SCHEMA_TEXT, 42)])
+    crowd = run(
+        engine, [constrained("json_schema", SCHEMA_TEXT, 42)] + [constrained("regex", REGEX, s) for s in range(6)]
+    )
+    assert crowd[0][0] == alone[0]
+    assert crowd[0][1].seed == 42
+
+
+def test_a_length_that_cuts_the_output_short_says_max_tokens_and_leaves_a_prefix():
+    engine = engine_of("batching")
+    ((text, final),) = run(engine, [constrained("json_schema", SCHEMA_TEXT, 3, max_new_tokens=4)])
+    assert final.reason is FinishReason.MAX_TOKENS
+    assert final.generated_tokens == 4
+    assert text.startswith('{"')
+
+
+@pytest.mark.parametrize(
+    ("constraint", "field", "says"),
+    [
+        (Constraint("regex", "a("), "regex", "unclosed group"),
+        (Constraint("json_schema", "{not json"), "json_schema", "does not parse"),
+        (Constraint("json_schema", "[1, 2]"), "json_schema", "JSON object"),
+        (Constraint("choice", "[]"), "choice", "at least one"),
+        (Constraint("grammar", "start: undefined_rule"), "grammar", "cannot be used"),
+        (Constraint("regex", "a" * (MAX_CONSTRAINT_BYTES + 1)), "regex", "KiB"),
+    ],
+)
+def test_a_constraint_that_cannot_be_used_is_invalid_naming_its_field(constraint, field, says):
+    engine = engine_of("batching")
+    with pytest.raises(InvalidRequestError) as refused:
+        engine.prepare(EngineRequest("x", sampling=Sampling(constraint=constraint)))
+    assert refused.value.field == field
+    assert says in str(refused.value)
+
+
+def test_min_new_tokens_cannot_hold_off_the_end_of_a_constrained_output():
+    engine = engine_of("batching")
+    sampling = Sampling(min_new_tokens=5, constraint=Constraint("regex", REGEX))
+    with pytest.raises(InvalidRequestError) as refused:
+        engine.prepare(EngineRequest("x", sampling=sampling))
+    assert refused.value.field == "min_new_tokens"
