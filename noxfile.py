@@ -40,7 +40,8 @@ LINT = ("ruff==0.17.6", *TYPING, *TRACING, "hatchling==1.33.0", "pytest", "hypot
 # the server's [sentencepiece] extra, which a tokenizer test trains a model with;
 # dnslib: a DNS server whose answers a test changes, as a cluster's DNS does;
 # uv: the pipeline tests' builds install their build requirements with it;
-# jsonschema: structured outputs are validated against their schema.
+# jsonschema, pydantic: structured outputs are validated against their schema, and the SDK
+# takes a pydantic model class as one.
 TEST = (
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -53,6 +54,7 @@ TEST = (
     "dnslib>=0.9.24",
     "uv>=0.5",
     "jsonschema>=4",
+    "pydantic>=2",
     *TRACING,
 )
 

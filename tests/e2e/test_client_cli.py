@@ -65,3 +65,24 @@ def test_a_failed_call_exits_one_with_the_status(console_server):
     unreachable = _cli("--target", "127.0.0.1:1", "--timeout", "5", "info")
     assert unreachable.returncode == 1
     assert "UNAVAILABLE" in unreachable.stderr
+
+
+def test_generate_takes_a_constraint_from_flags_and_files(console_server, tmp_path):
+    schema = tmp_path / "pet.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}},
+                                  "required": ["kind"], "additionalProperties": False}))  # fmt: skip
+    out = _cli("--target", console_server.target, "generate", "A pet: ", "--json-schema", str(schema))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["kind"] in ("cat", "dog")
+    assert "[eos," in out.stderr
+    out = _cli("--target", console_server.target, "generate", "A: ", "--choice", "yes", "--choice", "no")
+    assert out.stdout.strip() in ("yes", "no"), out.stderr
+    # One constraint at most: the flags say so before any call.
+    out = _cli("--target", console_server.target, "generate", "A: ", "--regex", "a+", "--choice", "a")
+    assert out.returncode == 2
+    assert "not allowed with argument" in out.stderr
+    # One the server cannot compile: the status and the field.
+    out = _cli("--target", console_server.target, "generate", "A: ", "--regex", "a(")
+    assert out.returncode == 1
+    assert "INVALID_ARGUMENT" in out.stderr
+    assert "regex" in out.stderr

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Literal
 
 import jsonschema
+import pydantic
 import pytest
 
-from entity_llm_server import EngineRequest, UnifiedLLMResource
+from entity_llm_client import FinishReason as Reason
+from entity_llm_client import InvalidArgumentError, LLMClient
+from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
 from entity_llm_server.engine import BatchingSettings, Finished, FinishReason, FrontEnd, InvalidRequestError, Sampling
 from entity_llm_server.engine.constraints import MAX_CONSTRAINT_BYTES, Constraint
 
@@ -163,3 +167,83 @@ def test_min_new_tokens_cannot_hold_off_the_end_of_a_constrained_output():
     with pytest.raises(InvalidRequestError) as refused:
         engine.prepare(EngineRequest("x", sampling=sampling))
     assert refused.value.field == "min_new_tokens"
+
+
+# -- over gRPC, through the SDK ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    from ..conftest import ServerThread
+
+    settings = BatchingSettings(max_batch_size=8, max_queue=64)
+    thread = ServerThread(LLMService(UnifiedLLMResource(batching=settings))).start()
+    yield thread
+    thread.stop()
+
+
+class Pet(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")  # else any other keys may follow, until the length runs out
+
+    name: str = pydantic.Field(max_length=8)
+    kind: Literal["cat", "dog", "bird"]
+    age: int = pydantic.Field(ge=0, le=30)
+
+
+def test_the_sdk_takes_each_constraint_and_the_server_keeps_it(server):
+    with LLMClient(server.target, timeout=120) as client:
+        assert client.model_info().constraint_kinds == ("json_schema", "json_object", "regex", "choice", "grammar")
+        for seed in range(3):
+            for schema in (SCHEMA, SCHEMA_TEXT):
+                done = client.complete("x = ", json_schema=schema, temperature=1.0, seed=seed, max_new_tokens=120)
+                jsonschema.validate(json.loads(done.text), SCHEMA)
+            pet = client.complete("x = ", json_schema=Pet, temperature=1.0, seed=seed, max_new_tokens=120)
+            Pet.model_validate_json(pet.text)
+            assert client.complete("x = ", choice=CHOICES, temperature=1.0, seed=seed).text in CHOICES
+            assert re.fullmatch(REGEX, client.complete("x = ", regex=REGEX, temperature=1.0, seed=seed).text)
+            assert SELECT.fullmatch(client.complete("x = ", grammar=GRAMMAR, temperature=1.0, seed=seed).text)
+        done = client.complete("x = ", json_object=True, max_new_tokens=120)
+        assert isinstance(json.loads(done.text), dict)
+        assert done.finish_reason is Reason.EOS
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"regex": "a("}, "regex"),
+        ({"json_schema": "{not json"}, "json_schema"),
+        ({"grammar": "start: nowhere"}, "grammar"),
+        ({"choice": []}, "choice"),
+        ({"regex": "a" * (MAX_CONSTRAINT_BYTES + 1)}, "regex"),
+        ({"regex": REGEX, "min_new_tokens": 2}, "min_new_tokens"),
+    ],
+)
+def test_a_constraint_the_server_cannot_use_is_invalid_argument_naming_the_field(server, options, field):
+    with LLMClient(server.target, timeout=60) as client:
+        with pytest.raises(InvalidArgumentError) as refused:
+            client.complete("x = ", **options)
+        assert [v.field for v in refused.value.field_violations] == [field]
+        # The server serves on.
+        assert client.complete("x = ", regex="[0-9]{2}").text.isdigit()
+
+
+def test_the_sdk_refuses_two_constraints_or_a_false_json_object_before_any_call():
+    client = LLMClient("127.0.0.1:1")  # nothing listens: the checks come first
+    with pytest.raises(TypeError, match="at most one constraint"):
+        client.complete("x", regex="a", choice=["a"])
+    with pytest.raises(TypeError, match="json_object takes True"):
+        client.complete("x", json_object=False)
+    with pytest.raises(TypeError, match="sequence of strings"):
+        client.complete("x", choice="abc")
+    client.close()
+
+
+def test_an_engine_without_constraints_refuses_them_naming_the_field(serve):
+    from entity_llm_server.testing import FakeEngine
+
+    fake = serve(LLMService(engine=FakeEngine())).start()
+    with LLMClient(fake.target, timeout=30) as client:
+        assert client.model_info().constraint_kinds == ()
+        with pytest.raises(InvalidArgumentError) as refused:
+            client.complete("x", regex="a+")
+        assert [v.field for v in refused.value.field_violations] == ["regex"]

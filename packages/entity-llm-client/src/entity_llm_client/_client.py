@@ -143,6 +143,14 @@ class LLMClient:
                 top_logprobs: also return this many likely alternatives per
                     token (implies logprobs).
                 request_id: echoed in every chunk; the server makes one if empty.
+                json_schema: the output is JSON valid under this JSON Schema (a
+                    dict, its JSON text, or a pydantic model class).
+                json_object: True: the output is any JSON object.
+                regex: the whole output matches this regular expression.
+                choice: the output is exactly one of these strings.
+                grammar: the output is a sentence of this Lark grammar.
+                    (At most one of the last five; the stream ends with EOS
+                    when the output is complete.)
 
         Raises:
             TypeError: both or neither of `prompt` and `messages`, a malformed

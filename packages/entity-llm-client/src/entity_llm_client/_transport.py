@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ._gen.entity.grpc import (
     ChatMessage,
+    Choices,
     GenerateRequest,
     GenerateResponse,
     GetModelInfoRequest,
@@ -143,7 +145,37 @@ def _checked(options: GenerateOptions) -> dict[str, Any]:
         if isinstance(fields["stop_sequences"], str):
             raise TypeError("stop_sequences takes a sequence of strings; put a single one in a list")
         fields["stop_sequences"] = [_text(f"stop_sequences[{i}]", s) for i, s in enumerate(fields["stop_sequences"])]
+    _constraint(fields)
     return fields
+
+
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def _constraint(fields: dict[str, Any]) -> None:
+    """The structured-output option in `fields`, as the wire takes it (in place)."""
+    given = [name for name in CONSTRAINTS if name in fields]
+    if len(given) > 1:
+        raise TypeError(f"pass at most one constraint, not {' and '.join(given)}")
+    if not given:
+        return
+    name = given[0]
+    value = fields[name]
+    if name == "json_schema":
+        if isinstance(value, type) and hasattr(value, "model_json_schema"):  # a pydantic model class
+            value = value.model_json_schema()
+        if isinstance(value, Mapping):
+            value = json.dumps(value)
+        fields[name] = _text(name, value)
+    elif name == "json_object":
+        if value is not True:
+            raise TypeError("json_object takes True (any JSON object); leave it out otherwise")
+    elif name == "choice":
+        if isinstance(value, str):
+            raise TypeError("choice takes a sequence of strings; put a single one in a list")
+        fields[name] = Choices(options=[_text(f"choice[{i}]", option) for i, option in enumerate(value)])
+    else:
+        fields[name] = _text(name, value)
 
 
 def _chat(messages: Sequence[tuple[str, str]]) -> list[ChatMessage]:
@@ -242,4 +274,5 @@ def to_model_info(response: GetModelInfoResponse) -> ModelInfo:
         eos_token_ids=tuple(response.eos_token_ids),
         has_chat_template=response.has_chat_template,
         engine=response.engine,
+        constraint_kinds=tuple(response.constraint_kinds),
     )

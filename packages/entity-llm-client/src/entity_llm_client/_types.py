@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -29,6 +29,12 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: bool
     top_logprobs: int
     request_id: str
+    # Structured output: at most one of these.
+    json_schema: str | Mapping[str, Any] | type
+    json_object: bool
+    regex: str
+    choice: Sequence[str]
+    grammar: str
 
 
 class FinishReason(enum.Enum):
@@ -168,4 +174,5 @@ class ModelInfo:
     max_max_new_tokens: int
     eos_token_ids: tuple[int, ...]
     has_chat_template: bool
-    engine: str = ""  # "batching" or "sequential"; empty from servers that predate it
+    engine: str = ""  # "batching", "padded" or "sequential"; empty from servers that predate it
+    constraint_kinds: tuple[str, ...] = ()  # the structured-output options the server applies

@@ -4,6 +4,7 @@ entity-llm generate "def fibonacci(n):" --max-new-tokens 64 --stop $'\\n\\n'
 entity-llm generate "import os" --temperature 0.8 --top-p 0.95 --seed 7
 entity-llm generate --message system:"Answer in Python." --message user:"Add two numbers."
 entity-llm --json generate "import os" --top-logprobs 3   # one JSON object per chunk, with logprobs
+entity-llm generate "A cat:" --json-schema cat.schema.json   # the output is JSON valid under the schema
 entity-llm tokenize "def f(x):"
 entity-llm info
 entity-llm --tls --root-certificates ca.pem --target llm.example:443 info   # key in $ENTITY_LLM_API_KEY
@@ -24,6 +25,7 @@ from typing import Any
 
 from ._client import LLMClient
 from ._errors import LLMError
+from ._types import GenerateOptions
 
 API_KEY_ENV = "ENTITY_LLM_API_KEY"
 
@@ -110,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int, help="sample from the K most likely tokens only")
     sampling.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeated tokens")
     sampling.add_argument("--seed", type=int, help="the sampler's seed, to repeat a sampled stream")
+    shape = generate.add_argument_group("structured output (at most one)")
+    exclusive = shape.add_mutually_exclusive_group()
+    exclusive.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this JSON Schema file")
+    exclusive.add_argument("--json-object", action="store_true", help="the output is any JSON object")
+    exclusive.add_argument("--regex", help="the whole output matches this regular expression")
+    exclusive.add_argument("--choice", action="append", help="the output is one of these (repeat the flag)")
+    exclusive.add_argument("--grammar", metavar="FILE", help="the output is a sentence of this Lark grammar file")
     scores = generate.add_argument_group("log-probabilities (shown with --json)")
     scores.add_argument("--logprobs", action="store_true", help="return each generated token's log-probability")
     scores.add_argument(
@@ -149,24 +158,24 @@ def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.Argu
     try:
         messages = _messages(args)
         prompt = None if messages is not None else sys.stdin.read() if args.prompt == "-" else args.prompt
-        stream = client.generate(
-            prompt,
-            messages=messages,
-            max_new_tokens=args.max_new_tokens,
-            min_new_tokens=args.min_new_tokens,
-            stop_sequences=args.stop_sequences,
-            include_stop_sequence=args.include_stop_sequence,
-            truncate_input_tokens=args.truncate_input_tokens,
-            time_limit_ms=args.time_limit_ms,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed,
-            logprobs=args.logprobs,
-            top_logprobs=args.top_logprobs,
-            request_id=args.request_id,
-        )
+        options: GenerateOptions = {
+            "max_new_tokens": args.max_new_tokens,
+            "min_new_tokens": args.min_new_tokens,
+            "stop_sequences": args.stop_sequences,
+            "include_stop_sequence": args.include_stop_sequence,
+            "truncate_input_tokens": args.truncate_input_tokens,
+            "time_limit_ms": args.time_limit_ms,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed,
+            "logprobs": args.logprobs,
+            "top_logprobs": args.top_logprobs,
+            "request_id": args.request_id,
+            **_constraint(args),
+        }
+        stream = client.generate(prompt, messages=messages, **options)
     except (OSError, ValueError, TypeError) as error:  # bad flags or files, found before any call
         parser.error(f"generate: {error}")
     for chunk in stream:
@@ -180,6 +189,21 @@ def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.Argu
                 seed = f", seed {chunk.seed}" if chunk.seed is not None else ""
                 print()
                 print(f"[{chunk.finish_reason.value}{counts}{seed}]", file=sys.stderr)
+
+
+def _constraint(args: argparse.Namespace) -> GenerateOptions:
+    """The structured-output option the flags ask for (files read now)."""
+    if args.json_schema is not None:
+        return {"json_schema": Path(args.json_schema).read_text(encoding="utf-8")}
+    if args.grammar is not None:
+        return {"grammar": Path(args.grammar).read_text(encoding="utf-8")}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -20,6 +21,7 @@ from .engine import (
     Sampling,
     TokenLogprob,
 )
+from .engine.constraints import Constraint
 from .engine.text import sized_call
 from .errors import error_boundary
 from .resource import UnifiedLLMResource
@@ -41,6 +43,17 @@ def _optional(message: Any, field: str, default: Any = None) -> Any:
     return getattr(message, field) if message.HasField(field) else default
 
 
+def _constraint(request: llm_pb2.GenerateRequest) -> Constraint | None:
+    which = request.WhichOneof("constraint")
+    if which is None:
+        return None
+    if which == "choice":
+        return Constraint("choice", json.dumps(list(request.choice.options)))
+    if which == "json_object":
+        return Constraint("json_object")
+    return Constraint(which, getattr(request, which))
+
+
 def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineRequest:
     """The engine's view of a GenerateRequest (validated already)."""
     sampling = Sampling(
@@ -52,6 +65,7 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         seed=_optional(request, "seed"),
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
+        constraint=_constraint(request),
     )
     return EngineRequest(
         prompt=request.prompt,
@@ -137,6 +151,8 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
         async with error_boundary(context):
             validate_generate(request)
             engine = await self.engine()
+            if (which := request.WhichOneof("constraint")) is not None and which not in engine.info().constraint_kinds:
+                raise InvalidRequestError(which, "this server's engine applies no such constraint")
             request_id = request.request_id or uuid.uuid4().hex
             # aclosing: a client that leaves closes the engine's stream at once.
             first = True
@@ -195,4 +211,5 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             eos_token_ids=info.eos_token_ids,
             has_chat_template=info.has_chat_template,
             engine=info.engine,
+            constraint_kinds=info.constraint_kinds,
         )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from .engine.constraints import MAX_CONSTRAINT_BYTES
 from .engine.sampling import MAX_TOP_LOGPROBS
 
 if TYPE_CHECKING:
@@ -145,8 +146,32 @@ def validate_generate(request: llm_pb2.GenerateRequest) -> None:
         problems.append(("request_id", "only printable ASCII characters"))
     problems += _sampling(request)
     problems += _input(request)
+    problems += _constraint(request)
     if problems:
         raise RequestValidationError(problems)
+
+
+def _constraint(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
+    """The sizes and combinations of the `constraint` oneof (whether it compiles, the engine checks)."""
+    which = request.WhichOneof("constraint")
+    if which is None:
+        return []
+    problems: list[tuple[str, str]] = []
+    if which == "json_object" and not request.json_object:
+        problems.append(("json_object", "set it to true for any JSON object, or leave it out"))
+    if which == "choice":
+        if not request.choice.options:
+            problems.append(("choice", "give at least one string to choose from"))
+        size = sum(len(option.encode()) for option in request.choice.options)
+    else:
+        size = len(str(getattr(request, which)).encode())
+    if size > MAX_CONSTRAINT_BYTES:
+        problems.append((which, f"is over {MAX_CONSTRAINT_BYTES // 1024} KiB"))
+    if request.min_new_tokens:
+        problems.append(
+            ("min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete")
+        )
+    return problems
 
 
 def _sampling(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:

@@ -115,6 +115,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     has_chat_template: bool
     engine: str = ""
+    constraint_kinds: tuple[str, ...] = ()  # the structured-output constraints it applies
 
 
 @dataclass(frozen=True, slots=True)

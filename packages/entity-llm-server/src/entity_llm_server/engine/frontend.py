@@ -40,7 +40,7 @@ from .base import (
     TextDelta,
     Tokens,
 )
-from .constraints import Grammars
+from .constraints import KINDS, Grammars
 from .core import Core, ModelFacts, SeqOutput
 from .sampling import GREEDY, Sampling, TokenLogprob
 from .text import Decoder, StopMatcher, sized_call, special_ids
@@ -189,6 +189,7 @@ class FrontEnd:
             eos_token_ids=tuple(sorted(self.eos_ids)),
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
             engine=self.kind,
+            constraint_kinds=KINDS,
         )
 
     def tokenize(self, text: str, truncate: int | None = None) -> Tokens:
