@@ -134,11 +134,31 @@ def limit_violations(r: llm_pb2.GenerateRequest) -> Violations:
     if r.messages and r.prompt:
         found.append(("messages", "send either prompt or messages, not both"))
     found += [(f"messages[{i}].role", "must not be empty") for i, m in enumerate(r.messages) if not m.role]
+    if (which := r.WhichOneof("constraint")) is not None:
+        if which == "json_object" and not r.json_object:
+            found.append(("json_object", "set it to true for any JSON object, or leave it out"))
+        if which == "choice" and not r.choice.options:
+            found.append(("choice", "give at least one string to choose from"))
+        size = (
+            sum(len(o.encode()) for o in r.choice.options)
+            if which == "choice"
+            else len(str(getattr(r, which)).encode())
+        )
+        if size > 64 * 1024:
+            found.append((which, "is over 64 KiB"))
+        if r.min_new_tokens:
+            found.append(
+                ("min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete")
+            )
     return found
 
 
 def model_violation(server: ServerThread, tokenizer, r: llm_pb2.GenerateRequest) -> tuple[str, str] | None:
-    """What the model refuses in a request within the limits: a prompt that fills its context, or a length beyond it."""
+    """What the model refuses in a request within the limits: a constraint that does not compile (its
+    description's start: llguidance words the rest), a prompt that fills its context, or a length beyond it."""
+    which = r.WhichOneof("constraint")
+    if which is not None and (said := BROKEN.get(which, {}).get(str(getattr(r, which)))) is not None:
+        return which, said
     text = r.prompt
     if r.messages:
         chat = [{"role": m.role, "content": m.content} for m in r.messages]
@@ -164,6 +184,11 @@ def assert_outcome(server, tokenizer, request: llm_pb2.GenerateRequest, outcome)
         if field == "prompt":  # its count: Tokenize here stops at the context, so only the bound is known
             count, _, said = said.partition(" tokens ")
             assert int(count) >= CONTEXT
+        if field in CONSTRAINTS:  # llguidance's own words follow the start the oracle knows
+            assert field == refused[0]
+            assert said.startswith(refused[1]), said
+            assert details == f"invalid request: {field}: {said}"
+            return
         assert (field, said) == refused
     else:
         event("served")
@@ -173,6 +198,38 @@ def assert_outcome(server, tokenizer, request: llm_pb2.GenerateRequest, outcome)
 
 
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
+
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# Constraints that compile, and ones that do not (with how their refusal begins).
+WORKING = {
+    "json_schema": [
+        '{"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]}',
+        '{"type": "integer"}',
+    ],
+    "regex": ["[a-z]{1,3}", "(yes|no)"],
+    "grammar": ['start: "x" | "y" "z"'],
+}
+BROKEN = {
+    "json_schema": {"{not json": "does not parse: ", "[1]": "a JSON Schema is a JSON object"},
+    "regex": {"a(": "cannot be used: "},
+    "grammar": {"start: nowhere": "cannot be used: "},
+}
+
+
+@st.composite
+def constraints(draw: st.DrawFn, r: llm_pb2.GenerateRequest) -> None:
+    """Set one constraint on `r`: one that works, one that does not compile, or one the limits refuse."""
+    kind = draw(st.sampled_from(CONSTRAINTS))
+    if kind == "json_object":
+        r.json_object = draw(st.booleans())
+    elif kind == "choice":
+        r.choice.options.extend(
+            draw(st.lists(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=20), max_size=3))
+        )
+    elif kind == "regex" and draw(st.integers(0, 9)) == 0:
+        r.regex = "a" * (64 * 1024 + 1)
+    else:
+        setattr(r, kind, draw(st.sampled_from([*WORKING[kind], *BROKEN[kind]])))
 
 
 @st.composite
@@ -203,12 +260,33 @@ def requests(draw: st.DrawFn) -> llm_pb2.GenerateRequest:
     r.request_id = draw(st.one_of(st.just(""), text))
     for role, content in draw(st.lists(st.tuples(text, text), max_size=3)):
         r.messages.add(role=role, content=content)
+    if draw(st.integers(0, 3)) == 0:
+        draw(constraints(r))
     return r
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=requests())
 def test_random_requests_get_exactly_the_outcome_the_limits_decide(server, tokenizer, request):
+    assert_outcome(server, tokenizer, request, call(server, request.SerializeToString()))
+
+
+@st.composite
+def constrained_requests(draw: st.DrawFn) -> llm_pb2.GenerateRequest:
+    """Requests within the other limits, each with a constraint: one that works, one that does not
+    compile, or one the limits refuse (with min_new_tokens now and then)."""
+    r = llm_pb2.GenerateRequest(prompt=draw(st.text(max_size=40)), max_new_tokens=draw(st.integers(1, 16)))
+    if draw(st.booleans()):
+        r.temperature, r.seed = draw(st.sampled_from([0.5, 1.0, 2.0])), draw(st.integers(0, 2**32))
+    if draw(st.integers(0, 7)) == 0:
+        r.min_new_tokens = 1
+    draw(constraints(r))
+    return r
+
+
+@settings(max_examples=size(60, 1_000), deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=constrained_requests())
+def test_random_constraints_get_exactly_the_outcome_the_limits_and_the_compiler_decide(server, tokenizer, request):
     assert_outcome(server, tokenizer, request, call(server, request.SerializeToString()))
 
 

@@ -111,7 +111,7 @@ class UnifiedLLMResource:
             )
         if tensor_parallel > 1 and (not self.engine_process or engine == "padded"):
             raise ValueError(
-                "tensor-parallel ranks run continuous batching in engine processes: they need engine_process"
+                "tensor-parallel ranks run in engine processes, with continuous batching: they need engine_process"
             )
         # One list of devices per replica, one device per rank.
         self.placement = placement(device, engine_replicas, tensor_parallel)

@@ -67,26 +67,27 @@ class Constraint:
         """
         from llguidance import LLMatcher
 
+        if self.kind not in KINDS:
+            raise InvalidRequestError(self.field, f"{self.kind!r} is no constraint kind ({', '.join(KINDS)})")
         try:
-            if self.kind == "json_schema":
-                schema = json.loads(self.text)
-                if not isinstance(schema, dict):
-                    raise InvalidRequestError(self.field, "a JSON Schema is a JSON object")
-                return str(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT))
-            if self.kind == "json_object":
-                return str(LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT))
-            if self.kind == "regex":
-                return str(LLMatcher.grammar_from_regex(self.text))
-            if self.kind == "choice":
-                options = json.loads(self.text)
-                if not options:
-                    raise InvalidRequestError(self.field, "give at least one string to choose from")
-                return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in options)))
-            if self.kind == "grammar":
-                return str(LLMatcher.grammar_from_lark(self.text))
-        except ValueError as exc:  # json's errors too
+            parsed = json.loads(self.text) if self.kind in ("json_schema", "choice") else None
+        except ValueError as exc:
             raise InvalidRequestError(self.field, f"does not parse: {exc}") from exc
-        raise InvalidRequestError(self.field, f"{self.kind!r} is no constraint kind ({', '.join(KINDS)})")
+        if self.kind == "json_schema" and not isinstance(parsed, dict):
+            raise InvalidRequestError(self.field, "a JSON Schema is a JSON object")
+        if self.kind == "choice" and not parsed:
+            raise InvalidRequestError(self.field, "give at least one string to choose from")
+        if self.kind == "json_schema":
+            assert isinstance(parsed, dict)
+            return str(LLMatcher.grammar_from_json_schema(parsed, defaults=JSON_LAYOUT))
+        if self.kind == "json_object":
+            return str(LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT))
+        if self.kind == "regex":
+            return str(LLMatcher.grammar_from_regex(self.text))
+        if self.kind == "choice":
+            assert isinstance(parsed, list)
+            return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in parsed)))
+        return str(LLMatcher.grammar_from_lark(self.text))
 
 
 def _one_line(error: str) -> str:
