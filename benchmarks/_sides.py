@@ -169,7 +169,9 @@ def check_prompts(target: str, batch: list[Prompt]) -> None:
     asyncio.run(_check_prompts(target, batch))
 
 
-async def _grpc_round(target: str, batch: list[Prompt], new_tokens: int, method: str) -> Row:
+async def _grpc_round(
+    target: str, batch: list[Prompt], new_tokens: int, method: str, options: dict[str, Any] | None = None
+) -> Row:
     from entity_llm_client import AsyncLLMClient
 
     async with AsyncLLMClient(target, timeout=3600) as client:
@@ -180,7 +182,7 @@ async def _grpc_round(target: str, batch: list[Prompt], new_tokens: int, method:
 
         async def one(prompt: Prompt) -> int:
             count = 0
-            async for chunk in client.generate(prompt.text, max_new_tokens=new_tokens):
+            async for chunk in client.generate(prompt.text, max_new_tokens=new_tokens, **(options or {})):
                 if chunk.token_ids and not count:
                     ttft.append((time.perf_counter() - started) * 1000)
                 count += len(chunk.token_ids)
@@ -193,6 +195,8 @@ async def _grpc_round(target: str, batch: list[Prompt], new_tokens: int, method:
     return Row("model", method, len(batch), sum(per_request), seconds, ttft, {"per_request_tokens": per_request})
 
 
-def grpc_round(target: str, batch: list[Prompt], new_tokens: int, method: str) -> Row:
-    """N concurrent `AsyncLLMClient` streams against a running server."""
-    return asyncio.run(_grpc_round(target, batch, new_tokens, method))
+def grpc_round(
+    target: str, batch: list[Prompt], new_tokens: int, method: str, options: dict[str, Any] | None = None
+) -> Row:
+    """N concurrent `AsyncLLMClient` streams against a running server (each with `options`, SDK keywords)."""
+    return asyncio.run(_grpc_round(target, batch, new_tokens, method, options))

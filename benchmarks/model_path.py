@@ -12,6 +12,9 @@ each) are served these ways:
   sized like the server (the ceiling the server should approach);
   `--compare-sampling` adds it with the server's sampling hook installed,
   `--compare-no-graphs` without CUDA graphs;
+- grpc constrained (`--compare-constrained`): the same streams, each under
+  one JSON schema (an open array of strings, so that none ends early): the
+  cost of structured output's per-step masks;
 - sequential: one `model.generate` per request, one after another (what a
   server without batching does); `--sequential-limit` runs only the first
   requests, and its tokens/s still compares (see `_sides.sequential_round`).
@@ -34,6 +37,9 @@ from typing import Any
 
 from _common import Row, ServerProcess, interleaved, ratio, report, write_results
 from _sides import Prompt, cb_round, cb_settings, check_prompts, grpc_round, sequential_round
+
+# Structured output without an end: every request runs its full length under the mask.
+OPEN_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}}}
 
 SHAPES: dict[str, dict[str, Any]] = {
     # ~34M parameters: the 30-40M random-weight Llama.
@@ -174,6 +180,15 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
         if "cb + hook" in best:
             ratios.append(ratio(f"{name} cb with / without the sampling hook at {streams}", best["cb + hook"], cb))
             ratios.append(ratio(f"{name} grpc / cb + sampling hook at {streams}", grpc_row, best["cb + hook"]))
+        if "grpc constrained" in best:
+            ratios.append(
+                ratio(
+                    f"{name} grpc constrained / unconstrained at {streams}",
+                    best["grpc constrained"],
+                    grpc_row,
+                    0.8 if big else 0.0,
+                )
+            )
         if "cb no graphs" in best:
             ratios.append(ratio(f"{name} cb with / without CUDA graphs at {streams}", cb, best["cb no graphs"]))
         yield list(best.values()), ratios
@@ -196,6 +211,9 @@ def sides_for(
     sides["sequential"] = lambda: sequential_round(model, batch, new, args.sequential_limit)
     if args.compare_sampling:
         sides["cb + hook"] = lambda: cb_round(model, tokenizer, batch, new, sampling_hook=True)
+    if args.compare_constrained:
+        target, schema = servers["grpc"].target, {"json_schema": OPEN_SCHEMA}
+        sides["grpc constrained"] = lambda: grpc_round(target, batch, new, "grpc, JSON schema", schema)
     if args.compare_no_graphs:
         sides["cb no graphs"] = lambda: cb_round(model, tokenizer, batch, new, cuda_graphs=False)
     return sides
@@ -230,6 +248,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--compare-sampling", action="store_true", help="also run raw CB with the server's sampling hook installed"
+    )
+    parser.add_argument(
+        "--compare-constrained", action="store_true", help="also stream every request under one JSON schema"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()

@@ -46,6 +46,14 @@ CHOICES = ["yes", "no", "maybe later"]
 REGEX = r"[a-z]{3}-[0-9]{2,4}"
 GRAMMAR = 'start: "SELECT " col " FROM " table\ncol: "id" | "name" | "*"\ntable: "users" | "orders"\n'
 SELECT = re.compile(r"SELECT (id|name|\*) FROM (users|orders)")
+# A small arithmetic grammar: its sentences are expressions Python evaluates.
+ARITHMETIC = (
+    "start: num OP num | num OP num OP num\n"
+    'num: INT | "(" INT OP INT ")"\n'
+    "INT: /[1-9][0-9]{0,2}/\n"
+    'OP: " + " | " - " | " * "\n'
+)
+EXPRESSION = re.compile(r"[0-9() +*-]+")
 
 
 def engine_of(kind: str) -> FrontEnd:
@@ -92,10 +100,11 @@ def test_every_engine_keeps_every_kind_of_constraint(kind):
     requests += [constrained("regex", REGEX, seed) for seed in seeds]
     requests += [constrained("grammar", GRAMMAR, seed) for seed in seeds[:3]]
     requests += [constrained("json_object", "", seed) for seed in seeds[:3]]
+    requests += [constrained("grammar", ARITHMETIC, seed) for seed in seeds[:3]]
     results = run(engine_of(kind), requests)
     n = len(seeds)
     schemas, choices, regexes = results[:n], results[n : 2 * n], results[2 * n : 3 * n]
-    grammars, objects = results[3 * n : 3 * n + 3], results[3 * n + 3 :]
+    grammars, objects, sums = results[3 * n : 3 * n + 3], results[3 * n + 3 : 3 * n + 6], results[3 * n + 6 :]
     for text, final in schemas:
         assert final.reason is FinishReason.EOS, (text, final.reason)
         jsonschema.validate(json.loads(text), SCHEMA)
@@ -103,6 +112,9 @@ def test_every_engine_keeps_every_kind_of_constraint(kind):
     assert all(re.fullmatch(REGEX, text) for text, _ in regexes), regexes
     assert all(SELECT.fullmatch(text) for text, _ in grammars), grammars
     assert all(isinstance(json.loads(text), dict) for text, _ in objects), objects
+    for text, _ in sums:  # digits, operators and parentheses only: safe to evaluate
+        assert EXPRESSION.fullmatch(text), text
+        assert isinstance(eval(text, {"__builtins__": {}}), int), text
     # Sampled: not all alike.
     assert len({text for text, _ in schemas}) > 1
 
@@ -116,12 +128,15 @@ def test_a_random_weight_model_keeps_a_schema_for_20_seeds(tiny_model):
 
 
 def test_constrained_and_free_requests_share_a_batch_and_the_free_ones_are_untouched():
+    # 16 and 16: the free ones are token for token what they are alone, the constrained ones valid.
     engine = engine_of("batching")
-    free = [EngineRequest(p, max_new_tokens=12) for p in ("def f(x):", "import os\n", "class Parser:")]
+    prompts = ("def f(x):", "import os\n", "class Parser:", "# Copyright")
+    free = [EngineRequest(f"{prompts[i % 4]}{i}", max_new_tokens=12) for i in range(16)]
     alone = run(engine, free)
-    mixed = run(engine, [constrained("json_schema", SCHEMA_TEXT, seed) for seed in range(5)] + free)
-    assert [final.token_ids for _, final in mixed[5:]] == [final.token_ids for _, final in alone]
-    assert all(json.loads(text) for text, _ in mixed[:5])
+    mixed = run(engine, [constrained("json_schema", SCHEMA_TEXT, seed) for seed in range(16)] + free)
+    assert [final.token_ids for _, final in mixed[16:]] == [final.token_ids for _, final in alone]
+    for text, _ in mixed[:16]:
+        jsonschema.validate(json.loads(text), SCHEMA)
 
 
 def test_a_seed_gives_the_same_constrained_output_alone_and_among_others():

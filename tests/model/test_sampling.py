@@ -238,6 +238,23 @@ def test_the_noise_is_finite_for_every_token_even_where_the_hash_is_at_its_top()
         assert noise[0, token] == noise.max()  # still the row's largest draw, now a finite one
 
 
+def test_penalised_requests_in_a_step_the_manager_pads_are_served():
+    """Found with constraints: the manager pads a step's rows (15 requests, 16 rows), and a
+    per-request mask of 15 rows (repetition penalties) no longer fit the scores: the batching
+    thread died, failing every stream."""
+    engine = UnifiedLLMResource(batching=BatchingSettings(max_batch_size=32, max_queue=32)).load_engine()
+
+    async def main():
+        crowd = [
+            EngineRequest(f"def f{i}(x):" * (1 + i % 5), max_new_tokens=8, sampling=Sampling(repetition_penalty=1.3))
+            for i in range(15)
+        ]
+        return await asyncio.gather(*(run(engine, r) for r in crowd))
+
+    finals = [final for _, final, _ in with_engine(engine, main)]
+    assert [f.generated_tokens for f in finals] == [8] * 15
+
+
 def test_chat_messages_render_with_the_template(serve):
     server = serve(LLMService()).start()
     engine = server.call(server.service.engine())

@@ -54,6 +54,13 @@ def _check_row(values: tuple[float, int, float, float, int, int]) -> None:
             raise ValueError(f"{real} is not a finite sampling parameter")
 
 
+def _padded(mask: torch.Tensor, rows: int, *, fill: bool) -> torch.Tensor:
+    """A bool [k, vocab] mask extended to `rows` rows of `fill`."""
+    if mask.shape[0] >= rows:
+        return mask
+    return torch.cat([mask, mask.new_full((rows - mask.shape[0], mask.shape[1]), fill)])
+
+
 def _bits(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(torch.int32)
 
@@ -234,10 +241,12 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self._top_logprobs[:n].copy_(values)
             self._top_ids[:n].copy_(ids)
             return final
+        # The manager may pad the step's rows (with default arguments) beyond its requests:
+        # per-request masks get rows that change nothing there.
         if self._allowed is not None:
-            scores = scores.masked_fill(~self._allowed, -math.inf)
+            scores = scores.masked_fill(~_padded(self._allowed, n, fill=True), -math.inf)
         if any(x is not None for x in self._seen):
-            rows.seen = s.seen_mask(self._seen, scores.shape[-1], scores.device)
+            rows.seen = _padded(s.seen_mask(self._seen, scores.shape[-1], scores.device), n, fill=False)
         logprobs = s.warp(scores, rows, self.eos_mask, sort=self._sort)
         final = s.noisy(logprobs, rows) if self._noise else logprobs
         if any(w is not None for w in self._wanted):
