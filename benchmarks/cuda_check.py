@@ -7,7 +7,9 @@ On the embedded model, on CUDA with graphs on (the default there):
 - the same seed gives the same tokens as the sequential engine (eager code);
 - sampled text differs from greedy text;
 - logprobs (with top alternatives) and repetition_penalty, served from inside
-  the captured graph, equal the sequential engine's (eager code).
+  the captured graph, equal the sequential engine's (eager code);
+- a JSON schema constraint, its mask read inside the captured graph, gives
+  valid JSON for every seed, and free requests beside it stay greedy.
 
 Prints one PASS/FAIL line per check and exits 1 on any failure.
 
@@ -19,11 +21,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 
 
 async def tokens(engine, request) -> tuple[int, ...]:  # engine types load late
     events = [event async for event in engine.generate(request)]
     return events[-1].token_ids
+
+
+def _keys(text: str) -> set[str]:
+    """The keys of the JSON object `text`, or nothing if it is not one."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return set()
+    return set(value) if isinstance(value, dict) else set()
+
+
+async def texts(engine, request) -> str:
+    events = [event async for event in engine.generate(request)]
+    return "".join(getattr(event, "text", "") for event in events[:-1])
 
 
 async def scored(engine, request) -> list[tuple[int, float, tuple[int, ...]]]:
@@ -76,6 +95,20 @@ async def main(device: str) -> int:
     seq_penalised = [await tokens(seq, r) for r in penalised]
     results.append(("repetition_penalty: batching (graphs) == sequential", cb_penalised == seq_penalised))
     results.append(("repetition_penalty changes greedy text", cb_penalised != cb_greedy))
+    import json
+
+    from entity_llm_server.engine.constraints import Constraint
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+              "kind": {"enum": ["a", "b"]}}, "required": ["n", "kind"], "additionalProperties": False}  # fmt: skip
+    shaped = Sampling(temperature=1.0, constraint=Constraint("json_schema", json.dumps(schema)))
+    outputs = await asyncio.gather(
+        *(texts(cb, EngineRequest("x = ", max_new_tokens=48, sampling=replace(shaped, seed=s))) for s in range(8)),
+        *(tokens(cb, greedy(p)) for p in prompts),
+    )
+    valid = all(_keys(text) == {"n", "kind"} for text in outputs[:8])
+    results.append(("constraint: every seed's output is valid JSON (graphs)", valid))
+    results.append(("constraint: free requests beside it stay greedy", list(outputs[8:]) == cb_greedy))
     await cb.close()
     await seq.close()
     for name, ok in results:

@@ -13,8 +13,8 @@ each) are served these ways:
   `--compare-sampling` adds it with the server's sampling hook installed,
   `--compare-no-graphs` without CUDA graphs;
 - grpc constrained (`--compare-constrained`): the same streams, each under
-  one JSON schema (an open array of strings, so that none ends early): the
-  cost of structured output's per-step masks;
+  one JSON schema (a string too long to end within the run, so that each
+  does the same work): the cost of structured output's per-step masks;
 - sequential: one `model.generate` per request, one after another (what a
   server without batching does); `--sequential-limit` runs only the first
   requests, and its tokens/s still compares (see `_sides.sequential_round`).
@@ -38,8 +38,14 @@ from typing import Any
 from _common import Row, ServerProcess, interleaved, ratio, report, write_results
 from _sides import Prompt, cb_round, cb_settings, check_prompts, grpc_round, sequential_round
 
-# Structured output without an end: every request runs its full length under the mask.
-OPEN_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}}}
+# Structured output that cannot end within the run (a string of at least 4,000 characters): every
+# request runs its full length under the mask, the same work as the unconstrained side.
+OPEN_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 4000}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
 
 SHAPES: dict[str, dict[str, Any]] = {
     # ~34M parameters: the 30-40M random-weight Llama.

@@ -45,6 +45,10 @@ def test_new_fields_and_parameters_are_typed(tmp_path):
         "client.complete('x', temprature=0.5)": 'Unexpected keyword argument "temprature"',
         "client.complete('x', top_k='40')": 'Argument "top_k" to "complete" of "LLMClient" has incompatible type "str"',
         "client.complete(messages=['hi'])": 'has incompatible type "str"; expected "tuple[str, str]"',
+        "client.complete('x', json_schema={'type': 'object'}, max_new_tokens=8)": None,
+        "client.complete('x', choice=['a', 'b'])": None,
+        "client.complete('x', regex=3)": 'Argument "regex" to "complete" of "LLMClient" has incompatible type "int"',
+        "reveal_type(client.model_info().constraint_kinds)": 'Revealed type is "tuple[str, ...]"',
     }
     source = tmp_path / "reveal.py"
     source.write_text("".join(f"{line}\n" for line in lines))
