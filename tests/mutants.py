@@ -250,6 +250,14 @@ MUTATIONS = (
         '("grpc.http2.max_ping_strikes", 2),',
         ("tests/integration/test_keepalive.py", "-k", "slow_stream"),
     ),
+    Mutation(
+        "constraint-mask",
+        "structured output: a constrained row takes only the tokens its constraint allows",
+        "engine/cb_sampling.py",
+        "scores = scores.masked_fill(~_padded(self._allowed, n, fill=True), -math.inf)",
+        "pass",
+        ("tests/model/test_constraints.py", "-k", "every_engine and batching"),
+    ),
 )
 
 

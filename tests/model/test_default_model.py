@@ -117,6 +117,10 @@ def test_a_prompt_is_encoded_with_exactly_one_start_token_which_truncation_keeps
     assert demo_engine.encode("def f(x):\n    return x", 3) == [bos, *text[-2:]]
     assert demo_engine.encode(tok.bos_token + "def f(x):\n    return x", 3) == [bos, *text[-2:]]
     assert demo_engine.encode("def f(x):\n    return x", specials=False) == text
+    # A limit above the prompt's length keeps all of it (found by the long fuzz: a limit two
+    # tokens above it kept only the last two).
+    for extra in (1, 2, 50):
+        assert demo_engine.encode("def f(x):\n    return x", len(text) + extra) == [bos, *text]
     # A rendered chat template writes its own start token: truncation keeps it too.
     rendered = demo_engine.render((("user", "Print hello, then print goodbye."),))
     kept = demo_engine.encode(rendered, 4, specials=False)

@@ -224,7 +224,7 @@ class FrontEnd:
             head = start if specials else []
         if truncate:
             keep = max(truncate - len(head) - len(tail), 0)
-            ids = ids[len(ids) - keep :]
+            ids = ids[max(len(ids) - keep, 0) :]
         return [*head, *ids, *tail]
 
     def render(self, messages: tuple[tuple[str, str], ...]) -> str:
