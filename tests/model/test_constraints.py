@@ -164,6 +164,8 @@ def test_a_length_that_cuts_the_output_short_says_max_tokens_and_leaves_a_prefix
         (Constraint("json_schema", "{not json"), "json_schema", "does not parse"),
         (Constraint("json_schema", "[1, 2]"), "json_schema", "JSON object"),
         (Constraint("choice", "[]"), "choice", "at least one"),
+        (Constraint("choice", '"yes"'), "choice", "at least one"),
+        (Constraint("choice", "[1, 2]"), "choice", "at least one"),
         (Constraint("grammar", "start: undefined_rule"), "grammar", "cannot be used"),
         (Constraint("regex", "a" * (MAX_CONSTRAINT_BYTES + 1)), "regex", "KiB"),
     ],

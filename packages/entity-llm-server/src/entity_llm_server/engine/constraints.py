@@ -75,7 +75,9 @@ class Constraint:
             raise InvalidRequestError(self.field, f"does not parse: {exc}") from exc
         if self.kind == "json_schema" and not isinstance(parsed, dict):
             raise InvalidRequestError(self.field, "a JSON Schema is a JSON object")
-        if self.kind == "choice" and not parsed:
+        if self.kind == "choice" and not (
+            isinstance(parsed, list) and parsed and all(isinstance(o, str) for o in parsed)
+        ):
             raise InvalidRequestError(self.field, "give at least one string to choose from")
         if self.kind == "json_schema":
             assert isinstance(parsed, dict)
