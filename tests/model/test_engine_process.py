@@ -281,7 +281,7 @@ def test_closing_a_stopped_engine_process_kills_it_at_once():
 
 
 def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
-    # 150 prompts of 500 tokens are more than the pipe holds (~140 KB) while
+    # 100 prompts of 500 tokens are more than the pipe holds (~140 KB) while
     # the engine process reads nothing: sending them must not stop the loop.
     engine = process_resource(max_batch_size=8, max_queue=200).load_engine()
     assert isinstance(engine, ProcessEngine)
@@ -294,7 +294,7 @@ def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
         """Once every request is admitted and the pipe is full: does the loop still run coroutines?
         Then let the engine go on."""
         # The sender thread blocks on the full pipe, so later messages wait in its outbox.
-        assert wait_until(lambda: engine.in_flight == 150 and engine.process._outbox.qsize() > 0, timeout=60)
+        assert wait_until(lambda: engine.in_flight == 100 and engine.process._outbox.qsize() > 0, timeout=60)
         try:
             asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
             answered.append(True)
@@ -308,7 +308,7 @@ def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
             os.kill(pid, signal.SIGSTOP)
             prober = threading.Thread(target=probe, args=(asyncio.get_running_loop(),))
             prober.start()
-            streams = [asyncio.ensure_future(_final(engine, prompt)) for _ in range(150)]
+            streams = [asyncio.ensure_future(_final(engine, prompt)) for _ in range(100)]
             await asyncio.to_thread(prober.join)
             return await asyncio.gather(*streams)
         finally:
@@ -316,5 +316,5 @@ def test_a_full_pipe_to_a_stopped_engine_process_never_blocks_the_event_loop():
 
     finals = asyncio.run(main())
     assert answered == [True]
-    assert len(finals) == 150
+    assert len(finals) == 100
     assert {f.input_tokens for f in finals} == {500}
