@@ -35,7 +35,6 @@ from .constraints import Grammars
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .probe import prove
-from .sampling import Sampling
 from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
@@ -113,9 +112,6 @@ class BatchingCore:
         except AttributeError:  # not started yet, or another transformers layout
             return 0
         return min(active, self.settings.max_batch_size)
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        pass  # every sampling feature runs here, with CUDA graphs too
 
     def check_admission(self) -> None:
         if self.stalled:  # the front end's capacity is otherwise this core's whole admission

@@ -159,15 +159,14 @@ class Grammars:
         matcher = LLMatcher(self.tokenizer, self.compiled(constraint), limits=self.limits)
         if matcher.is_error():
             raise InvalidRequestError(constraint.field, f"cannot be used: {_one_line(matcher.get_error())}")
-        return Follower(matcher, self.vocab_size)
+        return Follower(matcher)
 
 
 class Follower:
     """One constrained sequence's matcher: the tokens allowed next, and the tokens chosen so far."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
-        self.vocab_size = vocab_size
         self.consumed = 0  # generated tokens fed to the matcher
 
     @property

@@ -20,7 +20,7 @@ from .base import CoreState, EngineUnavailableError
 
 if TYPE_CHECKING:
     from .frontend import Prepared
-    from .sampling import Sampling, TokenLogprob
+    from .sampling import TokenLogprob
 
 
 # A core that holds requests and has run no step for LIVENESS_TIMEOUT seconds
@@ -147,10 +147,6 @@ class Core(Protocol):
 
     async def close(self) -> None:
         """Stop serving and release the model; idempotent."""
-        ...
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        """Refuse sampling features this core cannot apply (raise InvalidRequestError)."""
         ...
 
     def check_admission(self) -> None:

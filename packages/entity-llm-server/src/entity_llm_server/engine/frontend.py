@@ -234,7 +234,6 @@ class FrontEnd:
     def prepare(self, request: EngineRequest) -> Prepared:
         """Validate a request against the model and turn it into input ids (its constraint, if any, is
         compiled: blocking)."""
-        self.core.check_sampling(request.sampling)
         if (constraint := request.sampling.constraint) is not None:
             if request.sampling.min_new_tokens:
                 raise InvalidRequestError(

@@ -35,7 +35,6 @@ from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
 from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
-from .sampling import Sampling
 from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
@@ -98,9 +97,6 @@ class PaddedCore:
     @property
     def active(self) -> int:
         return len(self._running)
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        pass  # every sampling feature runs here
 
     def check_admission(self) -> None:
         if self.stalled:  # the front end's capacity is otherwise this core's whole admission

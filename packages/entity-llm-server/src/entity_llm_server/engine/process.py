@@ -35,7 +35,6 @@ from .ipc import Add, Cancel, Dead, Message, Ping, Pong, StateQuery, StateReply,
 from .launcher import EngineProcess
 from .ranks import PeerRanks
 from .replicas import ReplicaCore
-from .sampling import Sampling
 from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
@@ -128,9 +127,6 @@ class ProcessCore:
     @property
     def active(self) -> int:
         return self._active
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        pass  # every sampling feature runs in the engine process
 
     def check_admission(self) -> None:
         if not self.responsive:  # its pipe may be full: add nothing more

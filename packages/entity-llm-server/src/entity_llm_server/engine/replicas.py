@@ -20,7 +20,6 @@ from .core import CoreSink, SeqOutput
 if TYPE_CHECKING:
     from .frontend import Prepared
     from .process import ProcessCore
-    from .sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +75,6 @@ class ReplicaCore:
     def per_replica(self) -> list[tuple[int, bool]]:
         """Each replica's (requests it has now, whether it serves); a failed one: (0, False)."""
         return [(load, i not in self._failed and self.replicas[i].healthy) for i, load in enumerate(self._load)]
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        self.replicas[0].check_sampling(sampling)  # all run the same model with the same settings
 
     def check_admission(self) -> None:
         refusals: list[EngineUnavailableError] = []

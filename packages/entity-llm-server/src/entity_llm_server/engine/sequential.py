@@ -23,7 +23,6 @@ from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
 from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
-from .sampling import Sampling
 
 
 class SequentialCore:
@@ -68,9 +67,6 @@ class SequentialCore:
     @property
     def active(self) -> int:
         return min(self._held, 1)
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        pass  # every sampling feature runs here
 
     def check_admission(self) -> None:
         if self.stalled:
