@@ -258,6 +258,30 @@ MUTATIONS = (
         "pass",
         ("tests/model/test_constraints.py", "-k", "every_engine and batching"),
     ),
+    Mutation(
+        "graph-adjust",
+        "logit_bias and the presence and frequency penalties apply with CUDA graphs (the static buffer is read)",
+        "engine/cb_sampling.py",
+        "rows.adjust = self._adjust_rows[:n]",
+        "pass",
+        ("tests/model/test_request_features.py", "-k", "graph_mode"),
+    ),
+    Mutation(
+        "typical-p",
+        "typical_p means what transformers' TypicalLogitsWarper means",
+        "engine/sampling.py",
+        "scores = _typical(scores, rows.typical_p)",
+        "pass",
+        ("tests/model/test_request_features.py", "-k", "filters_mean"),
+    ),
+    Mutation(
+        "stop-token",
+        "a stop token ends the stream with FINISH_REASON_STOP_TOKEN on every core",
+        "engine/frontend.py",
+        "if token in stop_ids:  # not text: it goes out with the last message",
+        "if False:",
+        ("tests/model/test_request_features.py", "-k", "stop_token_ends"),
+    ),
 )
 
 

@@ -1,15 +1,22 @@
-"""The installed `entity-llm` command against the installed server, as a user runs it."""
+"""The installed `entity-llm` command against the installed server, as a user runs it.
+
+Flags the demo model cannot show (where a stop token ends the stream) go to a
+capturing servicer instead, which reads the request as any server would.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import AsyncIterator
 
 import pytest
 
 from entity_llm_client import LLMClient
+from entity_llm_server._gen.entity.grpc import llm_pb2
 
 from ..conftest import console_script
+from ..integration.capturing import CapturingServicer, Context, running
 from .conftest import FIBONACCI, FIBONACCI_12
 
 pytestmark = pytest.mark.e2e
@@ -86,3 +93,57 @@ def test_generate_takes_a_constraint_from_flags_and_files(console_server, tmp_pa
     assert out.returncode == 1
     assert "INVALID_ARGUMENT" in out.stderr
     assert "regex" in out.stderr
+
+
+class StopTokenServicer(CapturingServicer):
+    """Ends every stream on stop token 304 ("):" in the demo model's vocabulary)."""
+
+    async def reply(
+        self, request: llm_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        yield llm_pb2.GenerateResponse(
+            token="x):",
+            token_ids=[91, 304],
+            finish_reason=llm_pb2.FINISH_REASON_STOP_TOKEN,
+            stop_token_id=304,
+            input_token_count=3,
+            generated_token_count=2,
+            request_id="r-3",
+        )
+
+
+def test_generate_sends_token_ids_stop_tokens_and_logit_flags():
+    servicer = StopTokenServicer()
+    with running(servicer) as target:
+        out = _cli("--target", target, "--json", "generate", "--prompt-token-ids", "319,290,11",
+                   "--stop-token-id", "304", "--stop-token-id", "4294967295", "--ignore-eos",
+                   "--min-p", "0.125", "--typical-p", "0.75", "--presence-penalty", "-0.5",
+                   "--frequency-penalty", "1.25", "--logit-bias", "0=-100", "--logit-bias", "7=2.5")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (request,) = servicer.requests
+    assert (list(request.prompt_token_ids), request.prompt, list(request.messages)) == ([319, 290, 11], "", [])
+    assert (list(request.stop_token_ids), request.ignore_eos) == ([304, 2**32 - 1], True)
+    assert (request.min_p, request.typical_p, request.presence_penalty, request.frequency_penalty) == (
+        0.125, 0.75, -0.5, 1.25
+    )  # fmt: skip
+    assert dict(request.logit_bias) == {0: -100.0, 7: 2.5}
+    (chunk,) = (json.loads(line) for line in out.stdout.splitlines())
+    assert (chunk["finish_reason"], chunk["stop_token_id"], chunk["token_ids"]) == ("stop_token", 304, [91, 304])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("x", "--prompt-token-ids", "1"), "exactly one"),
+        (("--prompt-token-ids", "1,x"), "--prompt-token-ids: expected token ids"),
+        (("x", "--logit-bias", "5"), "--logit-bias: expected ID=BIAS"),
+        (("x", "--stop-token-id", "-1"), "stop_token_ids[0]"),  # the SDK's check, before any call
+    ],
+)
+def test_bad_token_flags_exit_two_before_any_call(args, message):
+    servicer = CapturingServicer()
+    with running(servicer) as target:
+        out = _cli("--target", target, "generate", *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert servicer.deadlines == []  # no call of any method arrived

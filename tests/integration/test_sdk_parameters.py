@@ -1,4 +1,4 @@
-"""What the SDK puts on the wire for each parameter, and what it makes of logprobs and seeds.
+"""What the SDK puts on the wire for each parameter, and what it makes of logprobs, seeds and stop tokens.
 
 A capturing servicer decodes the requests with the server's google-protobuf
 messages, so presence is checked as a server sees it.
@@ -7,12 +7,14 @@ messages, so presence is checked as a server sees it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
 from entity_llm_client import AsyncLLMClient, Completion, FinishReason, LLMClient, TokenLogprob, TopLogprob, Usage
+from entity_llm_server._gen.entity.grpc import llm_pb2
 
-from .capturing import CapturingServicer, running
+from .capturing import CapturingServicer, Context, running
 
 OPTIONAL_FIELDS = (
     "max_new_tokens",
@@ -24,6 +26,10 @@ OPTIONAL_FIELDS = (
     "repetition_penalty",
     "min_new_tokens",
     "seed",
+    "min_p",
+    "typical_p",
+    "presence_penalty",
+    "frequency_penalty",
 )
 
 EXPECTED_LOGPROBS = (
@@ -48,6 +54,13 @@ def test_every_parameter_lands_in_its_field():
             top_p=0.25,
             top_k=40,
             repetition_penalty=1.5,
+            min_p=0.125,
+            typical_p=0.75,
+            presence_penalty=-0.5,
+            frequency_penalty=1.25,
+            logit_bias={0: -100, 7: 2.5, 2**32 - 1: 100.0},
+            stop_token_ids=(11, 2**32 - 1),
+            ignore_eos=True,
             seed=2**64 - 1,
             logprobs=True,
             top_logprobs=2,
@@ -63,21 +76,35 @@ def test_every_parameter_lands_in_its_field():
     assert list(request.stop_sequences) == ["\n\n", "#"]
     assert request.include_stop_sequence
     assert (request.logprobs, request.top_logprobs, request.request_id) == (True, 2, "job-1")
+    assert (request.min_p, request.typical_p) == (0.125, 0.75)
+    assert (request.presence_penalty, request.frequency_penalty) == (-0.5, 1.25)
+    assert dict(request.logit_bias) == {0: -100.0, 7: 2.5, 2**32 - 1: 100.0}
+    assert list(request.stop_token_ids) == [11, 2**32 - 1]
+    assert request.ignore_eos
+    assert list(request.prompt_token_ids) == []
 
 
 def test_unset_parameters_stay_unset_and_zero_is_sent_when_given():
     servicer = CapturingServicer()
     with running(servicer) as target, LLMClient(target, timeout=10) as client:
         client.complete("x")
-        client.complete("x", temperature=0.0, seed=0, top_k=0, max_new_tokens=None)
+        client.complete("x", temperature=0.0, seed=0, top_k=0, max_new_tokens=None, min_p=0.0, frequency_penalty=0)
         nones = ("logprobs", "top_logprobs", "stop_sequences", "request_id", "include_stop_sequence")
+        nones += ("stop_token_ids", "ignore_eos", "logit_bias")
         client.complete("x", **dict.fromkeys((*OPTIONAL_FIELDS, *nones)))
     bare, zeros, all_none = servicer.requests
     assert bare == all_none
     assert not [name for name in OPTIONAL_FIELDS if bare.HasField(name)]
     assert (bare.logprobs, bare.top_logprobs, list(bare.stop_sequences), bare.request_id) == (False, 0, [], "")
-    assert [name for name in OPTIONAL_FIELDS if zeros.HasField(name)] == ["temperature", "top_k", "seed"]
-    assert (zeros.temperature, zeros.top_k, zeros.seed) == (0.0, 0, 0)
+    assert (list(bare.stop_token_ids), bare.ignore_eos, dict(bare.logit_bias)) == ([], False, {})
+    assert [name for name in OPTIONAL_FIELDS if zeros.HasField(name)] == [
+        "temperature",
+        "top_k",
+        "seed",
+        "min_p",
+        "frequency_penalty",
+    ]
+    assert (zeros.temperature, zeros.top_k, zeros.seed, zeros.min_p, zeros.frequency_penalty) == (0.0, 0, 0, 0.0, 0.0)
 
 
 def test_messages_replace_the_prompt():
@@ -88,6 +115,64 @@ def test_messages_replace_the_prompt():
     assert [(m.role, m.content) for m in request.messages] == [("system", "Be brief."), ("user", "Hi")]
     assert request.prompt == ""
     assert request.temperature == 0.5
+
+
+def test_prompt_token_ids_replace_the_prompt():
+    servicer = CapturingServicer()
+    with running(servicer) as target, LLMClient(target, timeout=10) as client:
+        client.complete(prompt_token_ids=[0, 319, 2**32 - 1], truncate_input_tokens=2)
+        client.complete(prompt_token_ids=iter((5,)))  # any iterable of ids
+    ids, one = servicer.requests
+    assert list(ids.prompt_token_ids) == [0, 319, 2**32 - 1]
+    assert (ids.prompt, list(ids.messages), ids.truncate_input_tokens) == ("", [], 2)
+    assert list(one.prompt_token_ids) == [5]
+
+
+class StopTokenServicer(CapturingServicer):
+    """Ends every stream on a stop token: `stop_token`, the last message's last id."""
+
+    def __init__(self, stop_token: int) -> None:
+        super().__init__()
+        self.stop_token = stop_token
+
+    async def reply(
+        self, request: llm_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        yield llm_pb2.GenerateResponse(token="def", token_ids=[319], request_id="r-2")
+        yield llm_pb2.GenerateResponse(
+            token=" f",
+            token_ids=[290, self.stop_token],
+            finish_reason=llm_pb2.FINISH_REASON_STOP_TOKEN,
+            stop_token_id=self.stop_token,
+            input_token_count=2,
+            generated_token_count=3,
+            request_id="r-2",
+        )
+
+
+def test_a_stop_token_ends_the_stream_and_the_completion_with_its_id():
+    # 0 too: an id that is falsy must still come back (the demo model's EOS is 0).
+    with running(StopTokenServicer(0)) as target, LLMClient(target, timeout=10) as client:
+        chunks = list(client.generate("def", stop_token_ids=[0]))
+        done = client.complete("def", stop_token_ids=[0])
+    assert [(c.finish_reason, c.stop_token_id) for c in chunks] == [(None, None), (FinishReason.STOP_TOKEN, 0)]
+    assert done == Completion(
+        text="def f",
+        token_ids=(319, 290, 0),
+        finish_reason=FinishReason.STOP_TOKEN,
+        usage=Usage(2, 3),
+        request_id="r-2",
+        stop_token_id=0,
+    )
+    assert FinishReason.STOP_TOKEN.value == "stop_token"
+
+
+def test_streams_that_end_otherwise_have_no_stop_token():
+    with running(CapturingServicer()) as target, LLMClient(target, timeout=10) as client:
+        chunks = list(client.generate("x"))
+        done = client.complete("x")
+    assert [c.stop_token_id for c in chunks] == [None, None]
+    assert (done.finish_reason, done.stop_token_id) == (FinishReason.MAX_TOKENS, None)
 
 
 def test_chunks_carry_logprobs_and_the_last_one_the_seed():
@@ -132,9 +217,42 @@ def test_the_async_client_sends_and_reads_the_same():
     assert seeds == [None, 2**64 - 1]
 
 
+def test_the_async_client_sends_token_ids_and_reads_the_stop_token():
+    servicer = StopTokenServicer(304)
+
+    async def run() -> tuple[Completion, list[int | None]]:
+        async with AsyncLLMClient(target, timeout=10) as client:
+            done = await client.complete(
+                prompt_token_ids=(319, 290),
+                stop_token_ids=[304],
+                ignore_eos=True,
+                min_p=0.25,
+                typical_p=0.5,
+                presence_penalty=1.5,
+                frequency_penalty=-2.0,
+                logit_bias={0: -100.0},
+            )
+            stops = [chunk.stop_token_id async for chunk in client.generate("def", stop_token_ids=(304, 11))]
+            return done, stops
+
+    with running(servicer) as target:
+        done, stops = asyncio.run(run())
+    ids, plain = servicer.requests
+    assert (list(ids.prompt_token_ids), ids.prompt, list(ids.stop_token_ids)) == ([319, 290], "", [304])
+    assert (ids.ignore_eos, ids.min_p, ids.typical_p) == (True, 0.25, 0.5)
+    assert (ids.presence_penalty, ids.frequency_penalty, dict(ids.logit_bias)) == (1.5, -2.0, {0: -100.0})
+    assert (plain.prompt, list(plain.stop_token_ids), list(plain.prompt_token_ids)) == ("def", [304, 11], [])
+    assert not plain.ignore_eos
+    assert not [name for name in OPTIONAL_FIELDS if plain.HasField(name)]
+    assert (done.finish_reason, done.stop_token_id, done.token_ids) == (FinishReason.STOP_TOKEN, 304, (319, 290, 304))
+    assert stops == [None, 304]
+
+
 BAD_CALLS = [
     pytest.param((), {}, TypeError, "exactly one", id="neither"),
     pytest.param(("x",), {"messages": [("user", "Hi")]}, TypeError, "exactly one", id="both"),
+    pytest.param(("x",), {"prompt_token_ids": [1]}, TypeError, "exactly one", id="prompt-and-ids"),
+    pytest.param((), {"messages": [("user", "Hi")], "prompt_token_ids": [1]}, TypeError, "exactly one", id="chat-ids"),
     pytest.param((), {"messages": []}, ValueError, "at least one", id="no-messages"),
     pytest.param((), {"messages": [{"role": "user", "content": "Hi"}]}, TypeError, r"messages\[0\]", id="dict"),
     pytest.param((), {"messages": [("user", "Hi", "x")]}, TypeError, r"messages\[0\]", id="triple"),
@@ -154,6 +272,26 @@ BAD_CALLS = [
     pytest.param(("x",), {"stop_sequences": ["\ud800"]}, ValueError, r"stop_sequences\[0\]", id="surrogate-stop"),
     pytest.param(("x",), {"request_id": 7}, TypeError, "request_id", id="int-request-id"),
     pytest.param(("x",), {"logprobs": "yes"}, TypeError, "logprobs", id="str-for-bool"),
+    pytest.param((), {"prompt_token_ids": []}, ValueError, "at least one", id="no-token-ids"),
+    pytest.param((), {"prompt_token_ids": [1, -1]}, ValueError, r"prompt_token_ids\[1\]", id="negative-id"),
+    pytest.param((), {"prompt_token_ids": [2**32]}, ValueError, r"prompt_token_ids\[0\]", id="id-beyond-uint32"),
+    pytest.param((), {"prompt_token_ids": ["1"]}, TypeError, r"prompt_token_ids\[0\]", id="str-id"),
+    pytest.param((), {"prompt_token_ids": [1.0]}, TypeError, r"prompt_token_ids\[0\]", id="float-id"),
+    pytest.param((), {"prompt_token_ids": "1,2"}, TypeError, "prompt_token_ids takes a sequence", id="ids-as-str"),
+    pytest.param((), {"prompt_token_ids": b"\x01"}, TypeError, "prompt_token_ids takes a sequence", id="ids-as-bytes"),
+    pytest.param(("x",), {"stop_token_ids": 2}, TypeError, "stop_token_ids takes a sequence", id="stop-id-as-int"),
+    pytest.param(("x",), {"stop_token_ids": [-1]}, ValueError, r"stop_token_ids\[0\]", id="negative-stop-id"),
+    pytest.param(("x",), {"stop_token_ids": [True]}, TypeError, r"stop_token_ids\[0\]", id="bool-stop-id"),
+    pytest.param(("x",), {"ignore_eos": 1}, TypeError, "ignore_eos", id="int-for-bool"),
+    pytest.param(("x",), {"min_p": "0.1"}, TypeError, "min_p", id="str-for-min-p"),
+    pytest.param(("x",), {"typical_p": 1e39}, ValueError, "typical_p", id="typical-p-overflow"),
+    pytest.param(("x",), {"presence_penalty": True}, TypeError, "presence_penalty", id="bool-for-penalty"),
+    pytest.param(("x",), {"frequency_penalty": 10**400}, ValueError, "frequency_penalty", id="huge-penalty"),
+    pytest.param(("x",), {"logit_bias": [(1, 2.0)]}, TypeError, "logit_bias", id="bias-as-pairs"),
+    pytest.param(("x",), {"logit_bias": {-1: 1.0}}, ValueError, "logit_bias", id="negative-bias-id"),
+    pytest.param(("x",), {"logit_bias": {"5": 1.0}}, TypeError, "logit_bias", id="str-bias-id"),
+    pytest.param(("x",), {"logit_bias": {5: "1"}}, TypeError, r"logit_bias\[5\]", id="str-bias"),
+    pytest.param(("x",), {"logit_bias": {5: 1e39}}, ValueError, r"logit_bias\[5\]", id="bias-overflow"),
 ]
 
 

@@ -182,7 +182,7 @@ INVALID = [
     (
         {"messages": [llm_pb2.ChatMessage(role="user", content="hi")]},
         "messages",
-        "send either prompt or messages, not both",
+        "send one of prompt, messages and prompt_token_ids, not prompt and messages",
     ),
 ]
 

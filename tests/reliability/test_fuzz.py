@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from entity_llm_server import LLMService, UnifiedLLMResource, default_model_path
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
@@ -35,6 +35,7 @@ EXAMPLES = size(300, 10_000)
 SEEN: dict[str, int] = {}
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 CONTEXT = 512  # the demo model's, and within the fixture's KV cache (8 sequences)
+VOCAB = AutoConfig.from_pretrained(default_model_path()).vocab_size
 NOT_UTF8 = "not valid UTF-8"
 PARSER = "request could not be decoded: Error parsing message with type 'entity.grpc.GenerateRequest': "
 BAD_UTF8 = PARSER + "String field had bad UTF-8"
@@ -131,8 +132,23 @@ def limit_violations(r: llm_pb2.GenerateRequest) -> Violations:
         found.append(("min_new_tokens", f"{r.min_new_tokens} is more than max_new_tokens ({r.max_new_tokens})"))
     if r.top_logprobs > 10:
         found.append(("top_logprobs", f"at most 10, got {r.top_logprobs}"))
-    if r.messages and r.prompt:
-        found.append(("messages", "send either prompt or messages, not both"))
+    if r.HasField("min_p") and not 0 <= r.min_p <= 1:
+        found.append(("min_p", f"must be between 0 and 1, got {r.min_p:g}"))
+    if r.HasField("typical_p") and not 0 < r.typical_p <= 1:
+        found.append(("typical_p", f"must be in (0, 1], got {r.typical_p:g}"))
+    for name in ("presence_penalty", "frequency_penalty"):
+        if r.HasField(name) and not -2 <= getattr(r, name) <= 2:
+            found.append((name, f"must be between -2 and 2, got {getattr(r, name):g}"))
+    if len(r.logit_bias) > 300:
+        found.append(("logit_bias", f"at most 300 entries, got {len(r.logit_bias)}"))
+    for token, bias in sorted(r.logit_bias.items()):
+        if not -100 <= bias <= 100:
+            found.append((f"logit_bias[{token}]", f"must be between -100 and 100, got {bias:g}"))
+    if len(r.stop_token_ids) > 16:
+        found.append(("stop_token_ids", f"at most 16, got {len(r.stop_token_ids)}"))
+    given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(r, name)]
+    if len(given) > 1:
+        found.append((given[-1], f"send one of prompt, messages and prompt_token_ids, not {' and '.join(given)}"))
     found += [(f"messages[{i}].role", "must not be empty") for i, m in enumerate(r.messages) if not m.role]
     if (which := r.WhichOneof("constraint")) is not None:
         if which == "json_object" and not r.json_object:
@@ -150,6 +166,13 @@ def limit_violations(r: llm_pb2.GenerateRequest) -> Violations:
             found.append(
                 ("min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete")
             )
+        if r.ignore_eos:
+            found.append(
+                (
+                    "ignore_eos",
+                    "cannot be combined with a constraint, which ends the output with an end-of-sequence token",
+                )
+            )
     return found
 
 
@@ -159,12 +182,19 @@ def model_violation(server: ServerThread, tokenizer, r: llm_pb2.GenerateRequest)
     which = r.WhichOneof("constraint")
     if which is not None and (said := BROKEN.get(which, {}).get(str(getattr(r, which)))) is not None:
         return which, said
+    named = [(f"prompt_token_ids[{i}]", t) for i, t in enumerate(r.prompt_token_ids)]
+    named += [(f"stop_token_ids[{i}]", t) for i, t in enumerate(r.stop_token_ids)]
+    named += [(f"logit_bias[{t}]", t) for t in sorted(r.logit_bias)]
+    for field, token in named:
+        if token >= VOCAB:
+            return field, f"{token} is not a token id of this model (its vocabulary has {VOCAB})"
     text = r.prompt
     if r.messages:
         chat = [{"role": m.role, "content": m.content} for m in r.messages]
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     truncated = r.HasField("truncate_input_tokens") and r.truncate_input_tokens < CONTEXT
-    if not truncated and token_count(server, text) >= CONTEXT:
+    count = len(r.prompt_token_ids) if r.prompt_token_ids else token_count(server, text)
+    if not truncated and count >= CONTEXT:
         return "prompt", PROMPT_TOO_LONG
     if r.HasField("max_new_tokens") and r.max_new_tokens > CONTEXT - 1:
         return "max_new_tokens", f"{r.max_new_tokens} is more than this model's context allows ({CONTEXT - 1})"
@@ -260,9 +290,28 @@ def requests(draw: st.DrawFn) -> llm_pb2.GenerateRequest:
     r.request_id = draw(st.one_of(st.just(""), text))
     for role, content in draw(st.lists(st.tuples(text, text), max_size=3)):
         r.messages.add(role=role, content=content)
+    draw(samplers(r))
     if draw(st.integers(0, 3)) == 0:
         draw(constraints(r))
     return r
+
+
+@st.composite
+def samplers(draw: st.DrawFn, r: llm_pb2.GenerateRequest) -> None:
+    """Now and then, the newer request fields: stop tokens, ignore_eos, the samplers, a token-id prompt."""
+    if draw(st.integers(0, 2)):
+        return
+    token = st.one_of(st.integers(0, VOCAB - 1), st.integers(0, 2**32 - 1))
+    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    for name in ("min_p", "typical_p", "presence_penalty", "frequency_penalty"):
+        if draw(st.booleans()):
+            setattr(r, name, draw(st.one_of(floats, st.floats(-2.5, 2.5, width=32))))
+    r.stop_token_ids.extend(draw(st.lists(token, max_size=18)))
+    r.ignore_eos = draw(st.booleans())
+    size = draw(st.sampled_from([0, 3, 301]))
+    r.logit_bias.update(draw(st.dictionaries(token, st.one_of(floats, st.floats(-100, 100, width=32)), max_size=size)))
+    if draw(st.booleans()):
+        r.prompt_token_ids.extend(draw(st.lists(token, max_size=600)))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

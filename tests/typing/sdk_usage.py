@@ -53,6 +53,17 @@ def sample_with_logprobs(target: str) -> tuple[int | None, list[float], list[str
         return done.seed, [entry.logprob for entry in entries], [alt.text for alt in top]
 
 
+def from_token_ids(target: str, ids: list[int]) -> tuple[int | None, FinishReason]:
+    options: GenerateOptions = {"stop_token_ids": (304, 11), "ignore_eos": True, "logit_bias": {0: -100.0, 7: 2}}
+    options["min_p"], options["typical_p"] = 0.05, None
+    options["presence_penalty"], options["frequency_penalty"] = 0.5, 0.25
+    with LLMClient(target) as client:
+        last: Chunk = list(client.generate(prompt_token_ids=ids, **options))[-1]
+        done: Completion = client.complete(prompt_token_ids=ids[:4], stop_token_ids=[304], temperature=0.7)
+        stop: int | None = last.stop_token_id
+        return stop if stop is not None else done.stop_token_id, done.finish_reason
+
+
 def chat(target: str) -> str:
     with LLMClient(target) as client:
         chunks = list(client.generate(messages=[("system", "Answer in Python."), ("user", "Add.")], min_new_tokens=2))
@@ -74,6 +85,8 @@ async def stream_async(target: str, prompt: str) -> str:
     async with AsyncLLMClient(target, retries=True) as client:
         done: Completion = await client.complete(messages=[("user", prompt)], temperature=0.0, logprobs=True)
         assert done.logprobs or not done.text
+        stopped = await client.complete(prompt_token_ids=(1, 2, 3), stop_token_ids=[4], presence_penalty=1.0)
+        assert stopped.finish_reason is not FinishReason.STOP_TOKEN or stopped.stop_token_id == 4
         return "".join([piece.text async for piece in client.generate(prompt, timeout=30, top_logprobs=2)])
 
 

@@ -107,23 +107,27 @@ class LLMClient:
         prompt: str | None = None,
         *,
         messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
         **options: Unpack[GenerateOptions],
     ) -> Generator[Chunk, None, None]:
         """Stream the continuation of `prompt` (or of a chat), one Chunk per decoded piece.
 
-        Pass exactly one of `prompt` and `messages`. The last chunk carries the
-        finish reason, token counts and (sampled streams) the seed. Stopping
-        the iteration early (break, or closing the iterator) cancels the call,
-        which stops the generation on the server. Parameters left out (or
-        None) are not sent, and the server applies its defaults.
+        Pass exactly one of `prompt`, `messages` and `prompt_token_ids`. The
+        last chunk carries the finish reason, token counts and (sampled
+        streams) the seed. Stopping the iteration early (break, or closing
+        the iterator) cancels the call, which stops the generation on the
+        server. Parameters left out (or None) are not sent, and the server
+        applies its defaults.
 
         Args:
             prompt: the text to continue.
             messages: a conversation instead of a prompt, as `(role, content)`
                 pairs (`[("system", "..."), ("user", "...")]`); the server
                 renders it with the model's chat template.
+            prompt_token_ids: the prompt as token ids of the served model's
+                vocabulary instead, used as they are (no special tokens added).
             timeout: this call's deadline in seconds (overrides the client's).
             metadata: extra gRPC metadata.
             **options: the request parameters (`GenerateOptions`):
@@ -131,6 +135,10 @@ class LLMClient:
                 min_new_tokens: the fewest tokens before end-of-sequence may end it.
                 stop_sequences: texts that end generation (trimmed from the output).
                 include_stop_sequence: keep the matched stop text.
+                stop_token_ids: token ids that end generation as end-of-sequence
+                    does (STOP_TOKEN; the last chunk's `stop_token_id` says which).
+                ignore_eos: do not end at end-of-sequence: generate until
+                    max_new_tokens (or a stop sequence, stop token, time limit).
                 truncate_input_tokens: keep only the prompt's last N tokens.
                 time_limit_ms: end normally (TIME_LIMIT) after this long.
                 temperature: 0 or None is greedy; above 0 samples.
@@ -138,6 +146,16 @@ class LLMClient:
                     probabilities add up to top_p.
                 top_k: sample from the k most likely tokens only.
                 repetition_penalty: above 1 discourages repeated tokens.
+                min_p: sample only from tokens at least min_p times as likely
+                    as the most likely one.
+                typical_p: locally typical sampling: keep the tokens closest
+                    to the distribution's entropy, up to this probability mass.
+                presence_penalty: subtracted from the logit of every token
+                    generated so far (OpenAI's; greedy or sampled).
+                frequency_penalty: subtracted from a token's logit once per
+                    time it was generated so far (OpenAI's).
+                logit_bias: token id -> bias added to its logit before any
+                    choice (OpenAI's: -100 all but bans it, 100 all but forces it).
                 seed: the sampler's seed, for repeatable sampling.
                 logprobs: return each generated token's log-probability.
                 top_logprobs: also return this many likely alternatives per
@@ -153,12 +171,13 @@ class LLMClient:
                     when the output is complete.)
 
         Raises:
-            TypeError: both or neither of `prompt` and `messages`, a malformed
-                message, or an unknown parameter (before any call).
+            TypeError: not exactly one of `prompt`, `messages` and
+                `prompt_token_ids`, a malformed message, or an unknown
+                parameter (before any call).
             ValueError: a value the wire cannot carry (before any call).
             LLMError: a subclass for the call's status code.
         """
-        request = t.generate_request(prompt, messages, options)
+        request = t.generate_request(prompt, messages, prompt_token_ids, options)
         return self._stream(request, _deadline(self.timeout, timeout), metadata)
 
     def _stream(
@@ -186,12 +205,20 @@ class LLMClient:
         prompt: str | None = None,
         *,
         messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
         **options: Unpack[GenerateOptions],
     ) -> Completion:
         """Generate to the end and return the whole completion (the arguments of `generate`)."""
-        stream = self.generate(prompt, messages=messages, timeout=timeout, metadata=metadata, **options)
+        stream = self.generate(
+            prompt,
+            messages=messages,
+            prompt_token_ids=prompt_token_ids,
+            timeout=timeout,
+            metadata=metadata,
+            **options,
+        )
         return t.to_completion(list(stream))
 
     def tokenize(self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None) -> Tokens:
@@ -276,22 +303,24 @@ class AsyncLLMClient:
         prompt: str | None = None,
         *,
         messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
         **options: Unpack[GenerateOptions],
     ) -> AsyncGenerator[Chunk, None]:
-        """Stream the continuation of `prompt` or `messages`; see `LLMClient.generate` for the arguments.
+        """Stream the continuation of the prompt, chat or token ids; see `LLMClient.generate` for the arguments.
 
         Use it with `async for`. Leaving the loop early cancels the call, which
         stops the generation on the server.
 
         Raises:
-            TypeError: both or neither of `prompt` and `messages`, a malformed
-                message, or an unknown parameter (at once, before any call).
+            TypeError: not exactly one of `prompt`, `messages` and
+                `prompt_token_ids`, a malformed message, or an unknown
+                parameter (at once, before any call).
             ValueError: a value the wire cannot carry (at once, before any call).
             LLMError: a subclass for the call's status code.
         """
-        request = t.generate_request(prompt, messages, options)
+        request = t.generate_request(prompt, messages, prompt_token_ids, options)
         return self._stream(request, _deadline(self.timeout, timeout), metadata)
 
     async def _stream(
@@ -319,12 +348,20 @@ class AsyncLLMClient:
         prompt: str | None = None,
         *,
         messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
         **options: Unpack[GenerateOptions],
     ) -> Completion:
         """Generate to the end and return the whole completion (the arguments of `generate`)."""
-        stream = self.generate(prompt, messages=messages, timeout=timeout, metadata=metadata, **options)
+        stream = self.generate(
+            prompt,
+            messages=messages,
+            prompt_token_ids=prompt_token_ids,
+            timeout=timeout,
+            metadata=metadata,
+            **options,
+        )
         return t.to_completion([chunk async for chunk in stream])
 
     async def tokenize(

@@ -41,6 +41,7 @@ _FINISH = {
     WireFinishReason.STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
     WireFinishReason.TIME_LIMIT: FinishReason.TIME_LIMIT,
     WireFinishReason.TOKEN_LIMIT: FinishReason.TOKEN_LIMIT,
+    WireFinishReason.STOP_TOKEN: FinishReason.STOP_TOKEN,
 }
 
 
@@ -85,7 +86,7 @@ class Methods:
 
 
 _UINT32 = ("max_new_tokens", "min_new_tokens", "truncate_input_tokens", "time_limit_ms", "top_k", "top_logprobs")
-_FLOATS = ("temperature", "top_p", "repetition_penalty")
+_FLOATS = ("temperature", "top_p", "repetition_penalty", "min_p", "typical_p", "presence_penalty", "frequency_penalty")
 _FLOAT32_MAX = 3.4028234663852886e38  # the wire's floats are 32-bit
 
 
@@ -112,6 +113,23 @@ def _float(name: str, value: Any) -> float:
     return number
 
 
+def _token_ids(name: str, value: Any) -> list[int]:
+    """`value` as a repeated uint32 field of token ids."""
+    if isinstance(value, str | bytes | int) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} takes a sequence of token ids (ints); put a single one in a list")
+    return [_unsigned(f"{name}[{i}]", token_id) for i, token_id in enumerate(value)]
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """`logit_bias` as the wire's map<uint32, float>."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"logit_bias takes a mapping of token ids to biases, got {type(value).__name__}")
+    return {
+        _unsigned(f"logit_bias key {token_id!r}", token_id): _float(f"logit_bias[{token_id}]", bias)
+        for token_id, bias in value.items()
+    }
+
+
 def _text(name: str, value: Any) -> str:
     """`value` as a string field: a str that UTF-8 can encode (a lone surrogate cannot)."""
     if not isinstance(value, str):
@@ -136,7 +154,7 @@ def _checked(options: GenerateOptions) -> dict[str, Any]:
     for name in _FLOATS:
         if name in fields:
             fields[name] = _float(name, fields[name])
-    for name in ("include_stop_sequence", "logprobs"):
+    for name in ("include_stop_sequence", "ignore_eos", "logprobs"):
         if name in fields and not isinstance(fields[name], bool):
             raise TypeError(f"{name} must be a bool, got {type(fields[name]).__name__}")
     if "request_id" in fields:
@@ -145,6 +163,10 @@ def _checked(options: GenerateOptions) -> dict[str, Any]:
         if isinstance(fields["stop_sequences"], str):
             raise TypeError("stop_sequences takes a sequence of strings; put a single one in a list")
         fields["stop_sequences"] = [_text(f"stop_sequences[{i}]", s) for i, s in enumerate(fields["stop_sequences"])]
+    if "stop_token_ids" in fields:
+        fields["stop_token_ids"] = _token_ids("stop_token_ids", fields["stop_token_ids"])
+    if "logit_bias" in fields:
+        fields["logit_bias"] = _logit_bias(fields["logit_bias"])
     _constraint(fields)
     return fields
 
@@ -194,21 +216,29 @@ def _chat(messages: Sequence[tuple[str, str]]) -> list[ChatMessage]:
 
 
 def generate_request(
-    prompt: str | None, messages: Sequence[tuple[str, str]] | None, options: GenerateOptions
+    prompt: str | None,
+    messages: Sequence[tuple[str, str]] | None,
+    prompt_token_ids: Sequence[int] | None,
+    options: GenerateOptions,
 ) -> GenerateRequest:
     """The GenerateRequest for `generate()`'s arguments, checked before any call.
 
     Unknown options are a TypeError; options left out or None stay unset on
     the wire (proto3 presence), so the server applies its defaults.
     """
-    if (prompt is None) == (messages is None):
-        raise TypeError("pass either a prompt or messages (exactly one)")
+    if sum(given is not None for given in (prompt, messages, prompt_token_ids)) != 1:
+        raise TypeError("pass a prompt, messages or prompt_token_ids (exactly one)")
     unknown = sorted(set(options) - GenerateOptions.__optional_keys__)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
     fields = _checked(options)
     if messages is not None:
         return GenerateRequest(messages=_chat(messages), **fields)
+    if prompt_token_ids is not None:
+        ids = _token_ids("prompt_token_ids", prompt_token_ids)
+        if not ids:  # an empty repeated field is not on the wire: a request with no input
+            raise ValueError("prompt_token_ids must hold at least one token id")
+        return GenerateRequest(prompt_token_ids=ids, **fields)
     return GenerateRequest(prompt=_text("prompt", prompt), **fields)
 
 
@@ -234,6 +264,7 @@ def to_chunk(response: GenerateResponse, request_id: str) -> Chunk:
         usage=None if reason is None else Usage(response.input_token_count, response.generated_token_count),
         logprobs=_logprobs(response.logprobs),
         seed=response.seed,
+        stop_token_id=response.stop_token_id,
     )
 
 
@@ -250,6 +281,7 @@ def to_completion(chunks: list[Chunk]) -> Completion:
         request_id=last.request_id,
         logprobs=tuple(entry for c in chunks for entry in c.logprobs),
         seed=last.seed,
+        stop_token_id=last.stop_token_id,
     )
 
 

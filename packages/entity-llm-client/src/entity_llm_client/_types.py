@@ -19,12 +19,19 @@ class GenerateOptions(TypedDict, total=False):
     min_new_tokens: int | None
     stop_sequences: Sequence[str]
     include_stop_sequence: bool
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
     truncate_input_tokens: int | None
     time_limit_ms: int | None
     temperature: float | None
     top_p: float | None
     top_k: int | None
     repetition_penalty: float | None
+    min_p: float | None
+    typical_p: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    logit_bias: Mapping[int, float]
     seed: int | None
     logprobs: bool
     top_logprobs: int
@@ -45,6 +52,7 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
     TIME_LIMIT = "time_limit"
     TOKEN_LIMIT = "token_limit"
+    STOP_TOKEN = "stop_token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +90,8 @@ class TokenLogprob:
     Attributes:
         token_id: the generated token's id.
         logprob: its natural-log probability under the distribution it was
-            sampled from (after temperature, top_k, top_p, repetition_penalty).
+            chosen from (after every change the request makes to the logits:
+            penalties, biases, temperature and the sampling filters).
         top_logprobs: the most likely tokens of that distribution, most likely
             first (`top_logprobs` of them; empty unless asked for).
     """
@@ -106,6 +115,8 @@ class Chunk:
         request_id: the request's id (sent, or made by the server).
         finish_reason: why generation ended; None until the last chunk.
         stop_sequence: the stop sequence that ended it, if one did.
+        stop_token_id: the stop token that ended it, on the last chunk, if
+            one did (a generated token: counted, and in `token_ids`).
         usage: token counts, on the last chunk.
         logprobs: one entry per id in `token_ids`, in order, when the request
             asked for logprobs; empty otherwise.
@@ -121,6 +132,7 @@ class Chunk:
     usage: Usage | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     seed: int | None = None
+    stop_token_id: int | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -139,6 +151,8 @@ class Completion:
         request_id: the request's id (sent, or made by the server).
         logprobs: every chunk's logprobs, in order (empty unless asked for).
         seed: the sampler's seed of a sampled generation (None if greedy).
+        stop_token_id: the stop token that ended it, if one did (a
+            generated token: counted, and in `token_ids`).
     """
 
     text: str
@@ -149,6 +163,7 @@ class Completion:
     request_id: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()
     seed: int | None = None
+    stop_token_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

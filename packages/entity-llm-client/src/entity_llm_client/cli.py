@@ -3,6 +3,7 @@
 entity-llm generate "def fibonacci(n):" --max-new-tokens 64 --stop $'\\n\\n'
 entity-llm generate "import os" --temperature 0.8 --top-p 0.95 --seed 7
 entity-llm generate --message system:"Answer in Python." --message user:"Add two numbers."
+entity-llm generate --prompt-token-ids 319,290,11 --stop-token-id 304 --logit-bias 0=-100
 entity-llm --json generate "import os" --top-logprobs 3   # one JSON object per chunk, with logprobs
 entity-llm generate "A cat:" --json-schema cat.schema.json   # the output is JSON valid under the schema
 entity-llm tokenize "def f(x):"
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="stream the continuation of a prompt or a chat",
-        description="Give a prompt, or a chat with --message or --messages-json (exactly one).",
+        description="Give a prompt, a chat with --message or --messages-json, or --prompt-token-ids (exactly one).",
     )
     generate.add_argument("prompt", nargs="?", help="the text to continue ('-' reads standard input)")
     chat = generate.add_argument_group("chat (instead of a prompt)")
@@ -99,10 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='a JSON array of {"role": ..., "content": ...} objects (\'-\' reads standard input)',
     )
+    generate.add_argument(
+        "--prompt-token-ids",
+        metavar="ID,ID,...",
+        help="the prompt as token ids, used as they are (instead of a prompt)",
+    )
     generate.add_argument("--max-new-tokens", type=int, help="the most tokens to generate")
     generate.add_argument("--min-new-tokens", type=int, help="the fewest tokens before end-of-sequence may end it")
     generate.add_argument("--stop", action="append", default=[], dest="stop_sequences", help="a stop sequence")
     generate.add_argument("--include-stop-sequence", action="store_true", help="keep the matched stop text")
+    generate.add_argument(
+        "--stop-token-id",
+        type=int,
+        action="append",
+        default=[],
+        dest="stop_token_ids",
+        metavar="ID",
+        help="a token id that ends generation (repeat the flag)",
+    )
+    generate.add_argument("--ignore-eos", action="store_true", help="do not end at the model's end-of-sequence tokens")
     generate.add_argument("--truncate-input-tokens", type=int, help="keep only the prompt's last N tokens")
     generate.add_argument("--time-limit-ms", type=int, help="end normally after this many milliseconds")
     generate.add_argument("--request-id", default="", help="an id echoed by the server")
@@ -111,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, help="sample from the smallest set of tokens this likely")
     sampling.add_argument("--top-k", type=int, help="sample from the K most likely tokens only")
     sampling.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeated tokens")
+    sampling.add_argument("--min-p", type=float, help="keep only tokens at least MIN_P times as likely as the top one")
+    sampling.add_argument("--typical-p", type=float, help="locally typical sampling, up to this probability mass")
+    sampling.add_argument("--presence-penalty", type=float, help="subtracted from the logit of each token generated")
+    sampling.add_argument(
+        "--frequency-penalty", type=float, help="subtracted from a token's logit once per time it was generated"
+    )
+    sampling.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS (-100 to 100) to the logit of token ID (repeat the flag)",
+    )
     sampling.add_argument("--seed", type=int, help="the sampler's seed, to repeat a sampled stream")
     shape = generate.add_argument_group("structured output (at most one)")
     exclusive = shape.add_mutually_exclusive_group()
@@ -152,30 +181,59 @@ def _messages(args: argparse.Namespace) -> list[tuple[str, str]] | None:
     return None
 
 
+def _token_ids(text: str) -> list[int]:
+    """--prompt-token-ids' value as ids; ValueError if it is malformed."""
+    try:
+        return [int(token_id) for token_id in text.split(",")]
+    except ValueError:
+        raise ValueError("--prompt-token-ids: expected token ids separated by commas, e.g. 1,2,3") from None
+
+
+def _logit_bias(entries: list[str]) -> dict[int, float]:
+    """--logit-bias' values as a map; ValueError if one is malformed."""
+    bias: dict[int, float] = {}
+    for entry in entries:
+        token_id, _, value = entry.partition("=")
+        try:
+            bias[int(token_id)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias: expected ID=BIAS, e.g. 50256=-100, got {entry!r}") from None
+    return bias
+
+
 def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if sum(x is not None for x in (args.prompt, args.messages, args.messages_json)) != 1:
-        parser.error("generate: give a prompt, --message or --messages-json (exactly one)")
+    inputs = (args.prompt, args.messages, args.messages_json, args.prompt_token_ids)
+    if sum(x is not None for x in inputs) != 1:
+        parser.error("generate: give a prompt, --message, --messages-json or --prompt-token-ids (exactly one)")
     try:
         messages = _messages(args)
-        prompt = None if messages is not None else sys.stdin.read() if args.prompt == "-" else args.prompt
+        token_ids = None if args.prompt_token_ids is None else _token_ids(args.prompt_token_ids)
+        prompt = None if args.prompt is None else sys.stdin.read() if args.prompt == "-" else args.prompt
         options: GenerateOptions = {
             "max_new_tokens": args.max_new_tokens,
             "min_new_tokens": args.min_new_tokens,
             "stop_sequences": args.stop_sequences,
             "include_stop_sequence": args.include_stop_sequence,
+            "stop_token_ids": args.stop_token_ids,
+            "ignore_eos": args.ignore_eos,
             "truncate_input_tokens": args.truncate_input_tokens,
             "time_limit_ms": args.time_limit_ms,
             "temperature": args.temperature,
             "top_p": args.top_p,
             "top_k": args.top_k,
             "repetition_penalty": args.repetition_penalty,
+            "min_p": args.min_p,
+            "typical_p": args.typical_p,
+            "presence_penalty": args.presence_penalty,
+            "frequency_penalty": args.frequency_penalty,
+            "logit_bias": _logit_bias(args.logit_bias),
             "seed": args.seed,
             "logprobs": args.logprobs,
             "top_logprobs": args.top_logprobs,
             "request_id": args.request_id,
             **_constraint(args),
         }
-        stream = client.generate(prompt, messages=messages, **options)
+        stream = client.generate(prompt, messages=messages, prompt_token_ids=token_ids, **options)
     except (OSError, ValueError, TypeError) as error:  # bad flags or files, found before any call
         parser.error(f"generate: {error}")
     for chunk in stream:

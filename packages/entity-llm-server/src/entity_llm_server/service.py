@@ -35,6 +35,7 @@ _FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: llm_pb2.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.TIME_LIMIT: llm_pb2.FINISH_REASON_TIME_LIMIT,
     FinishReason.TOKEN_LIMIT: llm_pb2.FINISH_REASON_TOKEN_LIMIT,
+    FinishReason.STOP_TOKEN: llm_pb2.FINISH_REASON_STOP_TOKEN,
 }
 
 
@@ -66,6 +67,13 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
         constraint=_constraint(request),
+        min_p=_optional(request, "min_p", 0.0),
+        typical_p=_optional(request, "typical_p", 1.0),
+        presence_penalty=_optional(request, "presence_penalty", 0.0),
+        frequency_penalty=_optional(request, "frequency_penalty", 0.0),
+        logit_bias=tuple(sorted(request.logit_bias.items())),
+        stop_token_ids=tuple(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
     )
     return EngineRequest(
         prompt=request.prompt,
@@ -77,6 +85,7 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         time_limit_ms=_optional(request, "time_limit_ms"),
         sampling=sampling,
         messages=tuple((m.role, m.content) for m in request.messages),
+        prompt_token_ids=tuple(request.prompt_token_ids),
     )
 
 
@@ -168,6 +177,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                             request_id=request_id,
                             logprobs=_logprobs(event.tail_logprobs) if event.tail_logprobs else None,
                             seed=event.seed,
+                            stop_token_id=event.stop_token_id,
                         )
                     else:
                         # The id rides on the first and the last message only:

@@ -22,6 +22,10 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_MESSAGES = 256
+MAX_STOP_TOKEN_IDS = 16
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API
+MAX_BIAS = 100.0
+MAX_OPENAI_PENALTY = 2.0  # presence and frequency penalties, either sign
 # Either way: a request, and a reply (a Tokenize of megabytes of text).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
@@ -171,6 +175,10 @@ def _constraint(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
         problems.append(
             ("min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete")
         )
+    if request.ignore_eos:
+        problems.append(
+            ("ignore_eos", "cannot be combined with a constraint, which ends the output with an end-of-sequence token")
+        )
     return problems
 
 
@@ -199,13 +207,29 @@ def _sampling(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
         )
     if request.top_logprobs > MAX_TOP_LOGPROBS:
         problems.append(("top_logprobs", f"at most {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"))
+    if request.HasField("min_p") and not (0 <= request.min_p <= 1):
+        problems.append(("min_p", f"must be between 0 and 1, got {request.min_p:g}"))
+    if request.HasField("typical_p") and not (0 < request.typical_p <= 1):
+        problems.append(("typical_p", f"must be in (0, 1], got {request.typical_p:g}"))
+    bound = MAX_OPENAI_PENALTY
+    for field in ("presence_penalty", "frequency_penalty"):
+        if request.HasField(field) and not (-bound <= (value := getattr(request, field)) <= bound):
+            problems.append((field, f"must be between -{bound:g} and {bound:g}, got {value:g}"))
+    if len(request.logit_bias) > MAX_LOGIT_BIAS:
+        problems.append(("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(request.logit_bias)}"))
+    for token, bias in sorted(request.logit_bias.items()):
+        if not -MAX_BIAS <= bias <= MAX_BIAS:  # NaN fails too
+            problems.append((f"logit_bias[{token}]", f"must be between -{MAX_BIAS:g} and {MAX_BIAS:g}, got {bias:g}"))
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        problems.append(("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(request.stop_token_ids)}"))
     return problems
 
 
 def _input(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    if request.messages and request.prompt:
-        problems.append(("messages", "send either prompt or messages, not both"))
+    given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(request, name)]
+    if len(given) > 1:
+        problems.append((given[-1], f"send one of prompt, messages and prompt_token_ids, not {' and '.join(given)}"))
     if len(request.messages) > MAX_MESSAGES:
         problems.append(("messages", f"at most {MAX_MESSAGES}, got {len(request.messages)}"))
     for i, message in enumerate(request.messages):

@@ -28,6 +28,7 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
     TIME_LIMIT = "time_limit"
     TOKEN_LIMIT = "token_limit"
+    STOP_TOKEN = "stop_token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class EngineRequest:
             request without a seed gets one from the engine.
         messages: a conversation ((role, content) pairs) to render with the
             chat template, instead of `prompt`.
+        prompt_token_ids: the prompt as token ids, used as they are, instead
+            of `prompt`.
     """
 
     prompt: str
@@ -58,6 +61,7 @@ class EngineRequest:
     time_limit_ms: int | None = None
     sampling: Sampling = GREEDY
     messages: tuple[tuple[str, str], ...] = ()
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ class Finished:
             character, text trimmed with a stop sequence).
         tail_logprobs: their logprobs, when the request asked for logprobs.
         seed: the sampler's seed, for a sampled request.
+        stop_token_id: the stop token that ended it (reason STOP_TOKEN).
     """
 
     reason: FinishReason
@@ -98,6 +103,7 @@ class Finished:
     tail_ids: tuple[int, ...] = ()
     tail_logprobs: tuple[TokenLogprob, ...] = ()
     seed: int | None = None
+    stop_token_id: int | None = None
 
 
 EngineEvent = TextDelta | Finished

@@ -312,6 +312,8 @@ class BatchingCore:
                 prepared.ids,
                 request_id=rid,
                 max_new_tokens=prepared.max_new_tokens,
+                # The ids that end this request: its stop tokens, and EOS unless it ignores it.
+                eos_token_id=sorted(prepared.sampling.stop_ids(frozenset(self.facts.eos_ids))) or -1,
                 streaming=True,
                 sampling=prepared.sampling,
                 prompt_len=len(prepared.ids),

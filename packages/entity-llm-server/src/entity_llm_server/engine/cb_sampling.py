@@ -38,20 +38,20 @@ from . import constraints as c
 from . import sampling as s
 from .constraints import Follower
 
-# The rows of the manager's int32 argument tensor (floats travel as their bits).
-_TEMPERATURE, _TOP_K, _TOP_P, _PENALTY, _KEY, _FLAGS = range(6)
-_FLOAT_ROWS = (_TEMPERATURE, _TOP_P, _PENALTY)
+# The rows of the manager's int32 argument tensor (`sampling.RowValues`; floats travel as their bits).
+_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _TYPICAL_P, _PENALTY, _KEY, _FLAGS = range(8)
+_ARGS = 8
+_FLOAT_ROWS = (_TEMPERATURE, _TOP_P, _MIN_P, _TYPICAL_P, _PENALTY)
 
 
-def _check_row(values: tuple[float, int, float, float, int, int]) -> None:
+def _check_row(values: s.RowValues) -> None:
     """Refuse a row the int32 argument tensor cannot hold (it would kill the batching thread)."""
-    temperature, top_k, top_p, penalty, key, flags = values
-    for number in (top_k, key, flags):
-        if not -(2**31) <= number < 2**31:
-            raise OverflowError(f"{number} does not fit the manager's int32 arguments")
-    for real in (temperature, top_p, penalty):
-        if not math.isfinite(real):
-            raise ValueError(f"{real} is not a finite sampling parameter")
+    for index, value in enumerate(values):
+        if index in _FLOAT_ROWS:
+            if not math.isfinite(value):
+                raise ValueError(f"{value} is not a finite sampling parameter")
+        elif not -(2**31) <= value < 2**31:
+            raise OverflowError(f"{value} does not fit the manager's int32 arguments")
 
 
 def _padded(mask: torch.Tensor, rows: int, *, fill: bool) -> torch.Tensor:
@@ -83,7 +83,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
 
     def __init__(self, vocab_size: int, eos_ids: frozenset[int], device: Any, *, eager: bool, rows: int = 0) -> None:
         super().__init__(LogitsProcessorList())
-        self.tensors_required = 6
+        self.tensors_required = _ARGS
         self.do_processing = True
         self.supported_keys = {"sampling": s.Sampling, "prompt_len": int}
         self.ignored_keys = set()
@@ -100,16 +100,20 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         # Eager mode only: what the step being prepared needs.
         self._plain = False
         self._sort = True
+        self._filters = True
         self._noise = True
         self._seen: list[list[int] | None] = []
+        self._added: torch.Tensor | None = None  # eager: what the step's rows add to their logits
         self._wanted: list[tuple[str, int] | None] = []
         # request id -> its constraint's matcher (`constraints`), registered by the core.
         self.followers: dict[str, Follower] = {}
         self._allowed: torch.Tensor | None = None  # eager: the step's allowed tokens, when a row is constrained
         self._masked: set[int] = set()  # graph mode: rows of the bitmask buffer that are not all ones
+        self._adjusted: set[int] = set()  # graph mode: rows of the adjustment buffer that are not zeros
         if not eager:  # graph mode's static buffers, read and written inside the step
             self._bitmask = torch.full((rows, c.words(vocab_size)), -1, dtype=torch.int32, device=device)
             self._seen_rows = torch.zeros((rows, vocab_size), dtype=torch.bool, device=device)
+            self._adjust_rows = torch.zeros((rows, vocab_size), dtype=torch.float32, device=device)
             self._chosen = torch.zeros(rows, dtype=torch.int64, device=device)
             self._chosen_logprob = torch.zeros(rows, dtype=torch.float32, device=device)
             self._top_logprobs = torch.zeros((rows, s.MAX_TOP_LOGPROBS), dtype=torch.float32, device=device)
@@ -121,8 +125,10 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
 
     def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
         rows = [r for r in requests_in_batch if r.has_new_token]  # the logits' rows, in order
-        columns: list[list[float | int]] = [[] for _ in range(6)]
+        columns: list[list[float | int]] = [[] for _ in range(_ARGS)]
         seen: list[list[int] | None] = []
+        samplings: list[s.Sampling] = []
+        steps: list[int] = []
         wanted: list[tuple[str, int] | None] = []
         bitmask: torch.Tensor | None = None
         constrained: set[int] = set()
@@ -139,9 +145,11 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 # One request's fault stays its own: its row decodes greedily
                 # this step and the engine fails that request alone.
                 self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
-                values, sampling = self._greedy_row, s.GREEDY
+                values, sampling, step = self._greedy_row, s.GREEDY, 0
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
+            samplings.append(sampling)
+            steps.append(step)
             seen.append(state.initial_tokens + state.generated_tokens if sampling.penalised else None)
             wanted.append((state.request_id, sampling.top_logprobs) if sampling.wants_logprobs else None)
             if (follower := self.followers.get(state.request_id)) is not None:
@@ -150,9 +158,11 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 self._constrain(follower, state, bitmask, index)
                 constrained.add(index)
         if self.eager:
-            # A step where every row is plain greedy (no sampling, no EOS held
-            # off, no penalty, no logprobs, no constraint) keeps the model's scores as they are.
-            self._plain = not any(columns[_FLAGS]) and not any(seen) and not any(wanted) and bitmask is None
+            self._added = self._adjustments(rows, samplings, steps, arg_storage.device)
+            # A step where every row is plain greedy (no sampling, no EOS held off, no penalty,
+            # nothing added, no logprobs, no constraint) keeps the model's scores as they are.
+            self._plain = not (any(columns[_FLAGS]) or any(seen) or any(wanted)) and bitmask is None
+            self._plain &= self._added is None
             if self._plain:
                 return arg_storage
             self._allowed = None if bitmask is None else c.allowed(bitmask.to(arg_storage.device), self.vocab_size)
@@ -165,7 +175,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 arg_storage[index, : len(rows)] = row.to(arg_storage.device)
         if self.eager:
             self._seen = seen
-            self._sort = any(v < self.vocab_size for v in columns[_TOP_K]) or any(v < 1 for v in columns[_TOP_P])
+            self._sort, self._filters = s.filtering(samplings)
             self._noise = any(int(v) & s.SAMPLED for v in columns[_FLAGS])
         else:
             self.collect()  # a step whose outputs went nowhere (none should): its records first
@@ -184,8 +194,35 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 assert bitmask is not None
                 self._bitmask[index].copy_(bitmask[index])
             self._masked = masked
+            # Rows that add to their logits get this step's values; rows that did and do not, zeros again.
+            adjusted = {i for i, x in enumerate(samplings) if x.adjusted}
+            for index in self._adjusted | adjusted:
+                self._adjust_rows[index].zero_()
+            for index in adjusted:
+                self._adjust(rows[index].state, samplings[index], steps[index], self._adjust_rows[index])
+            self._adjusted = adjusted
         self._wanted = wanted
         return arg_storage
+
+    def _adjustments(
+        self, rows: list[Any], samplings: list[s.Sampling], steps: list[int], device: Any
+    ) -> torch.Tensor | None:
+        """Eager mode: what each row adds to its logits this step, or None when none adds anything."""
+        if not any(x.adjusted for x in samplings):
+            return None
+        adjust = torch.zeros((len(rows), self.vocab_size), dtype=torch.float32, device=device)
+        for index, sampling in enumerate(samplings):
+            if sampling.adjusted:
+                self._adjust(rows[index].state, sampling, steps[index], adjust[index])
+        return adjust
+
+    def _adjust(self, state: Any, sampling: s.Sampling, step: int, row: torch.Tensor) -> None:
+        """Write one request's additions to its logits into `row` (zeros); a fault fails the request alone."""
+        try:
+            s.adjustments(sampling, step, state.generated_tokens, row)
+        except Exception as exc:  # this runs on the batching thread: never let it die
+            self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
+            row.zero_()
 
     def _constrain(self, follower: Follower, state: Any, bitmask: torch.Tensor, index: int) -> None:
         """Row `index` of `bitmask`: the tokens the request's constraint allows next, once its
@@ -225,12 +262,15 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             temperature=args[_TEMPERATURE].view(torch.float32),
             top_k=args[_TOP_K],
             top_p=args[_TOP_P].view(torch.float32),
+            min_p=args[_MIN_P].view(torch.float32),
+            typical_p=args[_TYPICAL_P].view(torch.float32),
             penalty=args[_PENALTY].view(torch.float32),
             key=args[_KEY],
             flags=args[_FLAGS],
         )
         if not self.eager:  # one static computation for a captured graph
             rows.seen = self._seen_rows[:n]
+            rows.adjust = self._adjust_rows[:n]
             scores = scores.masked_fill(~c.allowed(self._bitmask[:n], self.vocab_size), -math.inf)
             logprobs = s.warp(scores, rows, self.eos_mask)
             final = s.noisy(logprobs, rows)
@@ -247,7 +287,9 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             scores = scores.masked_fill(~_padded(self._allowed, n, fill=True), -math.inf)
         if any(x is not None for x in self._seen):
             rows.seen = _padded(s.seen_mask(self._seen, scores.shape[-1], scores.device), n, fill=False)
-        logprobs = s.warp(scores, rows, self.eos_mask, sort=self._sort)
+        if (added := self._added) is not None:
+            rows.adjust = torch.cat([added, added.new_zeros((n - len(added), self.vocab_size))])
+        logprobs = s.warp(scores, rows, self.eos_mask, sort=self._sort, filters=self._filters)
         final = s.noisy(logprobs, rows) if self._noise else logprobs
         if any(w is not None for w in self._wanted):
             chosen = torch.argmax(final, dim=-1)

@@ -240,7 +240,10 @@ class FrontEnd:
                     "min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete"
                 )
             self.grammars.check(constraint)
-        if request.messages:
+        self._check_ids(request)
+        if request.prompt_token_ids:  # as they are: no special tokens added
+            ids = self._framed(list(request.prompt_token_ids), request.truncate_input_tokens, specials=False)
+        elif request.messages:
             ids = self.encode_chat(request.messages, request.truncate_input_tokens)
         else:
             ids = self.encode(request.prompt, request.truncate_input_tokens)
@@ -266,6 +269,16 @@ class FrontEnd:
         if sampling.sampled and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         return Prepared(ids, min(wanted, room), clipped=wanted > room, sampling=sampling)
+
+    def _check_ids(self, request: EngineRequest) -> None:
+        """Refuse token ids a request names that are not in the model's vocabulary."""
+        named = [(f"prompt_token_ids[{i}]", t) for i, t in enumerate(request.prompt_token_ids)]
+        named += [(f"stop_token_ids[{i}]", t) for i, t in enumerate(request.sampling.stop_token_ids)]
+        named += [(f"logit_bias[{t}]", t) for t, _ in request.sampling.logit_bias]
+        for field, token in named:
+            if token >= self.vocab_size:
+                said = f"{token} is not a token id of this model (its vocabulary has {self.vocab_size})"
+                raise InvalidRequestError(field, said)
 
     # -- requests -------------------------------------------------------------
 
@@ -332,7 +345,8 @@ class FrontEnd:
                     self.core.cancel(rid)
 
     async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
-        size = len(request.prompt) + sum(len(role) + len(content) for role, content in request.messages)
+        size = len(request.prompt) + len(request.prompt_token_ids)
+        size += sum(len(role) + len(content) for role, content in request.messages)
         if request.sampling.constraint is not None:  # compiling a schema or a grammar: off the event loop
             prepared = await asyncio.to_thread(self.prepare, request)
         else:
@@ -346,8 +360,10 @@ class FrontEnd:
         pending_lp: list[TokenLogprob] = []
         reason = FinishReason.TOKEN_LIMIT if prepared.clipped else FinishReason.MAX_TOKENS
         stop: str | None = None
+        stop_ids = prepared.sampling.stop_ids(self.eos_ids)
+        stop_token: int | None = None
         async with aclosing(self._steps(prepared)) as steps:
-            while stop is None and reason is not FinishReason.EOS:
+            while stop is None and stop_token is None:
                 try:
                     timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
                     ids, logprobs = await asyncio.wait_for(anext(steps), timeout)
@@ -368,8 +384,10 @@ class FrontEnd:
                     pending.append(token)
                     if logprobs is not None:
                         pending_lp.append(logprobs[index])
-                    if token in self.eos_ids:
-                        reason = FinishReason.EOS
+                    if token in stop_ids:  # not text: it goes out with the last message
+                        stop_token = token
+                        stopped = token in prepared.sampling.stop_token_ids
+                        reason = FinishReason.STOP_TOKEN if stopped else FinishReason.EOS
                         break
                     out, stop = stops.feed(decoder.step(token))
                     if out:
@@ -383,7 +401,7 @@ class FrontEnd:
                 if text:
                     yield TextDelta("".join(text), tuple(out_ids), tuple(out_lp))
         if (rest := stops.flush()) and stop is None:
-            tail = [] if reason is not FinishReason.EOS else pending[-1:]
+            tail = [] if stop_token is None else pending[-1:]
             keep = len(pending) - len(tail)
             yield TextDelta(rest, tuple(pending[:keep]), tuple(pending_lp[:keep]))
             pending, pending_lp = tail, pending_lp[keep:]
@@ -396,6 +414,7 @@ class FrontEnd:
             tuple(pending),
             tuple(pending_lp),
             prepared.sampling.seed if prepared.sampling.sampled else None,
+            stop_token if reason is FinishReason.STOP_TOKEN else None,
         )
 
     def _named(self, entry: TokenLogprob) -> TokenLogprob:

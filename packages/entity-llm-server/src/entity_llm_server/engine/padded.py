@@ -220,6 +220,7 @@ class PaddedCore:
         samplings = [prepared.sampling for _, prepared in batch]
         followers = [None if x.constraint is None else self.grammars.follower(x.constraint) for x in samplings]
         sequences = [list(prepared.ids) for _, prepared in batch]
+        stops = [x.stop_ids(self.eos_ids) for x in samplings]
         counts = [0] * len(batch)
         done = [False] * len(batch)
         order = list(range(len(batch)))  # the request (its index in `batch`) of each row of the tensors
@@ -262,7 +263,7 @@ class PaddedCore:
                     sequences[i].append(token)
                     counts[i] += 1
                     following[row] = token
-                    last = token in self.eos_ids or counts[i] >= prepared.max_new_tokens
+                    last = token in stops[i] or counts[i] >= prepared.max_new_tokens
                     outputs.append(SeqOutput(rid, (token,), None if entry is None else (entry,), last))
                     if last:
                         done[i] = True

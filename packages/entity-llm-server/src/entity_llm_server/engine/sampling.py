@@ -54,6 +54,16 @@ class Sampling:
         logprobs: report each chosen token's logprob.
         top_logprobs: also report this many alternatives per token.
         constraint: what the output must match (`constraints`), or None.
+        min_p: min-p sampling (0: off); sampling only.
+        typical_p: locally typical sampling's mass (1: off); sampling only.
+        presence_penalty: subtracted from the logits of tokens generated at
+            least once (0: off).
+        frequency_penalty: subtracted once per time a token was generated (0: off).
+        logit_bias: (token id, bias) pairs added to the logits.
+        stop_token_ids: ids that end generation, as EOS does (held off, like
+            EOS, until min_new_tokens were generated).
+        ignore_eos: the model's EOS ids do not end generation (nor are they
+            held off by min_new_tokens: they are ordinary tokens).
     """
 
     temperature: float = 0.0
@@ -65,6 +75,13 @@ class Sampling:
     logprobs: bool = False
     top_logprobs: int = 0
     constraint: Constraint | None = None
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     @property
     def sampled(self) -> bool:
@@ -79,11 +96,30 @@ class Sampling:
         return self.repetition_penalty != 1.0
 
     @property
+    def adjusted(self) -> bool:
+        """Whether something is added to its logits (`adjustments`)."""
+        return bool(
+            self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or (self.stop_token_ids and self.min_new_tokens)
+        )
+
+    @property
     def plain(self) -> bool:
         """Greedy with nothing to apply or report: the model's own argmax is the choice."""
         return not (
-            self.sampled or self.penalised or self.min_new_tokens or self.wants_logprobs or self.constraint is not None
+            self.sampled
+            or self.penalised
+            or self.min_new_tokens
+            or self.wants_logprobs
+            or self.constraint is not None
+            or self.adjusted
         )
+
+    def stop_ids(self, eos_ids: frozenset[int]) -> frozenset[int]:
+        """The ids that end this request's generation: the model's EOS ids (unless ignore_eos) and its stop tokens."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else eos_ids)
 
 
 GREEDY = Sampling()
@@ -148,46 +184,83 @@ class Rows:
         temperature: float [rows]; 1 for greedy rows.
         top_k: int [rows]; the vocabulary size when off.
         top_p: float [rows]; 1 when off.
+        min_p: float [rows]; 0 when off.
+        typical_p: float [rows]; 1 when off.
         penalty: float [rows]; 1 when off.
         key: int [rows]; the step key of sampled rows.
         flags: int [rows]; bit 0 sampled, bit 1 EOS masked.
         seen: bool [rows, vocab] of tokens already in each sequence, or None
             when no row has a repetition penalty.
+        adjust: float [rows, vocab] added to the logits (`adjustments`), or
+            None when no row has one.
     """
 
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
+    min_p: torch.Tensor
+    typical_p: torch.Tensor
     penalty: torch.Tensor
     key: torch.Tensor
     flags: torch.Tensor
     seen: torch.Tensor | None = None
+    adjust: torch.Tensor | None = None
 
 
 SAMPLED = 1
 NO_EOS = 2
 
 
-def row_values(sampling: Sampling, step: int, vocab: int) -> tuple[float, int, float, float, int, int]:
-    """One row's (temperature, top_k, top_p, penalty, key, flags) at generation step `step`."""
+# One row's arguments: (temperature, top_k, top_p, min_p, typical_p, penalty, key, flags).
+RowValues = tuple[float, int, float, float, float, float, int, int]
+
+
+def row_values(sampling: Sampling, step: int, vocab: int) -> RowValues:
+    """One row's arguments at generation step `step` (`RowValues`)."""
     sampled = sampling.sampled
-    flags = (SAMPLED if sampled else 0) | (NO_EOS if step < sampling.min_new_tokens else 0)
+    held = step < sampling.min_new_tokens and not sampling.ignore_eos
+    flags = (SAMPLED if sampled else 0) | (NO_EOS if held else 0)
     return (
         sampling.temperature if sampled else 1.0,
         min(sampling.top_k, vocab) if sampled and sampling.top_k else vocab,  # fits the int32 argument row
         sampling.top_p if sampled else 1.0,
+        sampling.min_p if sampled else 0.0,
+        sampling.typical_p if sampled else 1.0,
         sampling.repetition_penalty,
         step_key(sampling.seed or 0, step) if sampled else 0,
         flags,
     )
 
 
-def warp(logits: torch.Tensor, rows: Rows, eos_mask: torch.Tensor, *, sort: bool = True) -> torch.Tensor:
+def adjustments(sampling: Sampling, step: int, generated: list[int], row: torch.Tensor) -> None:
+    """Write into `row` (float [vocab], zeros) what the request adds to its logits at step `step`,
+    having generated `generated`: its logit_bias, minus its presence and frequency penalties, and
+    -inf on its stop tokens while min_new_tokens holds them off."""
+    import torch
+
+    vocab = row.shape[0]
+    if sampling.logit_bias:
+        ids, biases = zip(*sampling.logit_bias, strict=True)
+        row[torch.tensor(ids, device=row.device)] += torch.tensor(biases, dtype=row.dtype, device=row.device)
+    if generated and (sampling.presence_penalty or sampling.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, device=row.device), minlength=vocab)[:vocab].to(row.dtype)
+        row -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0).to(row.dtype)
+    if sampling.stop_token_ids and step < sampling.min_new_tokens:
+        row[torch.tensor(sampling.stop_token_ids, device=row.device)] = -math.inf
+
+
+def warp(
+    logits: torch.Tensor, rows: Rows, eos_mask: torch.Tensor, *, sort: bool = True, filters: bool = True
+) -> torch.Tensor:
     """Log-probabilities [rows, vocab] of the distribution each row chooses from.
 
-    Repetition penalty, EOS masking (min_new_tokens), temperature, top-k and
-    top-p, in that order (transformers' order); then log-softmax. `sort=False`
-    skips top-k/top-p (the caller knows no row uses them).
+    In transformers' order: repetition penalty; what the rows add (logit
+    bias, presence and frequency penalties, held-off stop tokens); EOS
+    masking (min_new_tokens); temperature; top-k and top-p; min-p; typical-p;
+    then log-softmax. `sort=False` skips top-k/top-p and `filters=False`
+    min-p/typical-p (the caller knows no row uses them). A row whose value
+    turns a filter off is left as it is by that filter, so one computation
+    serves every row of a batch.
     """
     import torch
 
@@ -196,6 +269,8 @@ def warp(logits: torch.Tensor, rows: Rows, eos_mask: torch.Tensor, *, sort: bool
         penalty = rows.penalty[:, None]
         punished = torch.where(scores > 0, scores / penalty, scores * penalty)
         scores = torch.where(rows.seen, punished, scores)
+    if rows.adjust is not None:
+        scores = scores + rows.adjust
     no_eos = (rows.flags & NO_EOS).bool()
     scores = scores.masked_fill(no_eos[:, None] & eos_mask[None, :], -math.inf)
     scores = scores / rows.temperature[:, None]
@@ -212,7 +287,35 @@ def warp(logits: torch.Tensor, rows: Rows, eos_mask: torch.Tensor, *, sort: bool
         last = (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
         threshold = ordered.gather(1, last)
         scores = scores.masked_fill(scores < threshold, -math.inf)
+    if filters:
+        scores = _min_p(scores, rows.min_p)
+        scores = _typical(scores, rows.typical_p)
     return scores.log_softmax(dim=-1)
+
+
+def _min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Min-p: drop the tokens less likely than min_p times the row's most likely one (0 drops none)."""
+    probs = scores.softmax(dim=-1)
+    floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return scores.masked_fill(probs < floor, -math.inf)
+
+
+def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling: rank tokens by how far their surprise (-log p) is from the row's
+    entropy, nearest first, and keep them while the probability before them is under `mass`
+    (the nearest always; a mass of 1 keeps every token)."""
+    import torch
+
+    logp = scores.log_softmax(dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp).nan_to_num(nan=0.0).sum(dim=-1, keepdim=True)  # 0 * -inf is a dropped token's 0
+    distance = (-logp - entropy).abs()
+    order = distance.argsort(dim=-1)
+    in_order = probs.gather(1, order)
+    before = in_order.cumsum(dim=-1) - in_order
+    drop_sorted = (before >= mass[:, None]) & (mass[:, None] < 1)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, -math.inf)
 
 
 def noisy(logprobs: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -279,22 +382,52 @@ def logprob_entries(
     return out
 
 
-def rows_for(
-    params: list[tuple[float, int, float, float, int, int]], sequences: list[list[int] | None], vocab: int, device: Any
-) -> Rows:
+def rows_for(params: list[RowValues], sequences: list[list[int] | None], vocab: int, device: Any) -> Rows:
     """Rows from per-row values (row_values) and, where penalised, the row's token ids."""
     import torch
 
-    temperature, top_k, top_p, penalty, key, flags = (list(column) for column in zip(*params, strict=True))
+    columns = [list(column) for column in zip(*params, strict=True)]
+    temperature, top_k, top_p, min_p, typical_p, penalty, key, flags = columns
+
+    def floats(values: list[Any]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    def ints(values: list[Any]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
     return Rows(
-        temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
-        top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-        top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
-        penalty=torch.tensor(penalty, dtype=torch.float32, device=device),
-        key=torch.tensor(key, dtype=torch.int64, device=device),
-        flags=torch.tensor(flags, dtype=torch.int64, device=device),
+        temperature=floats(temperature),
+        top_k=ints(top_k),
+        top_p=floats(top_p),
+        min_p=floats(min_p),
+        typical_p=floats(typical_p),
+        penalty=floats(penalty),
+        key=ints(key),
+        flags=ints(flags),
         seen=seen_mask(sequences, vocab, device) if any(s is not None for s in sequences) else None,
     )
+
+
+def adjust_rows(
+    samplings: list[Sampling], steps: list[int], generated: list[list[int]], vocab: int, device: Any
+) -> torch.Tensor | None:
+    """The float [rows, vocab] each row adds to its logits (`adjustments`); None when no row adds anything."""
+    import torch
+
+    if not any(sampling.adjusted for sampling in samplings):
+        return None
+    adjust = torch.zeros((len(samplings), vocab), dtype=torch.float32, device=device)
+    for row, (sampling, step, tokens) in enumerate(zip(samplings, steps, generated, strict=True)):
+        if sampling.adjusted:
+            adjustments(sampling, step, tokens, adjust[row])
+    return adjust
+
+
+def filtering(samplings: list[Sampling]) -> tuple[bool, bool]:
+    """Whether any of these rows uses top-k/top-p (a sort), and whether any uses min-p/typical-p."""
+    sort = any(x.sampled and (x.top_k > 0 or x.top_p < 1) for x in samplings)
+    filters = any(x.sampled and (x.min_p > 0 or x.typical_p < 1) for x in samplings)
+    return sort, filters
 
 
 def pick(
@@ -309,11 +442,12 @@ def pick(
 
     For cores that decode with the model's own forward pass (one row, or a
     padded batch): row i is at generation step `steps[i]` of a request with
-    `samplings[i]`, having seen `sequences[i]` (for repetition penalties);
-    `eos_ids` is `eos_mask`'s mask; `allowed`, a bool [rows, vocab] mask of
-    the tokens constrained rows may take (`constraints`), all True for the
-    others. Plain greedy rows take the argmax of the logits themselves, as the
-    batching core's hook leaves them.
+    `samplings[i]`, having seen `sequences[i]` (its prompt, then the
+    `steps[i]` tokens generated so far); `eos_ids` is `eos_mask`'s mask;
+    `allowed`, a bool [rows, vocab] mask of the tokens constrained rows may
+    take (`constraints`), all True for the others. Plain greedy rows take
+    the argmax of the logits themselves, as the batching core's hook leaves
+    them.
     """
     if allowed is not None:
         logits = logits.masked_fill(~allowed, -math.inf)
@@ -325,8 +459,10 @@ def pick(
     params = [row_values(sampling, step, vocab) for sampling, step in zip(samplings, steps, strict=True)]
     seen = [seq if sampling.penalised else None for sampling, seq in zip(samplings, sequences, strict=True)]
     rows = rows_for(params, seen, vocab, logits.device)
-    sort = any(sampling.top_k > 0 or sampling.top_p < 1 for sampling in samplings)
-    logprobs = warp(logits, rows, eos_ids, sort=sort)
+    generated = [seq[len(seq) - step :] if step else [] for seq, step in zip(sequences, steps, strict=True)]
+    rows.adjust = adjust_rows(samplings, steps, generated, vocab, logits.device)
+    sort, filters = filtering(samplings)
+    logprobs = warp(logits, rows, eos_ids, sort=sort, filters=filters)
     chosen = choose(logprobs, rows) if any(sampling.sampled for sampling in samplings) else logprobs.argmax(dim=-1)
     wanted = [sampling.top_logprobs if sampling.wants_logprobs else None for sampling in samplings]
     entries: list[TokenLogprob | None] = [None] * len(wanted)

@@ -132,6 +132,7 @@ class SequentialCore:
         device = self.model.device
         sampling = prepared.sampling
         sequence = list(prepared.ids)
+        stops = sampling.stop_ids(self.eos_ids)
         count = 0
         follower = None if sampling.constraint is None else self.grammars.follower(sampling.constraint)
         with torch.inference_mode():
@@ -145,7 +146,7 @@ class SequentialCore:
                 (token,), (entry,) = s.pick(logits, [sampling], [count], [sequence], eos_mask, allowed)
                 sequence.append(token)
                 count += 1
-                last = token in self.eos_ids or count == prepared.max_new_tokens
+                last = token in stops or count == prepared.max_new_tokens
                 emit(SeqOutput(rid, (token,), None if entry is None else (entry,), last))
                 if last:
                     break
