@@ -52,7 +52,9 @@ def cb_round(
     from entity_llm_server.engine import BatchingEngine, BatchingSettings
 
     prompt_tokens = max(len(p.ids) for p in batch)
-    settings = BatchingSettings(**cb_settings(len(batch), new_tokens, prompt_tokens), cuda_graphs=cuda_graphs)
+    # As the servers of the distinct-prompt workload: no prefix cache (`model_path.bench_model`).
+    sizes = cb_settings(len(batch), new_tokens, prompt_tokens)
+    settings = BatchingSettings(**sizes, cuda_graphs=cuda_graphs, prefix_caching=False)
     sized = BatchingEngine(model, tokenizer, settings=settings)  # only to size the manager as the server does
     generation = GenerationConfig(
         do_sample=False,

@@ -19,6 +19,15 @@ each) are served these ways:
   server without batching does); `--sequential-limit` runs only the first
   requests, and its tokens/s still compares (see `_sides.sequential_round`).
 
+These prompts are distinct and the same every round, so the servers run
+with `--prefix-caching off` (and raw CB without block sharing): a server's
+prefix cache would otherwise serve each round the prompts of the round
+before, which no workload of distinct prompts has. `--shared-prefix N`
+measures the cache instead: every prompt begins with the same N tokens (a
+system prompt) and ends with `--prompt-tokens` of its own, fresh each round;
+two servers, `--prefix-caching on` and `off`, stream them, and the ratios are
+tokens/s and TTFT p50 of on against off.
+
 Every side warms up the same way and runs once per round, the rounds
 interleaved; each side keeps its best of `--repeat` rounds. Aggregate
 tokens/s (generated token ids) and time to first token (TTFT, from
@@ -30,12 +39,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import Row, ServerProcess, interleaved, ratio, report, write_results
+from _common import Row, ServerProcess, interleaved, percentile, ratio, report, write_results
 from _sides import Prompt, cb_round, cb_settings, check_prompts, grpc_round, sequential_round
 
 # Structured output that cannot end within the run (a string of at least 4,000 characters): every
@@ -158,7 +168,7 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
         sizes = cb_settings(streams, args.new_tokens, max(len(p.ids) for p in batch))
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
         server_args = ("--model", str(folder), "--device", args.device, "--dtype", args.dtype)
-        server_args += ("--max-new-tokens", str(args.new_tokens), *flags)
+        server_args += ("--max-new-tokens", str(args.new_tokens), *flags, "--prefix-caching", "off")
         modes = {"grpc": "on", "grpc in process": "off"} if args.compare_in_process else {"grpc": "on"}
         with contextlib.ExitStack() as stack:
             servers = {
@@ -200,6 +210,59 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
         yield list(best.values()), ratios
 
 
+def shared_prompts(tokenizer: Any, count: int, prefix: int, length: int, salt: int) -> list[Prompt]:
+    """`count` prompts that begin with the same `prefix` tokens and end with about `length` of their own,
+    marked with `salt` right after the prefix (so no two rounds share more than the prefix)."""
+    source = tokenizer(Path(__file__).read_text() * 4, add_special_tokens=False)["input_ids"]
+    head = tokenizer.decode(source[-prefix:])
+    tails = [f" [{salt}.{i}] " + tokenizer.decode(source[i * 7 : i * 7 + length]) for i in range(count)]
+    return [Prompt(head + tail, list(tokenizer(head + tail)["input_ids"])) for tail in tails]
+
+
+def bench_shared_prefix(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[tuple[list[Row], Any]]:
+    """The prefix cache on and off, at each concurrency, on prompts that share a system prompt."""
+    from transformers import AutoTokenizer
+
+    folder = materialise(name, scratch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for streams in (int(s) for s in args.streams.split(",")):
+        longest = max(len(p.ids) for p in shared_prompts(tokenizer, streams, args.shared_prefix, args.prompt_tokens, 0))
+        sizes = cb_settings(streams, args.new_tokens, longest + 16)
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
+        server_args = ("--model", str(folder), "--device", args.device, "--dtype", args.dtype)
+        server_args += ("--max-new-tokens", str(args.new_tokens), *flags)
+        salts = itertools.count()
+        with contextlib.ExitStack() as stack:
+            sides: dict[str, Callable[[], Row]] = {}
+            for side, mode in (("grpc prefix cache", "on"), ("grpc no prefix cache", "off")):
+                server = stack.enter_context(ServerProcess(*server_args, "--prefix-caching", mode))
+
+                def run(
+                    target: str = server.target,
+                    method: str = f"grpc, prefix cache {mode}",
+                    streams: int = streams,
+                    salts: Iterator[int] = salts,
+                ) -> Row:
+                    batch = shared_prompts(tokenizer, streams, args.shared_prefix, args.prompt_tokens, next(salts))
+                    return grpc_round(target, batch, args.new_tokens, method)
+
+                sides[side] = run
+            best = interleaved(sides, args.repeat)
+        for row in best.values():
+            row.bench = name
+            row.extra["shared_prefix_tokens"] = args.shared_prefix
+        on, off = best["grpc prefix cache"], best["grpc no prefix cache"]
+        big = streams >= 32
+        label = f"{name} prefix cache on / off, {args.shared_prefix}-token shared prefix, at {streams}"
+        ttft = percentile(off.ttft_ms, 50) / max(percentile(on.ttft_ms, 50), 1e-9)
+        ratios = [
+            ratio(f"{label}: tokens/s", on, off, 2.0 if big else 0.0),
+            # TTFT p50 on <= 0.3x off, said the other way round: off / on >= 3.33.
+            {"name": f"{label}: TTFT p50 off / on", "value": ttft, "target": round(1 / 0.3, 2) if big else 0.0},
+        ]
+        yield list(best.values()), ratios
+
+
 def sides_for(
     model: Any, tokenizer: Any, batch: list[Prompt], args: argparse.Namespace, servers: dict[str, ServerProcess]
 ) -> dict[str, Callable[[], Row]]:
@@ -223,6 +286,10 @@ def sides_for(
     if args.compare_no_graphs:
         sides["cb no graphs"] = lambda: cb_round(model, tokenizer, batch, new, cuda_graphs=False)
     return sides
+
+
+def results_name(args: argparse.Namespace) -> str:
+    return f"model_path_{args.device}" + ("_shared_prefix" if args.shared_prefix else "")
 
 
 def main() -> None:
@@ -258,6 +325,12 @@ def main() -> None:
     parser.add_argument(
         "--compare-constrained", action="store_true", help="also stream every request under one JSON schema"
     )
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="measure the prefix cache instead: every prompt begins with the same N tokens (on vs off)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -269,12 +342,13 @@ def main() -> None:
     meta = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models.split(","):
-            for setting_rows, setting_ratios in bench_model(name, args, Path(scratch)):
+            bench = bench_shared_prefix if args.shared_prefix else bench_model
+            for setting_rows, setting_ratios in bench(name, args, Path(scratch)):
                 rows += setting_rows
                 ratios += setting_ratios
                 # Written as each concurrency finishes: a run cut short by a timeout keeps what it measured.
-                write_results(f"model_path_{args.device}", rows, ratios, meta)
-    report(f"model_path_{args.device}", rows, ratios, meta)
+                write_results(results_name(args), rows, ratios, meta)
+    report(results_name(args), rows, ratios, meta)
 
 
 if __name__ == "__main__":

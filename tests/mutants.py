@@ -282,6 +282,22 @@ MUTATIONS = (
         "if False:",
         ("tests/model/test_request_features.py", "-k", "stop_token_ends"),
     ),
+    Mutation(
+        "samples-prefill-once",
+        "n samples of one prompt prefill it once (continuous batching with its prefix cache)",
+        "engine/samples.py",
+        "if index and staggered:",
+        "if False:",
+        ("tests/model/test_samples.py", "-k", "prefilled_once"),
+    ),
+    Mutation(
+        "prefix-cache",
+        "prompts that begin alike share their KV blocks, and the hits are counted",
+        "engine/batching.py",
+        "allow_block_sharing=s.prefix_caching,",
+        "allow_block_sharing=False,",
+        ("tests/model/test_prefix_caching.py",),
+    ),
 )
 
 

@@ -19,7 +19,8 @@ def test_flags_set_every_field():
         ["--model", "/m", "--host", "127.0.0.1", "--port", "0", "--device", "cuda:1", "--dtype", "bfloat16",
          "--max-new-tokens", "7", "--shutdown-grace", "2.5", "--log-level", "DEBUG", "--engine", "sequential",
          "--max-batch-size", "3", "--max-queue", "0", "--kv-cache-tokens", "4096", "--kv-block-size", "32",
-         "--max-batch-tokens", "512", "--cuda-graphs", "off", "--engine-process", "off", "--on-engine-failure", "exit"],
+         "--max-batch-tokens", "512", "--cuda-graphs", "off", "--engine-process", "off", "--on-engine-failure", "exit",
+         "--prefix-caching", "off"],
         env={},
     )  # fmt: skip
     assert config == ServerConfig(
@@ -40,10 +41,18 @@ def test_flags_set_every_field():
         "off",
         engine_process="off",
         on_engine_failure="exit",
+        prefix_caching="off",
     )
     assert config.batching() == BatchingSettings(
-        max_batch_size=3, max_queue=0, kv_block_size=32, kv_cache_tokens=4096, max_batch_tokens=512, cuda_graphs=False
+        max_batch_size=3,
+        max_queue=0,
+        kv_block_size=32,
+        kv_cache_tokens=4096,
+        max_batch_tokens=512,
+        cuda_graphs=False,
+        prefix_caching=False,
     )
+    assert parse_config([], env={}).batching().prefix_caching  # on unless turned off
     assert parse_config([], env={}).batching().cuda_graphs is None  # auto: on CUDA devices only
 
 

@@ -60,6 +60,9 @@ class ServerConfig:
         max_batch_tokens: tokens per forward pass (0: 256 on CPU, 2048 on GPU).
         cuda_graphs: `auto` (on CUDA devices), `on` or `off`. Graphs multiply
             GPU throughput; every sampling feature works either way.
+        prefix_caching: `on` lets requests whose prompts begin alike share
+            the KV blocks of that beginning (prefilled once); `off` computes
+            every prompt in full.
         log_format: `text` lines or `json` lines (one object per record).
         tls_cert: PEM certificate chain; with `tls_key`, the port speaks TLS.
         tls_key: PEM private key of `tls_cert`.
@@ -134,6 +137,7 @@ class ServerConfig:
     kv_block_size: int = 16
     max_batch_tokens: int = 0
     cuda_graphs: str = "auto"
+    prefix_caching: str = "on"
     log_format: str = "text"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -165,6 +169,7 @@ class ServerConfig:
             kv_cache_tokens=self.kv_cache_tokens,
             max_batch_tokens=self.max_batch_tokens,
             cuda_graphs=None if self.cuda_graphs == "auto" else self.cuda_graphs == "on",
+            prefix_caching=self.prefix_caching == "on",
         )
 
 
@@ -256,6 +261,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--cuda-graphs",
         choices=("auto", "on", "off"),
         help="capture CUDA graphs (auto: on CUDA devices)",
+    )
+    add(
+        "--prefix-caching",
+        choices=("on", "off"),
+        help="share the KV blocks of prompts that begin alike, prefilled once (on) or compute every prompt (off)",
     )
     add("--log-format", choices=LOG_FORMATS, help="text lines, or JSON lines (one object per record)")
     add("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS")

@@ -102,8 +102,8 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Calla
 
 class _Call:
     __slots__ = (
-        "context", "echo", "gated", "key", "last", "method", "moments", "open", "request_id", "shared", "span",
-        "stalled", "start", "stream", "streamed_ids", "task", "timed", "writing", "written",
+        "context", "echo", "finals", "gated", "key", "last", "method", "moments", "open", "request_id", "shared",
+        "span", "stalled", "start", "stream", "streamed_ids", "task", "timed", "writing", "written",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -116,6 +116,7 @@ class _Call:
         self.echo = False  # the caller sent x-request-id: echo it in the initial metadata
         self.gated = False
         self.last: Any = None
+        self.finals: list[Any] = []  # Generate's last message of each sample (GenerateRequest.n)
         self.streamed_ids = 0
         self.span: Any = None  # the RPC's span, when tracing
         self.stream = False  # a server-streaming RPC (Generate, for the LLM service)
@@ -276,6 +277,8 @@ class OperationsInterceptor(_Interceptor):
                                 call.moments.first_token = clock()
                             call.last = message
                             call.streamed_ids += len(getattr(message, "token_ids", ()))
+                            if getattr(message, "finish_reason", 0):
+                                call.finals.append(message)
                             call.writing = True
                             yield message
                             call.writing = False
@@ -284,6 +287,8 @@ class OperationsInterceptor(_Interceptor):
                         async for message in stream:
                             call.last = message
                             call.streamed_ids += len(getattr(message, "token_ids", ()))
+                            if getattr(message, "finish_reason", 0):
+                                call.finals.append(message)
                             call.writing = True
                             yield message
                             call.writing = False
@@ -302,6 +307,8 @@ class OperationsInterceptor(_Interceptor):
                         last_at = now
                         call.last = message
                         call.streamed_ids += len(getattr(message, "token_ids", ()))
+                        if getattr(message, "finish_reason", 0):
+                            call.finals.append(message)
                         call.writing = True
                         yield message
                         call.writing = False
@@ -357,10 +364,13 @@ class OperationsInterceptor(_Interceptor):
         seconds = time.perf_counter() - call.start
         tokens = 0
         if call.timed and call.last is not None:
-            # The final message counts every generated token (an EOS and
-            # trimmed stop text included); a stream cut short has none.
-            tokens = getattr(call.last, "generated_token_count", 0) or call.streamed_ids
+            # Each sample's last message counts every token it generated (an
+            # EOS and trimmed stop text included); a stream cut short has none.
+            finals = call.finals
+            tokens = sum(f.generated_token_count for f in finals) or call.streamed_ids
             self.metrics.generated_tokens.inc(tokens)
+            self.metrics.prompt_tokens.inc(sum(f.input_token_count for f in finals))
+            self.metrics.cached_prompt_tokens.inc(sum(f.cached_token_count for f in finals))
         m = self.metrics
         m.in_flight.labels(call.method).dec()
         m.requests.labels(call.method, code.name).inc()

@@ -86,6 +86,7 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         sampling=sampling,
         messages=tuple((m.role, m.content) for m in request.messages),
         prompt_token_ids=tuple(request.prompt_token_ids),
+        n=_optional(request, "n", 1),
     )
 
 
@@ -178,6 +179,8 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                             logprobs=_logprobs(event.tail_logprobs) if event.tail_logprobs else None,
                             seed=event.seed,
                             stop_token_id=event.stop_token_id,
+                            cached_token_count=event.cached_tokens,
+                            index=event.index,
                         )
                     else:
                         # The id rides on the first and the last message only:
@@ -187,6 +190,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                             token_ids=event.token_ids,
                             request_id=request_id if first else "",
                             logprobs=_logprobs(event.logprobs) if event.logprobs else None,
+                            index=event.index,
                         )
                         first = False
 

@@ -23,6 +23,7 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_MESSAGES = 256
 MAX_STOP_TOKEN_IDS = 16
+MAX_SAMPLES = 16  # n
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API
 MAX_BIAS = 100.0
 MAX_OPENAI_PENALTY = 2.0  # presence and frequency penalties, either sign
@@ -220,6 +221,8 @@ def _sampling(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
     for token, bias in sorted(request.logit_bias.items()):
         if not -MAX_BIAS <= bias <= MAX_BIAS:  # NaN fails too
             problems.append((f"logit_bias[{token}]", f"must be between -{MAX_BIAS:g} and {MAX_BIAS:g}, got {bias:g}"))
+    if request.HasField("n") and not 1 <= request.n <= MAX_SAMPLES:
+        problems.append(("n", f"must be between 1 and {MAX_SAMPLES}, got {request.n}"))
     if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         problems.append(("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(request.stop_token_ids)}"))
     return problems

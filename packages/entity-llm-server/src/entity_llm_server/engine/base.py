@@ -50,6 +50,8 @@ class EngineRequest:
             chat template, instead of `prompt`.
         prompt_token_ids: the prompt as token ids, used as they are, instead
             of `prompt`.
+        n: samples (independent generations) of the prompt in one stream
+            (`samples`); their events carry their index.
     """
 
     prompt: str
@@ -62,6 +64,7 @@ class EngineRequest:
     sampling: Sampling = GREEDY
     messages: tuple[tuple[str, str], ...] = ()
     prompt_token_ids: tuple[int, ...] = ()
+    n: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class TextDelta:
     text: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # the sample it belongs to (EngineRequest.n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,8 @@ class Finished:
         tail_logprobs: their logprobs, when the request asked for logprobs.
         seed: the sampler's seed, for a sampled request.
         stop_token_id: the stop token that ended it (reason STOP_TOKEN).
+        cached_tokens: prompt tokens taken from the prefix cache, not computed.
+        index: the sample it ends (EngineRequest.n).
     """
 
     reason: FinishReason
@@ -104,6 +110,8 @@ class Finished:
     tail_logprobs: tuple[TokenLogprob, ...] = ()
     seed: int | None = None
     stop_token_id: int | None = None
+    cached_tokens: int = 0
+    index: int = 0
 
 
 EngineEvent = TextDelta | Finished

@@ -34,6 +34,7 @@ from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, E
 from .constraints import Grammars
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
+from .prefix import PrefixHits
 from .probe import prove
 from .settings import BatchingSettings
 
@@ -83,6 +84,7 @@ class BatchingCore:
         self._failure: str | None = None
         self._lock = threading.Lock()  # `_seen` and the logprob records, between callers and the pump
         self._seen: dict[str, int] = {}  # request id -> tokens already reported
+        self.prefix = PrefixHits()
         self.pulse = Pulse()
 
     @property
@@ -133,7 +135,7 @@ class BatchingCore:
             use_cuda_graph=self.cuda_graphs,
             # The sampling processors' graph-mode buffers serve one step at a time (`cb_sampling`).
             use_async_batching=False,
-            allow_block_sharing=False,
+            allow_block_sharing=s.prefix_caching,
             scheduler_type="fifo",
         )
 
@@ -192,6 +194,8 @@ class BatchingCore:
         try:
             prove(manager, type(self.model).__name__, self.facts.vocab_size)
             self.sampling.faults.clear()
+            if self.settings.prefix_caching:  # the running loop's cache, which the probe has used
+                self.prefix.install(manager)
         except BatchingUnsupportedError:
             atexit.unregister(self._stop)
             self._stop()
@@ -272,7 +276,8 @@ class BatchingCore:
                 record = records.get(rid)
                 logprobs = None if record is None else tuple(record[seen : len(tokens)])
                 finished = out.is_finished() or error is not None
-                news.append(SeqOutput(rid, tuple(tokens[seen:]), logprobs, finished, error))
+                cached = self.prefix.take(rid) if seen == 0 else 0
+                news.append(SeqOutput(rid, tuple(tokens[seen:]), logprobs, finished, error, cached))
                 if finished:
                     self._forget(rid)
                     if not out.is_finished():
@@ -288,6 +293,7 @@ class BatchingCore:
         self.sampling.logprobs.pop(rid, None)
         self.sampling.faults.pop(rid, None)
         self.sampling.followers.pop(rid, None)
+        self.prefix.take(rid)
 
     # -- requests -----------------------------------------------------------
 
@@ -396,6 +402,7 @@ class BatchingEngine(FrontEnd):
             max_sequence_tokens=self.settings.cache_tokens(facts.context_length),
             default_max_new_tokens=default_max_new_tokens,
         )
+        self.shares_prefixes = self.settings.prefix_caching
 
     @property
     def model(self) -> Any:

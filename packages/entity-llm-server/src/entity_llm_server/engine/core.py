@@ -102,6 +102,8 @@ class SeqOutput:
         logprobs: their logprobs (one per id), when the request asked for them.
         finished: the core has dropped the request (it ended, or failed).
         error: why the request failed, if it did (then `finished` is true).
+        cached: prompt tokens the request took from the prefix cache rather
+            than computing them (reported with its first output).
     """
 
     rid: str
@@ -109,6 +111,7 @@ class SeqOutput:
     logprobs: tuple[TokenLogprob, ...] | None = None
     finished: bool = False
     error: str | None = None
+    cached: int = 0
 
 
 class CoreSink(Protocol):

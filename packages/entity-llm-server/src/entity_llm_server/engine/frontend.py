@@ -42,16 +42,17 @@ from .base import (
 )
 from .constraints import KINDS, Grammars
 from .core import Core, ModelFacts, SeqOutput
-from .sampling import GREEDY, Sampling, TokenLogprob
+from .samples import merged
+from .sampling import GREEDY, Sampling, TokenLogprob, sample_seed
 from .text import Decoder, StopMatcher, sized_call, special_ids
 
 log = logging.getLogger(__name__)
 
 _DEAD = object()  # put in every waiting request's queue when the core fails
 
-# What `_steps` yields: new token ids and, when the request asked for them,
-# their logprobs (one per id).
-Step = tuple[tuple[int, ...], tuple[TokenLogprob, ...] | None]
+# What `_steps` yields: new token ids, their logprobs (one per id) when the
+# request asked for them, and prompt tokens the core took from its prefix cache.
+Step = tuple[tuple[int, ...], tuple[TokenLogprob, ...] | None, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,8 @@ class FrontEnd:
     """
 
     kind = "batching"
+    # Whether the core shares prompt prefixes (a prefix cache): then n samples prefill once.
+    shares_prefixes = False
 
     def __init__(
         self,
@@ -282,19 +285,21 @@ class FrontEnd:
 
     # -- requests -------------------------------------------------------------
 
-    def _admit(self) -> None:
-        """Refuse a request before any work: an unstarted or failed engine, a full house."""
+    def _admit(self, places: int = 1) -> None:
+        """Refuse a request before any work: an unstarted or failed engine, a full house (it takes
+        `places`: one per sample)."""
         if not self._started:
             raise EngineError("engine is not started")
         if self._failure is not None:
             raise EngineError(f"engine has failed: {self._failure}")
-        if self.capacity is not None and self.in_flight >= self.capacity:
+        if self.capacity is not None and self.in_flight + places > self.capacity:
             raise EngineOverloadedError(f"server at capacity: {self.in_flight} requests in flight{self._capacity_note}")
         self.core.check_admission()
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
-        self._admit()
-        self.in_flight += 1
+        places = request.n
+        self._admit(places)
+        self.in_flight += places
         try:
             # aclosing: a client that leaves closes the inner stream (and so
             # cancels the request in the core) at once, not at collection.
@@ -302,7 +307,7 @@ class FrontEnd:
                 async for event in events:
                     yield event
         finally:
-            self.in_flight -= 1
+            self.in_flight -= places
 
     async def _steps(self, prepared: Prepared) -> AsyncGenerator[Step, None]:
         """The core's new ids (and logprobs) for `prepared` until it ends; closing it cancels the request."""
@@ -323,11 +328,13 @@ class FrontEnd:
                 # A stream that fell behind takes every step waiting as one.
                 ids: tuple[int, ...] = ()
                 logprobs: tuple[TokenLogprob, ...] | None = None
+                cached = 0
                 while True:
                     if item is _DEAD:
                         raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
                     output: SeqOutput = item
                     ids += output.ids
+                    cached += output.cached
                     if output.logprobs is not None:
                         logprobs = (logprobs or ()) + output.logprobs
                     done = output.finished
@@ -337,7 +344,7 @@ class FrontEnd:
                         break
                     item = queue.get_nowait()
                 if ids:
-                    yield ids, logprobs
+                    yield ids, logprobs, cached
         finally:
             del self._queues[rid]
             if not done and self._failure is None:
@@ -351,6 +358,27 @@ class FrontEnd:
             prepared = await asyncio.to_thread(self.prepare, request)
         else:
             prepared = await sized_call(size, self.prepare, request)
+        if request.n == 1:
+            events = self._sample(request, prepared)
+        else:
+
+            def sample(index: int, first: asyncio.Event | None) -> AsyncGenerator[EngineEvent, None]:
+                seed = prepared.sampling.seed
+                sampling = prepared.sampling
+                if sampling.sampled and seed is not None:
+                    sampling = dataclasses.replace(sampling, seed=sample_seed(seed, index))
+                return self._sample(request, dataclasses.replace(prepared, sampling=sampling), index, first)
+
+            events = merged(sample, request.n, staggered=self.shares_prefixes)
+        async with aclosing(events) as stream:
+            async for event in stream:
+                yield event
+
+    async def _sample(
+        self, request: EngineRequest, prepared: Prepared, index: int = 0, first: asyncio.Event | None = None
+    ) -> AsyncGenerator[EngineEvent, None]:
+        """One generation of `prepared`, its events marked `index`; `first` is set once the core's first
+        step for it has come (its prompt is prefilled)."""
         decoder = Decoder(self.tokenizer, prepared.ids)
         stops = StopMatcher(request.stop_sequences, request.include_stop_sequence)
         deadline = None if request.time_limit_ms is None else time.monotonic() + request.time_limit_ms / 1000
@@ -362,16 +390,20 @@ class FrontEnd:
         stop: str | None = None
         stop_ids = prepared.sampling.stop_ids(self.eos_ids)
         stop_token: int | None = None
+        cached = 0
         async with aclosing(self._steps(prepared)) as steps:
             while stop is None and stop_token is None:
                 try:
                     timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-                    ids, logprobs = await asyncio.wait_for(anext(steps), timeout)
+                    ids, logprobs, hits = await asyncio.wait_for(anext(steps), timeout)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
                     reason = FinishReason.TIME_LIMIT
                     break
+                cached += hits
+                if first is not None:
+                    first.set()
                 # Everything this step brought goes out as one event: a stream
                 # that fell behind catches up in fewer, larger messages.
                 text: list[str] = []
@@ -379,11 +411,11 @@ class FrontEnd:
                 out_lp: list[TokenLogprob] = []
                 if logprobs is not None and prepared.sampling.top_logprobs:
                     logprobs = tuple(self._named(entry) for entry in logprobs)
-                for index, token in enumerate(ids):
+                for at, token in enumerate(ids):
                     generated.append(token)
                     pending.append(token)
                     if logprobs is not None:
-                        pending_lp.append(logprobs[index])
+                        pending_lp.append(logprobs[at])
                     if token in stop_ids:  # not text: it goes out with the last message
                         stop_token = token
                         stopped = token in prepared.sampling.stop_token_ids
@@ -399,11 +431,11 @@ class FrontEnd:
                         reason = FinishReason.STOP_SEQUENCE
                         break
                 if text:
-                    yield TextDelta("".join(text), tuple(out_ids), tuple(out_lp))
+                    yield TextDelta("".join(text), tuple(out_ids), tuple(out_lp), index)
         if (rest := stops.flush()) and stop is None:
             tail = [] if stop_token is None else pending[-1:]
             keep = len(pending) - len(tail)
-            yield TextDelta(rest, tuple(pending[:keep]), tuple(pending_lp[:keep]))
+            yield TextDelta(rest, tuple(pending[:keep]), tuple(pending_lp[:keep]), index)
             pending, pending_lp = tail, pending_lp[keep:]
         yield Finished(
             reason,
@@ -415,6 +447,8 @@ class FrontEnd:
             tuple(pending_lp),
             prepared.sampling.seed if prepared.sampling.sampled else None,
             stop_token if reason is FinishReason.STOP_TOKEN else None,
+            cached,
+            index,
         )
 
     def _named(self, entry: TokenLogprob) -> TokenLogprob:

@@ -333,6 +333,8 @@ class ProcessEngine(FrontEnd):
             max_sequence_tokens=settings.cache_tokens(facts.context_length),
             default_max_new_tokens=default_max_new_tokens,
         )
+        # One replica's prefix cache: several replicas take a request's samples where each has room.
+        self.shares_prefixes = self.kind == "batching" and settings.prefix_caching and n == 1
 
     @property
     def process(self) -> ProcessCore:

@@ -152,6 +152,17 @@ def step_key(seed: int, step: int) -> int:
     return x & 0x7FFFFFFF
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request for n samples seeded with `seed`: the seed itself for
+    sample 0, a 63-bit splitmix64 mix of (seed, index) for the others."""
+    if index == 0:
+        return seed
+    x = (seed ^ (index * 0x9E3779B97F4A7C15)) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
 def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel noise [rows, vocab] that depends only on each row's key and the token id.
 

@@ -19,6 +19,8 @@ class BatchingSettings:
         max_batch_tokens: tokens processed per forward pass (prefill chunks
             plus decodes); 0 picks 256 on CPU and 2048 elsewhere.
         cuda_graphs: capture CUDA graphs (None: on CUDA devices only).
+        prefix_caching: requests whose prompts begin alike share the KV
+            blocks of that beginning, which is prefilled once (`prefix`).
     """
 
     max_batch_size: int = 32
@@ -27,6 +29,7 @@ class BatchingSettings:
     kv_cache_tokens: int = 0
     max_batch_tokens: int = 0
     cuda_graphs: bool | None = None
+    prefix_caching: bool = True
 
     @property
     def capacity(self) -> int:
