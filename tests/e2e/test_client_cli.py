@@ -1,7 +1,8 @@
 """The installed `entity-llm` command against the installed server, as a user runs it.
 
-Flags the demo model cannot show (where a stop token ends the stream) go to a
-capturing servicer instead, which reads the request as any server would.
+Flags the demo model cannot show (where a stop token ends the stream, and the
+output of several samples, shown exactly) go to a capturing servicer instead,
+which reads the request as any server would.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from entity_llm_server._gen.entity.grpc import llm_pb2
 
 from ..conftest import console_script
 from ..integration.capturing import CapturingServicer, Context, running
+from ..integration.test_sdk_parameters import SamplesServicer
 from .conftest import FIBONACCI, FIBONACCI_12
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +70,10 @@ def test_tokenize_and_info(console_server):
 def test_a_failed_call_exits_one_with_the_status(console_server):
     out = _cli("--target", console_server.target, "generate", "x", "--max-new-tokens", "0")
     assert out.returncode == 1
-    assert out.stderr == "entity-llm: INVALID_ARGUMENT: invalid request: max_new_tokens: must be at least 1 when set\n"
+    assert out.stderr == (
+        "entity-llm: INVALID_ARGUMENT: invalid request: max_new_tokens: must be at least 1 when set "
+        "(0 only with prompt_logprobs, to score the prompt)\n"
+    )
     unreachable = _cli("--target", "127.0.0.1:1", "--timeout", "5", "info")
     assert unreachable.returncode == 1
     assert "UNAVAILABLE" in unreachable.stderr
@@ -129,6 +134,21 @@ def test_generate_sends_token_ids_stop_tokens_and_logit_flags():
     assert dict(request.logit_bias) == {0: -100.0, 7: 2.5}
     (chunk,) = (json.loads(line) for line in out.stdout.splitlines())
     assert (chunk["finish_reason"], chunk["stop_token_id"], chunk["token_ids"]) == ("stop_token", 304, [91, 304])
+
+
+def test_generate_n_prints_every_sample_under_its_header():
+    servicer = SamplesServicer()
+    with running(servicer) as target:
+        out = _cli("--target", target, "generate", "x", "--n", "2", "--seed", "7")
+    assert out.returncode == 0, out.stderr
+    (request,) = servicer.requests
+    assert (request.n, request.seed) == (2, 7)
+    assert out.stdout.splitlines() == [
+        "--- sample 0 (max_tokens, 5 in / 3 out, seed 7) ---",
+        "a0a1a2",
+        "--- sample 1 (stop_token, 5 in / 2 out, seed 1007) ---",
+        "b0b1",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import pytest
 from entity_llm_client.cli import main
 
 from .capturing import CapturingServicer, running
+from .test_sdk_parameters import SamplesServicer
 
 OPTIONAL_FIELDS = {
     "max_new_tokens",
@@ -25,11 +26,12 @@ OPTIONAL_FIELDS = {
     "top_k",
     "repetition_penalty",
     "seed",
+    "n",
 }
 
 
-def _run(*args: str) -> tuple[CapturingServicer, int]:
-    servicer = CapturingServicer()
+def _run(*args: str, servicer: CapturingServicer | None = None) -> tuple[CapturingServicer, int]:
+    servicer = servicer or CapturingServicer()
     with running(servicer) as target:
         code = main(["--target", target, "--timeout", "30", *args])
     return servicer, code
@@ -52,6 +54,7 @@ def test_every_flag_lands_in_its_field():
         "--seed", "18446744073709551615",
         "--logprobs",
         "--top-logprobs", "3",
+        "--n", "1",
     )  # fmt: skip
     assert code == 0
     (request,) = servicer.requests
@@ -64,6 +67,7 @@ def test_every_flag_lands_in_its_field():
     assert (request.temperature, request.top_p, request.top_k, request.repetition_penalty) == (0.5, 0.25, 40, 1.5)
     assert request.seed == 2**64 - 1
     assert (request.logprobs, request.top_logprobs) == (True, 3)
+    assert request.n == 1
 
 
 def test_flags_left_out_stay_unset():
@@ -141,6 +145,57 @@ def test_plain_output_reports_the_seed(capsys):
     assert "[max_tokens, 4 in / 3 out, seed 18446744073709551615]" in err
 
 
+def test_n_above_one_prints_each_sample_under_a_header_once_all_end(capsys):
+    servicer, code = _run("generate", "x", "--n", "3", "--seed", "7", servicer=SamplesServicer())
+    assert code == 0
+    (request,) = servicer.requests
+    assert (request.prompt, request.n, request.seed) == ("x", 3, 7)
+    out, err = capsys.readouterr()
+    assert out == (
+        "--- sample 0 (max_tokens, 5 in / 3 out, seed 7) ---\n"
+        "a0a1a2\n"
+        "--- sample 1 (stop_token, 5 in / 2 out, seed 1007) ---\n"
+        "b0b1\n"
+        "--- sample 2 (eos, 5 in / 2 out, seed 2007) ---\n"
+        "c0c1\n"
+    )
+    assert err == ""
+
+
+def test_n_above_one_with_json_prints_one_array_of_samples(capsys):
+    servicer, code = _run("--json", "generate", "x", "--n", "2", "--logprobs", servicer=SamplesServicer())
+    assert code == 0
+    assert servicer.requests[0].n == 2
+    (line,) = capsys.readouterr().out.splitlines()
+    first, second = json.loads(line)
+    assert first == {
+        "text": "a0a1a2",
+        "token_ids": [10, 11, 12],
+        "finish_reason": "max_tokens",
+        "usage": {"input_tokens": 5, "generated_tokens": 3, "cached_tokens": 2},
+        "stop_sequence": "",
+        "request_id": "r-9",
+        "logprobs": [{"token_id": i, "logprob": -0.25, "top_logprobs": []} for i in (10, 11, 12)],
+        "seed": None,
+        "stop_token_id": None,
+    }
+    assert (second["text"], second["finish_reason"], second["stop_token_id"]) == ("b0b1", "stop_token", 21)
+    assert second["usage"] == {"input_tokens": 5, "generated_tokens": 2, "cached_tokens": 4}
+
+
+def test_n_of_one_streams_as_without_it(capsys):
+    servicer, code = _run("generate", "x", "--n", "1", servicer=SamplesServicer())
+    assert code == 0
+    assert servicer.requests[0].n == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("a0a1a2\n", "[max_tokens, 5 in / 3 out]\n")
+    _, code = _run("--json", "generate", "x", "--n", "1", servicer=SamplesServicer())
+    assert code == 0
+    chunks = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(c["index"], c["text"]) for c in chunks] == [(0, "a0"), (0, "a1"), (0, "a2")]
+    assert chunks[-1]["usage"] == {"input_tokens": 5, "generated_tokens": 3, "cached_tokens": 2}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -150,6 +205,9 @@ def test_plain_output_reports_the_seed(capsys):
         (("generate", "--messages-json", "/nonexistent/chat.json"), "No such file"),
         (("generate", "x", "--top-k", "-1"), "top_k"),
         (("generate", "x", "--temperature", "1e39"), "temperature"),  # was a traceback
+        (("generate", "x", "--n", "-1"), "n must be between"),
+        (("generate", "x", "--n", "4294967296"), "n must be between"),  # through samples(), before its call
+        (("generate", "x", "--n", "two"), "invalid int value"),
         # Bytes that are not UTF-8 reach argv as lone surrogates: was INTERNAL from the server.
         (("tokenize", "\udcff\udcfe"), "text"),
     ],

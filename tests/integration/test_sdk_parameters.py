@@ -30,6 +30,7 @@ OPTIONAL_FIELDS = (
     "typical_p",
     "presence_penalty",
     "frequency_penalty",
+    "n",
 )
 
 EXPECTED_LOGPROBS = (
@@ -61,6 +62,7 @@ def test_every_parameter_lands_in_its_field():
             logit_bias={0: -100, 7: 2.5, 2**32 - 1: 100.0},
             stop_token_ids=(11, 2**32 - 1),
             ignore_eos=True,
+            n=1,
             seed=2**64 - 1,
             logprobs=True,
             top_logprobs=2,
@@ -82,13 +84,14 @@ def test_every_parameter_lands_in_its_field():
     assert list(request.stop_token_ids) == [11, 2**32 - 1]
     assert request.ignore_eos
     assert list(request.prompt_token_ids) == []
+    assert request.n == 1
 
 
 def test_unset_parameters_stay_unset_and_zero_is_sent_when_given():
     servicer = CapturingServicer()
     with running(servicer) as target, LLMClient(target, timeout=10) as client:
         client.complete("x")
-        client.complete("x", temperature=0.0, seed=0, top_k=0, max_new_tokens=None, min_p=0.0, frequency_penalty=0)
+        client.complete("x", temperature=0.0, seed=0, top_k=0, max_new_tokens=None, min_p=0.0, frequency_penalty=0, n=0)
         nones = ("logprobs", "top_logprobs", "stop_sequences", "request_id", "include_stop_sequence")
         nones += ("stop_token_ids", "ignore_eos", "logit_bias")
         client.complete("x", **dict.fromkeys((*OPTIONAL_FIELDS, *nones)))
@@ -103,8 +106,10 @@ def test_unset_parameters_stay_unset_and_zero_is_sent_when_given():
         "seed",
         "min_p",
         "frequency_penalty",
+        "n",
     ]
     assert (zeros.temperature, zeros.top_k, zeros.seed, zeros.min_p, zeros.frequency_penalty) == (0.0, 0, 0, 0.0, 0.0)
+    assert zeros.n == 0
 
 
 def test_messages_replace_the_prompt():
@@ -248,6 +253,245 @@ def test_the_async_client_sends_token_ids_and_reads_the_stop_token():
     assert stops == [None, 304]
 
 
+class SamplesServicer(CapturingServicer):
+    """Streams the request's n samples (1 if unset) interleaved, as the server does.
+
+    Sample i is "abc..."[i] followed by its step, one piece per step, sample
+    i's token ids 10 * (i + 1) + step: sample 0 has three pieces and ends
+    with MAX_TOKENS, sample 1 two and STOP_TOKEN (its last id), sample 2 two
+    and EOS. Each step sends the samples from the highest index down, so the
+    stream starts with the highest sample and ends with sample 0. The first
+    message and each sample's last carry the request id; each last message
+    carries the seed (seed + 1000 * i, when one was sent) and the prompt
+    tokens served from the prefix cache (2 for sample 0, 4 for the others).
+    """
+
+    async def reply(
+        self, request: llm_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        n = request.n if request.HasField("n") else 1
+        lengths = [3 if i == 0 else 2 for i in range(n)]
+        reasons = [llm_pb2.FINISH_REASON_MAX_TOKENS, llm_pb2.FINISH_REASON_STOP_TOKEN, llm_pb2.FINISH_REASON_EOS]
+        first = True
+        for step in range(max(lengths)):
+            for i in reversed(range(n)):
+                if step >= lengths[i]:
+                    continue
+                token_id = 10 * (i + 1) + step
+                message = llm_pb2.GenerateResponse(
+                    token=f"{chr(ord('a') + i)}{step}",
+                    token_ids=[token_id],
+                    index=i,
+                    request_id="r-9" if first else "",
+                    logprobs=[llm_pb2.TokenLogprobs(token_id=token_id, logprob=-(i + 1) / 4)]
+                    if request.logprobs
+                    else [],
+                )
+                first = False
+                if step == lengths[i] - 1:
+                    reason = reasons[i % 3]
+                    message.finish_reason = reason
+                    message.input_token_count = 5
+                    message.generated_token_count = lengths[i]
+                    message.cached_token_count = 2 if i == 0 else 4
+                    message.request_id = "r-9"
+                    if reason == llm_pb2.FINISH_REASON_STOP_TOKEN:
+                        message.stop_token_id = token_id
+                    if request.HasField("seed"):
+                        message.seed = request.seed + 1000 * i
+                yield message
+
+
+THREE_SAMPLES = [
+    Completion(
+        text="a0a1a2",
+        token_ids=(10, 11, 12),
+        finish_reason=FinishReason.MAX_TOKENS,
+        usage=Usage(5, 3, 2),
+        request_id="r-9",
+        logprobs=(TokenLogprob(10, -0.25), TokenLogprob(11, -0.25), TokenLogprob(12, -0.25)),
+        seed=7,
+    ),
+    Completion(
+        text="b0b1",
+        token_ids=(20, 21),
+        finish_reason=FinishReason.STOP_TOKEN,
+        usage=Usage(5, 2, 4),
+        request_id="r-9",
+        logprobs=(TokenLogprob(20, -0.5), TokenLogprob(21, -0.5)),
+        seed=1007,
+        stop_token_id=21,
+    ),
+    Completion(
+        text="c0c1",
+        token_ids=(30, 31),
+        finish_reason=FinishReason.EOS,
+        usage=Usage(5, 2, 4),
+        request_id="r-9",
+        logprobs=(TokenLogprob(30, -0.75), TokenLogprob(31, -0.75)),
+        seed=2007,
+    ),
+]
+
+
+def test_n_samples_stream_interleaved_each_chunk_with_its_index():
+    servicer = SamplesServicer()
+    with running(servicer) as target, LLMClient(target, timeout=10) as client:
+        chunks = list(client.generate("x", n=3, temperature=0.75, seed=7))
+    (request,) = servicer.requests
+    assert (request.n, request.seed, request.temperature) == (3, 7, 0.75)
+    assert [(c.index, c.text, c.token_ids) for c in chunks] == [
+        (2, "c0", (30,)),
+        (1, "b0", (20,)),
+        (0, "a0", (10,)),
+        (2, "c1", (31,)),
+        (1, "b1", (21,)),
+        (0, "a1", (11,)),
+        (0, "a2", (12,)),
+    ]
+    assert {c.request_id for c in chunks} == {"r-9"}  # the id came on the first message, from sample 2
+    finals = [(c.index, c.finish_reason, c.usage, c.seed, c.stop_token_id) for c in chunks if c.finish_reason]
+    assert finals == [
+        (2, FinishReason.EOS, Usage(5, 2, 4), 2007, None),
+        (1, FinishReason.STOP_TOKEN, Usage(5, 2, 4), 1007, 21),
+        (0, FinishReason.MAX_TOKENS, Usage(5, 3, 2), 7, None),
+    ]
+
+
+def test_samples_returns_each_samples_completion_in_index_order():
+    servicer = SamplesServicer()
+    with running(servicer) as target, LLMClient(target, timeout=10) as client:
+        done = client.samples("x", n=3, temperature=0.75, seed=7, logprobs=True)
+        (one,) = client.samples(prompt_token_ids=[4, 5], n=1)
+    three, single = servicer.requests
+    assert (three.prompt, three.n, three.seed, three.temperature, three.logprobs) == ("x", 3, 7, 0.75, True)
+    assert (list(single.prompt_token_ids), single.n, single.HasField("seed")) == ([4, 5], 1, False)
+    assert done == THREE_SAMPLES
+    assert one == Completion("a0a1a2", (10, 11, 12), FinishReason.MAX_TOKENS, Usage(5, 3, 2), request_id="r-9")
+
+
+def test_complete_reads_the_cached_prompt_tokens():
+    with running(SamplesServicer()) as target, LLMClient(target, timeout=10) as client:
+        done = client.complete("x")
+        last = list(client.generate("x"))[-1]
+    assert done.usage == Usage(input_tokens=5, generated_tokens=3, cached_tokens=2)
+    assert (last.index, last.usage) == (0, Usage(5, 3, 2))
+    assert Usage(5, 3) == Usage(5, 3, 0)  # positional use from before cached_tokens still works
+
+
+def test_complete_refuses_several_samples_before_any_call():
+    servicer = SamplesServicer()
+    with running(servicer) as target, LLMClient(target, timeout=10) as client:
+        with pytest.raises(TypeError, match=r"n=2.*samples\(n=\.\.\.\)"):
+            client.complete("x", n=2)
+
+        async def run() -> None:
+            async with AsyncLLMClient(target, timeout=10) as aclient:
+                with pytest.raises(TypeError, match=r"samples\(n=\.\.\.\)"):
+                    await aclient.complete(messages=[("user", "Hi")], n=16)
+
+        asyncio.run(run())
+    assert servicer.attempts == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        pytest.param(("x",), {"n": None}, TypeError, r"samples\(\) takes n", id="n-none"),
+        pytest.param(("x",), {"n": 2.0}, TypeError, "n must be an int", id="float-n"),
+        pytest.param(("x",), {"n": -1}, ValueError, "n must be between", id="negative-n"),
+        pytest.param((), {"n": 2}, TypeError, "exactly one", id="no-prompt"),
+        pytest.param(("x",), {"n": 2, "top_k": -1}, ValueError, "top_k", id="bad-option"),
+    ],
+)
+def test_bad_samples_arguments_fail_before_any_call(args, kwargs, error, match):
+    servicer = SamplesServicer()
+    with running(servicer) as target, LLMClient(target, timeout=10) as client:
+        with pytest.raises(error, match=match):
+            client.samples(*args, **kwargs)
+
+        async def run() -> None:
+            async with AsyncLLMClient(target, timeout=10) as aclient:
+                with pytest.raises(error, match=match):
+                    await aclient.samples(*args, **kwargs)
+
+        asyncio.run(run())
+    assert servicer.attempts == 0
+
+
+def test_the_calls_span_reports_every_sample(monkeypatch):
+    ended: list[dict[str, object]] = []
+
+    class Recorded:
+        """Stands in for the call's span: keeps what the stream ends it with."""
+
+        metadata = ()
+
+        def __init__(self, method: str, target: str) -> None:
+            pass
+
+        def end(self, error: BaseException | None = None, **attributes: object) -> None:
+            ended.append(attributes)
+
+    monkeypatch.setattr("entity_llm_client._client.Traced", Recorded)
+    with running(SamplesServicer()) as target, LLMClient(target, timeout=10) as client:
+        client.samples("x", n=3)
+        client.complete("x")
+    several, one = ended
+    assert several == {
+        "entity_llm.request_id": "r-9",
+        "gen_ai.response.finish_reasons": ["max_tokens", "stop_token", "eos"],  # in sample order
+        "gen_ai.usage.input_tokens": 5,  # the one prompt's
+        "gen_ai.usage.output_tokens": 7,  # every sample's
+    }
+    assert one == {
+        "entity_llm.request_id": "r-9",
+        "gen_ai.response.finish_reasons": ["max_tokens"],
+        "gen_ai.usage.input_tokens": 5,
+        "gen_ai.usage.output_tokens": 3,
+    }
+
+
+class BrokenSamplesServicer(SamplesServicer):
+    """Breaks the protocol: streams 4 samples whatever n asks, and no last message for sample 1."""
+
+    async def reply(
+        self, request: llm_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        four = llm_pb2.GenerateRequest()
+        four.CopyFrom(request)
+        four.n = 4
+        async for message in super().reply(four, context):
+            if message.index != 1 or not message.finish_reason:
+                yield message
+
+
+def test_samples_names_the_sample_a_broken_stream_got_wrong():
+    with running(BrokenSamplesServicer()) as target, LLMClient(target, timeout=10) as client:
+        with pytest.raises(RuntimeError, match="the stream sent sample 3, beyond the 3 asked for"):
+            client.samples("x", n=3)
+        with pytest.raises(RuntimeError, match="sample 1 ended without a final message"):
+            client.samples("x", n=4)
+
+
+def test_the_async_client_streams_and_gathers_samples():
+    servicer = SamplesServicer()
+
+    async def run() -> tuple[list[Completion], list[tuple[int, str]]]:
+        async with AsyncLLMClient(target, timeout=10) as client:
+            done = await client.samples(messages=[("user", "Hi")], n=3, seed=7, logprobs=True)
+            pieces = [(chunk.index, chunk.text) async for chunk in client.generate("x", n=2)]
+            return done, pieces
+
+    with running(servicer) as target:
+        done, pieces = asyncio.run(run())
+    chat, plain = servicer.requests
+    assert ([(m.role, m.content) for m in chat.messages], chat.n, chat.seed) == ([("user", "Hi")], 3, 7)
+    assert (plain.n, plain.HasField("seed")) == (2, False)
+    assert done == THREE_SAMPLES
+    assert pieces == [(1, "b0"), (0, "a0"), (1, "b1"), (0, "a1"), (0, "a2")]
+
+
 BAD_CALLS = [
     pytest.param((), {}, TypeError, "exactly one", id="neither"),
     pytest.param(("x",), {"messages": [("user", "Hi")]}, TypeError, "exactly one", id="both"),
@@ -292,6 +536,10 @@ BAD_CALLS = [
     pytest.param(("x",), {"logit_bias": {"5": 1.0}}, TypeError, "logit_bias", id="str-bias-id"),
     pytest.param(("x",), {"logit_bias": {5: "1"}}, TypeError, r"logit_bias\[5\]", id="str-bias"),
     pytest.param(("x",), {"logit_bias": {5: 1e39}}, ValueError, r"logit_bias\[5\]", id="bias-overflow"),
+    pytest.param(("x",), {"n": -1}, ValueError, "n must be between 0 and", id="negative-n"),
+    pytest.param(("x",), {"n": 2**32}, ValueError, "n must be between 0 and", id="n-beyond-uint32"),
+    pytest.param(("x",), {"n": 1.0}, TypeError, "n must be an int", id="float-n"),
+    pytest.param(("x",), {"n": True}, TypeError, "n must be an int", id="bool-n"),
 ]
 
 

@@ -164,7 +164,11 @@ INVALID = [
     ({"top_p": math.nan}, "top_p", "must be in (0, 1], got nan"),
     ({"repetition_penalty": -2.0}, "repetition_penalty", "must be in (0, 10], got -2"),
     ({"top_logprobs": 11}, "top_logprobs", "at most 10, got 11"),
-    ({"max_new_tokens": 0}, "max_new_tokens", "must be at least 1 when set"),
+    (
+        {"max_new_tokens": 0},
+        "max_new_tokens",
+        "must be at least 1 when set (0 only with prompt_logprobs, to score the prompt)",
+    ),
     ({"max_new_tokens": 100_000}, "max_new_tokens", "100000 is more than this model's context allows (511)"),
     ({"min_new_tokens": 5, "max_new_tokens": 4}, "min_new_tokens", "5 is more than max_new_tokens (4)"),
     ({"truncate_input_tokens": 0}, "truncate_input_tokens", "must be at least 1 when set"),

@@ -108,7 +108,11 @@ def token_count(server: ServerThread, text: str) -> int:
 def limit_violations(r: llm_pb2.GenerateRequest) -> Violations:
     """The limits a request breaks, as validation reports them (every one, in this order)."""
     found: Violations = []
-    for name in ("max_new_tokens", "truncate_input_tokens", "time_limit_ms"):
+    if r.HasField("max_new_tokens") and r.max_new_tokens == 0 and not r.HasField("prompt_logprobs"):
+        found.append(
+            ("max_new_tokens", "must be at least 1 when set (0 only with prompt_logprobs, to score the prompt)")
+        )
+    for name in ("truncate_input_tokens", "time_limit_ms"):
         if r.HasField(name) and getattr(r, name) == 0:
             found.append((name, "must be at least 1 when set"))
     if len(r.stop_sequences) > 6:
@@ -144,6 +148,10 @@ def limit_violations(r: llm_pb2.GenerateRequest) -> Violations:
     for token, bias in sorted(r.logit_bias.items()):
         if not -100 <= bias <= 100:
             found.append((f"logit_bias[{token}]", f"must be between -100 and 100, got {bias:g}"))
+    if r.HasField("prompt_logprobs") and r.prompt_logprobs > 10:
+        found.append(("prompt_logprobs", f"at most 10 alternatives, got {r.prompt_logprobs}"))
+    if r.HasField("n") and not 1 <= r.n <= 16:
+        found.append(("n", f"must be between 1 and 16, got {r.n}"))
     if len(r.stop_token_ids) > 16:
         found.append(("stop_token_ids", f"at most 16, got {len(r.stop_token_ids)}"))
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(r, name)]
@@ -312,6 +320,10 @@ def samplers(draw: st.DrawFn, r: llm_pb2.GenerateRequest) -> None:
     r.logit_bias.update(draw(st.dictionaries(token, st.one_of(floats, st.floats(-100, 100, width=32)), max_size=size)))
     if draw(st.booleans()):
         r.prompt_token_ids.extend(draw(st.lists(token, max_size=600)))
+    if draw(st.booleans()):
+        r.prompt_logprobs = draw(st.integers(0, 12))
+    if draw(st.booleans()):
+        r.n = draw(st.integers(0, 18))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

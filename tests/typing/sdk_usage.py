@@ -22,6 +22,7 @@ from entity_llm_client import (
     TokenLogprob,
     Tokens,
     TopLogprob,
+    Usage,
 )
 
 
@@ -64,6 +65,18 @@ def from_token_ids(target: str, ids: list[int]) -> tuple[int | None, FinishReaso
         return stop if stop is not None else done.stop_token_id, done.finish_reason
 
 
+def several_samples(target: str) -> list[tuple[str, int | None, int]]:
+    with LLMClient(target) as client:
+        done: list[Completion] = client.samples("def f(x):", n=4, temperature=0.8, seed=7, max_new_tokens=16)
+        by_index: dict[int, list[str]] = {}
+        for chunk in client.generate(messages=[("user", "Add.")], n=2, temperature=0.8):
+            index: int = chunk.index
+            by_index.setdefault(index, []).append(chunk.text)
+        usage: Usage = done[0].usage
+        cached: int = usage.cached_tokens
+        return [(sample.text, sample.seed, cached) for sample in done]
+
+
 def chat(target: str) -> str:
     with LLMClient(target) as client:
         chunks = list(client.generate(messages=[("system", "Answer in Python."), ("user", "Add.")], min_new_tokens=2))
@@ -87,6 +100,10 @@ async def stream_async(target: str, prompt: str) -> str:
         assert done.logprobs or not done.text
         stopped = await client.complete(prompt_token_ids=(1, 2, 3), stop_token_ids=[4], presence_penalty=1.0)
         assert stopped.finish_reason is not FinishReason.STOP_TOKEN or stopped.stop_token_id == 4
+        samples: list[Completion] = await client.samples(prompt_token_ids=[1, 2], n=2, timeout=30, top_p=0.9)
+        reasons: list[FinishReason] = [sample.finish_reason for sample in samples]
+        assert len(reasons) == 2
+        assert samples[-1].usage.cached_tokens >= 0
         return "".join([piece.text async for piece in client.generate(prompt, timeout=30, top_logprobs=2)])
 
 

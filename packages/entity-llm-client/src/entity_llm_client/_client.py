@@ -13,7 +13,7 @@ from ._connection import ChannelOptions, Pem, auth_metadata, connect
 from ._errors import LLMError, from_rpc_error
 from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
 from ._tracing import Traced, outcome
-from ._types import Chunk, Completion, GenerateOptions, ModelInfo, Tokens
+from ._types import Chunk, Completion, GenerateOptions, ModelInfo, SampleOptions, Tokens
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -116,7 +116,9 @@ class LLMClient:
 
         Pass exactly one of `prompt`, `messages` and `prompt_token_ids`. The
         last chunk carries the finish reason, token counts and (sampled
-        streams) the seed. Stopping the iteration early (break, or closing
+        streams) the seed; with `n`, the samples' chunks come interleaved,
+        each with its sample's `index`, and each sample ends with a last
+        chunk of its own. Stopping the iteration early (break, or closing
         the iterator) cancels the call, which stops the generation on the
         server. Parameters left out (or None) are not sent, and the server
         applies its defaults.
@@ -161,6 +163,11 @@ class LLMClient:
                 top_logprobs: also return this many likely alternatives per
                     token (implies logprobs).
                 request_id: echoed in every chunk; the server makes one if empty.
+                n: generate this many independent samples of the prompt in
+                    the one call (1 to 16; the server's limit): their chunks
+                    interleave, each marked with its `index`. Sample i of a
+                    sampled request uses a seed derived from (seed, i),
+                    reported on its last chunk. `samples()` gathers them.
                 json_schema: the output is JSON valid under this JSON Schema (a
                     dict, its JSON text, or a pydantic model class).
                 json_object: True: the output is any JSON object.
@@ -186,19 +193,21 @@ class LLMClient:
         traced = Traced("Generate", self._connection.target)
         call: Any = self._methods.generate(request, timeout=timeout, metadata=(*metadata, *traced.metadata))
         failure: LLMError | None = None
-        last: Chunk | None = None
+        request_id = ""  # the server sends it on the first message, and each sample's last
+        finals: list[Chunk] = []
         try:
-            request_id = ""  # the server sends it on the first and last message
             for response in call:
                 request_id = request_id or response.request_id
-                last = t.to_chunk(response, request_id)
-                yield last
+                chunk = t.to_chunk(response, request_id)
+                if chunk.finish_reason is not None:
+                    finals.append(chunk)
+                yield chunk
         except grpc.RpcError as error:
             failure = from_rpc_error(error, balanced=self._connection.balanced)
             raise failure from None
         finally:
             call.cancel()
-            traced.end(failure, **outcome(last))
+            traced.end(failure, **outcome(request_id, finals))
 
     def complete(
         self,
@@ -210,16 +219,47 @@ class LLMClient:
         metadata: Metadata = (),
         **options: Unpack[GenerateOptions],
     ) -> Completion:
-        """Generate to the end and return the whole completion (the arguments of `generate`)."""
-        stream = self.generate(
-            prompt,
-            messages=messages,
-            prompt_token_ids=prompt_token_ids,
-            timeout=timeout,
-            metadata=metadata,
-            **options,
-        )
-        return t.to_completion(list(stream))
+        """Generate to the end and return the whole completion (the arguments of `generate`).
+
+        Raises:
+            TypeError: as `generate`, and for `n` above 1 (before any call):
+                `samples()` returns several completions.
+        """
+        request = t.one_sample(t.generate_request(prompt, messages, prompt_token_ids, options))
+        return t.to_completion(list(self._stream(request, _deadline(self.timeout, timeout), metadata)))
+
+    def samples(
+        self,
+        prompt: str | None = None,
+        *,
+        n: int,
+        messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[SampleOptions],
+    ) -> list[Completion]:
+        """Generate `n` independent samples of the prompt in one call; return their completions.
+
+        The other arguments are `generate`'s. The server generates the samples
+        side by side, the prompt prefilled once where its engine allows.
+        Sample i of a sampled request uses a seed derived from (seed, i),
+        which its completion's `seed` reports; greedy samples are all the same.
+
+        Args:
+            n: how many samples (1 to 16, the server's limit).
+
+        Returns:
+            The `n` completions in sample order (index 0 first), each built
+            from its own sample's chunks only.
+
+        Raises:
+            TypeError, ValueError: as `generate` (`n` checked too), before any call.
+            LLMError: a subclass for the call's status code (one sample's
+                failure fails the call).
+        """
+        request = t.samples_request(prompt, messages, prompt_token_ids, n, options)
+        return t.to_completions(list(self._stream(request, _deadline(self.timeout, timeout), metadata)), n)
 
     def tokenize(self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None) -> Tokens:
         """The served model's tokens for `text`."""
@@ -329,19 +369,21 @@ class AsyncLLMClient:
         traced = Traced("Generate", self._connection.target)
         call: Any = self._methods.generate(request, timeout=timeout, metadata=(*metadata, *traced.metadata))
         failure: LLMError | None = None
-        last: Chunk | None = None
+        request_id = ""  # the server sends it on the first message, and each sample's last
+        finals: list[Chunk] = []
         try:
-            request_id = ""  # the server sends it on the first and last message
             async for response in call:
                 request_id = request_id or response.request_id
-                last = t.to_chunk(response, request_id)
-                yield last
+                chunk = t.to_chunk(response, request_id)
+                if chunk.finish_reason is not None:
+                    finals.append(chunk)
+                yield chunk
         except grpc.RpcError as error:
             failure = from_rpc_error(error, balanced=self._connection.balanced)
             raise failure from None
         finally:
             call.cancel()
-            traced.end(failure, **outcome(last))
+            traced.end(failure, **outcome(request_id, finals))
 
     async def complete(
         self,
@@ -353,16 +395,26 @@ class AsyncLLMClient:
         metadata: Metadata = (),
         **options: Unpack[GenerateOptions],
     ) -> Completion:
-        """Generate to the end and return the whole completion (the arguments of `generate`)."""
-        stream = self.generate(
-            prompt,
-            messages=messages,
-            prompt_token_ids=prompt_token_ids,
-            timeout=timeout,
-            metadata=metadata,
-            **options,
-        )
+        """Generate to the end and return the whole completion; see `LLMClient.complete`."""
+        request = t.one_sample(t.generate_request(prompt, messages, prompt_token_ids, options))
+        stream = self._stream(request, _deadline(self.timeout, timeout), metadata)
         return t.to_completion([chunk async for chunk in stream])
+
+    async def samples(
+        self,
+        prompt: str | None = None,
+        *,
+        n: int,
+        messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[SampleOptions],
+    ) -> list[Completion]:
+        """Generate `n` independent samples of the prompt in one call; see `LLMClient.samples`."""
+        request = t.samples_request(prompt, messages, prompt_token_ids, n, options)
+        stream = self._stream(request, _deadline(self.timeout, timeout), metadata)
+        return t.to_completions([chunk async for chunk in stream], n)
 
     async def tokenize(
         self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None

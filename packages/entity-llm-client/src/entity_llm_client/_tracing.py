@@ -65,13 +65,20 @@ class Traced:
         span.end()
 
 
-def outcome(last: Chunk | None) -> dict[str, Any]:
-    """A stream's attributes from its last chunk, as the server names them on its span."""
-    if last is None:
-        return {}
-    attributes: dict[str, Any] = {"entity_llm.request_id": last.request_id or None}
-    if last.finish_reason is not None and last.usage is not None:
-        attributes["gen_ai.response.finish_reasons"] = [last.finish_reason.value]
-        attributes["gen_ai.usage.input_tokens"] = last.usage.input_tokens
-        attributes["gen_ai.usage.output_tokens"] = last.usage.generated_tokens
+def outcome(request_id: str, finals: list[Chunk]) -> dict[str, Any]:
+    """A stream's attributes, as the server names them on its span, from each sample's last chunk.
+
+    One finish reason per sample (in sample order); the prompt's tokens once
+    (every sample has the same prompt), the generated ones of all samples.
+    """
+    attributes: dict[str, Any] = {"entity_llm.request_id": request_id or None}
+    reasons, usages = [], []
+    for chunk in sorted(finals, key=lambda c: c.index):
+        if chunk.finish_reason is not None and chunk.usage is not None:
+            reasons.append(chunk.finish_reason.value)
+            usages.append(chunk.usage)
+    if usages:
+        attributes["gen_ai.response.finish_reasons"] = reasons
+        attributes["gen_ai.usage.input_tokens"] = usages[0].input_tokens
+        attributes["gen_ai.usage.output_tokens"] = sum(usage.generated_tokens for usage in usages)
     return attributes

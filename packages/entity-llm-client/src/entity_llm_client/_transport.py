@@ -27,6 +27,7 @@ from ._types import (
     FinishReason,
     GenerateOptions,
     ModelInfo,
+    SampleOptions,
     TokenLogprob,
     Tokens,
     TopLogprob,
@@ -85,7 +86,7 @@ class Methods:
         self.model_info = handle("unary_unary", "GetModelInfo", GetModelInfoRequest, GetModelInfoResponse)
 
 
-_UINT32 = ("max_new_tokens", "min_new_tokens", "truncate_input_tokens", "time_limit_ms", "top_k", "top_logprobs")
+_UINT32 = ("max_new_tokens", "min_new_tokens", "truncate_input_tokens", "time_limit_ms", "top_k", "top_logprobs", "n")
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "min_p", "typical_p", "presence_penalty", "frequency_penalty")
 _FLOAT32_MAX = 3.4028234663852886e38  # the wire's floats are 32-bit
 
@@ -242,6 +243,26 @@ def generate_request(
     return GenerateRequest(prompt=_text("prompt", prompt), **fields)
 
 
+def samples_request(
+    prompt: str | None,
+    messages: Sequence[tuple[str, str]] | None,
+    prompt_token_ids: Sequence[int] | None,
+    n: int,
+    options: SampleOptions,
+) -> GenerateRequest:
+    """The GenerateRequest for `samples()`' arguments, checked before any call (`n` is required there)."""
+    if n is None:
+        raise TypeError("samples() takes n, the number of samples (an int)")
+    return generate_request(prompt, messages, prompt_token_ids, {**options, "n": n})
+
+
+def one_sample(request: GenerateRequest) -> GenerateRequest:
+    """`request`, if it asks for one completion (`complete()` returns one); TypeError otherwise."""
+    if request.n is not None and request.n > 1:
+        raise TypeError(f"complete() returns one completion, not n={request.n}: call samples(n=...) for several")
+    return request
+
+
 def _logprobs(entries: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
     return tuple(
         TokenLogprob(
@@ -261,17 +282,21 @@ def to_chunk(response: GenerateResponse, request_id: str) -> Chunk:
         request_id=request_id,
         finish_reason=reason,
         stop_sequence=response.stop_sequence,
-        usage=None if reason is None else Usage(response.input_token_count, response.generated_token_count),
+        usage=None
+        if reason is None
+        else Usage(response.input_token_count, response.generated_token_count, response.cached_token_count),
         logprobs=_logprobs(response.logprobs),
         seed=response.seed,
         stop_token_id=response.stop_token_id,
+        index=response.index,
     )
 
 
-def to_completion(chunks: list[Chunk]) -> Completion:
+def to_completion(chunks: list[Chunk], sample: str = "the stream") -> Completion:
+    """One sample's chunks as its Completion (`sample` names it in the error of a stream cut short)."""
     last = chunks[-1] if chunks else None
     if last is None or last.finish_reason is None or last.usage is None:
-        raise RuntimeError("the stream ended without a final message")
+        raise RuntimeError(f"{sample} ended without a final message")
     return Completion(
         text="".join(c.text for c in chunks),
         token_ids=tuple(t for c in chunks for t in c.token_ids),
@@ -283,6 +308,16 @@ def to_completion(chunks: list[Chunk]) -> Completion:
         seed=last.seed,
         stop_token_id=last.stop_token_id,
     )
+
+
+def to_completions(chunks: list[Chunk], n: int) -> list[Completion]:
+    """The interleaved chunks of `n` samples as their Completions, in index order."""
+    own: list[list[Chunk]] = [[] for _ in range(n)]
+    for chunk in chunks:
+        if chunk.index >= n:
+            raise RuntimeError(f"the stream sent sample {chunk.index}, beyond the {n} asked for")
+        own[chunk.index].append(chunk)
+    return [to_completion(sample, f"sample {index}") for index, sample in enumerate(own)]
 
 
 def tokenize_request(text: str, truncate_input_tokens: int | None) -> TokenizeRequest:

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 
-class GenerateOptions(TypedDict, total=False):
-    """The request parameters `generate()` and `complete()` take as keywords.
+class SampleOptions(TypedDict, total=False):
+    """The request parameters `samples()` takes as keywords: those of `GenerateOptions` but `n`.
 
-    Every one is optional; leaving one out (or passing None) leaves it unset on
-    the wire, and the server applies its default. See `LLMClient.generate`.
+    `samples()` takes `n` as a parameter of its own (required there).
     """
 
     max_new_tokens: int | None
@@ -44,6 +43,16 @@ class GenerateOptions(TypedDict, total=False):
     grammar: str
 
 
+class GenerateOptions(SampleOptions, total=False):
+    """The request parameters `generate()` and `complete()` take as keywords.
+
+    Every one is optional; leaving one out (or passing None) leaves it unset on
+    the wire, and the server applies its default. See `LLMClient.generate`.
+    """
+
+    n: int | None
+
+
 class FinishReason(enum.Enum):
     """Why a generation ended normally."""
 
@@ -62,10 +71,14 @@ class Usage:
     Attributes:
         input_tokens: prompt tokens the model saw (after truncation).
         generated_tokens: tokens the model produced.
+        cached_tokens: of `input_tokens`, those the server took from its
+            prefix cache (an earlier prompt that began the same way) rather
+            than computing them.
     """
 
     input_tokens: int
     generated_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +120,9 @@ class Chunk:
 
     `str(chunk)` is its text, so `print(chunk, end="")` prints the stream. The
     last chunk of a stream carries `finish_reason` and `usage` (its text may
-    be empty); the others have `finish_reason` None.
+    be empty); the others have `finish_reason` None. A stream of `n` samples
+    interleaves their chunks, each marked with its sample's `index`, and
+    every sample ends with a last chunk of its own.
 
     Attributes:
         text: the decoded text; never splits a multi-byte UTF-8 character.
@@ -122,6 +137,7 @@ class Chunk:
             asked for logprobs; empty otherwise.
         seed: the sampler's seed, on the last chunk of a sampled stream
             (None otherwise): send it back as `seed` to repeat the stream.
+        index: the sample the chunk belongs to (0 to n - 1; 0 without `n`).
     """
 
     text: str
@@ -133,6 +149,7 @@ class Chunk:
     logprobs: tuple[TokenLogprob, ...] = ()
     seed: int | None = None
     stop_token_id: int | None = None
+    index: int = 0
 
     def __str__(self) -> str:
         return self.text
@@ -140,7 +157,7 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A whole generation, as `complete()` returns it.
+    """A whole generation, as `complete()` returns it (and `samples()`, one per sample).
 
     Attributes:
         text: all the generated text.

@@ -5,6 +5,7 @@ entity-llm generate "import os" --temperature 0.8 --top-p 0.95 --seed 7
 entity-llm generate --message system:"Answer in Python." --message user:"Add two numbers."
 entity-llm generate --prompt-token-ids 319,290,11 --stop-token-id 304 --logit-bias 0=-100
 entity-llm --json generate "import os" --top-logprobs 3   # one JSON object per chunk, with logprobs
+entity-llm generate "def f(x):" --n 4 --temperature 0.8 --seed 7   # 4 samples, each under its own header
 entity-llm generate "A cat:" --json-schema cat.schema.json   # the output is JSON valid under the schema
 entity-llm tokenize "def f(x):"
 entity-llm info
@@ -26,7 +27,7 @@ from typing import Any
 
 from ._client import LLMClient
 from ._errors import LLMError
-from ._types import GenerateOptions
+from ._types import Completion, SampleOptions, Usage
 
 API_KEY_ENV = "ENTITY_LLM_API_KEY"
 
@@ -43,7 +44,11 @@ def _jsonable(value: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
-    parser = argparse.ArgumentParser(prog="entity-llm", description="Client for an entity-llm gRPC server.")
+    # No abbreviations of the global flags: argparse matches every later argument against them
+    # too, so `generate --n 4` was "ambiguous option: --n could match --no-health-checks, --no-retries".
+    parser = argparse.ArgumentParser(
+        prog="entity-llm", description="Client for an entity-llm gRPC server.", allow_abbrev=False
+    )
     parser.add_argument(
         "--target",
         default="localhost:50051",
@@ -122,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--truncate-input-tokens", type=int, help="keep only the prompt's last N tokens")
     generate.add_argument("--time-limit-ms", type=int, help="end normally after this many milliseconds")
     generate.add_argument("--request-id", default="", help="an id echoed by the server")
+    generate.add_argument(
+        "--n",
+        type=int,
+        metavar="N",
+        help="generate N independent samples in one call (above 1: each printed, in order, once all end)",
+    )
     sampling = generate.add_argument_group("sampling (unset: the server's defaults, greedy)")
     sampling.add_argument("--temperature", type=float, help="0 is greedy; above 0 samples")
     sampling.add_argument("--top-p", type=float, help="sample from the smallest set of tokens this likely")
@@ -205,11 +216,12 @@ def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.Argu
     inputs = (args.prompt, args.messages, args.messages_json, args.prompt_token_ids)
     if sum(x is not None for x in inputs) != 1:
         parser.error("generate: give a prompt, --message, --messages-json or --prompt-token-ids (exactly one)")
+    several = args.n is not None and args.n > 1  # printed once all end; one sample streams as it comes
     try:
         messages = _messages(args)
         token_ids = None if args.prompt_token_ids is None else _token_ids(args.prompt_token_ids)
         prompt = None if args.prompt is None else sys.stdin.read() if args.prompt == "-" else args.prompt
-        options: GenerateOptions = {
+        options: SampleOptions = {
             "max_new_tokens": args.max_new_tokens,
             "min_new_tokens": args.min_new_tokens,
             "stop_sequences": args.stop_sequences,
@@ -233,23 +245,43 @@ def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.Argu
             "request_id": args.request_id,
             **_constraint(args),
         }
-        stream = client.generate(prompt, messages=messages, prompt_token_ids=token_ids, **options)
+        if several:
+            # The whole call runs here; of these errors, only its checks (before it starts) raise.
+            samples = client.samples(prompt, n=args.n, messages=messages, prompt_token_ids=token_ids, **options)
+        else:
+            stream = client.generate(prompt, messages=messages, prompt_token_ids=token_ids, n=args.n, **options)
     except (OSError, ValueError, TypeError) as error:  # bad flags or files, found before any call
         parser.error(f"generate: {error}")
+    if several:
+        _print_samples(samples, as_json=args.json)
+        return
     for chunk in stream:
         if args.json:
             print(json.dumps(_jsonable(chunk)), flush=True)
         else:
             print(chunk.text, end="", flush=True)
             if chunk.finish_reason is not None:
-                usage = chunk.usage
-                counts = f", {usage.input_tokens} in / {usage.generated_tokens} out" if usage else ""
-                seed = f", seed {chunk.seed}" if chunk.seed is not None else ""
                 print()
-                print(f"[{chunk.finish_reason.value}{counts}{seed}]", file=sys.stderr)
+                print(f"[{_summary(chunk.finish_reason.value, chunk.usage, chunk.seed)}]", file=sys.stderr)
 
 
-def _constraint(args: argparse.Namespace) -> GenerateOptions:
+def _summary(reason: str, usage: Usage | None, seed: int | None) -> str:
+    """How a generation ended: its finish reason, token counts and seed."""
+    counts = f", {usage.input_tokens} in / {usage.generated_tokens} out" if usage else ""
+    return f"{reason}{counts}" + (f", seed {seed}" if seed is not None else "")
+
+
+def _print_samples(samples: list[Completion], *, as_json: bool) -> None:
+    """--n above 1: the samples in order, each under a header that says how it ended (--json: one array)."""
+    if as_json:
+        print(json.dumps(_jsonable(samples)), flush=True)
+        return
+    for index, done in enumerate(samples):
+        print(f"--- sample {index} ({_summary(done.finish_reason.value, done.usage, done.seed)}) ---")
+        print(done.text, flush=True)
+
+
+def _constraint(args: argparse.Namespace) -> SampleOptions:
     """The structured-output option the flags ask for (files read now)."""
     if args.json_schema is not None:
         return {"json_schema": Path(args.json_schema).read_text(encoding="utf-8")}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingSettings
+from .engine.frontend import MAX_PROMPT_LOGPROBS_TOKENS
 from .engine.launcher import placement
 from .logs import LOG_FORMATS
 from .resource import DTYPES, ENGINES
@@ -60,6 +61,9 @@ class ServerConfig:
         max_batch_tokens: tokens per forward pass (0: 256 on CPU, 2048 on GPU).
         cuda_graphs: `auto` (on CUDA devices), `on` or `off`. Graphs multiply
             GPU throughput; every sampling feature works either way.
+        max_prompt_logprobs_tokens: the longest prompt a request may ask
+            prompt_logprobs of (the scoring's work and reply grow with it);
+            longer ones are INVALID_ARGUMENT.
         prefix_caching: `on` lets requests whose prompts begin alike share
             the KV blocks of that beginning (prefilled once); `off` computes
             every prompt in full.
@@ -138,6 +142,7 @@ class ServerConfig:
     max_batch_tokens: int = 0
     cuda_graphs: str = "auto"
     prefix_caching: str = "on"
+    max_prompt_logprobs_tokens: int = MAX_PROMPT_LOGPROBS_TOKENS
     log_format: str = "text"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -261,6 +266,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--cuda-graphs",
         choices=("auto", "on", "off"),
         help="capture CUDA graphs (auto: on CUDA devices)",
+    )
+    add(
+        "--max-prompt-logprobs-tokens",
+        type=_non_negative_int,
+        help="the longest prompt a request may ask prompt_logprobs of (longer: INVALID_ARGUMENT)",
     )
     add(
         "--prefix-caching",

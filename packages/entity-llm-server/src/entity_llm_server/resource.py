@@ -17,6 +17,7 @@ from .engine import (
     TransformersEngine,
 )
 from .engine.base import BatchingUnsupportedError
+from .engine.frontend import MAX_PROMPT_LOGPROBS_TOKENS, FrontEnd
 from .engine.launcher import placement
 from .engine.padded import fallback_message
 
@@ -94,6 +95,7 @@ class UnifiedLLMResource:
         trust_remote_code: bool = False,
         log_level: str = "WARNING",
         log_format: str = "text",
+        max_prompt_logprobs_tokens: int = MAX_PROMPT_LOGPROBS_TOKENS,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -124,6 +126,7 @@ class UnifiedLLMResource:
         self.device = device
         self.dtype = dtype
         self.default_max_new_tokens = default_max_new_tokens
+        self.max_prompt_logprobs_tokens = max_prompt_logprobs_tokens
         self._engine: Engine | None = None
         self._lock = asyncio.Lock()
 
@@ -147,6 +150,12 @@ class UnifiedLLMResource:
 
     def load_engine(self) -> Engine:
         """Load the tokenizer and model (blocking) and return an unstarted engine."""
+        engine = self._load_engine()
+        if isinstance(engine, FrontEnd):
+            engine.max_prompt_logprobs_tokens = self.max_prompt_logprobs_tokens
+        return engine
+
+    def _load_engine(self) -> Engine:
         layout = ""
         if self.engine_replicas > 1:
             layout += f", {self.engine_replicas} engine replicas"

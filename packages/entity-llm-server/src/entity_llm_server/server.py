@@ -280,6 +280,7 @@ async def _serve(
         device=config.device,
         dtype=config.dtype,
         default_max_new_tokens=config.max_new_tokens,
+        max_prompt_logprobs_tokens=config.max_prompt_logprobs_tokens,
         engine=config.engine,
         batching=config.batching(),
         engine_process=config.engine_process == "on",

@@ -19,6 +19,7 @@ from .engine import (
     FinishReason,
     InvalidRequestError,
     Sampling,
+    Scored,
     TokenLogprob,
 )
 from .engine.constraints import Constraint
@@ -74,6 +75,7 @@ def engine_request(request: llm_pb2.GenerateRequest, request_id: str) -> EngineR
         logit_bias=tuple(sorted(request.logit_bias.items())),
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        prompt_logprobs=_optional(request, "prompt_logprobs"),
     )
     return EngineRequest(
         prompt=request.prompt,
@@ -95,6 +97,7 @@ def _logprobs(entries: tuple[TokenLogprob, ...]) -> list[llm_pb2.TokenLogprobs]:
         llm_pb2.TokenLogprobs(
             token_id=e.token_id,
             logprob=e.logprob,
+            rank=e.rank,
             top_logprobs=[
                 llm_pb2.TopLogprob(token_id=token, logprob=logprob, text=text)
                 for (token, logprob), text in zip(e.top, e.top_text or [""] * len(e.top), strict=True)
@@ -182,6 +185,13 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                             cached_token_count=event.cached_tokens,
                             index=event.index,
                         )
+                    elif isinstance(event, Scored):
+                        yield llm_pb2.GenerateResponse(
+                            prompt_logprobs=_logprobs(event.prompt_logprobs),
+                            request_id=request_id if first else "",
+                            index=event.index,
+                        )
+                        first = False
                     else:
                         # The id rides on the first and the last message only:
                         # repeating it on every token costs throughput.

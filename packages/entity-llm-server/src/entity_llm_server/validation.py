@@ -30,6 +30,7 @@ MAX_OPENAI_PENALTY = 2.0  # presence and frequency penalties, either sign
 # Either way: a request, and a reply (a Tokenize of megabytes of text).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
+AT_LEAST_1 = "must be at least 1 when set"
 
 
 class RequestValidationError(ValueError):
@@ -128,14 +129,17 @@ def non_utf8_fields(descriptor: Descriptor, data: bytes) -> list[str]:
 
 def _positive(request: llm_pb2.GenerateRequest | llm_pb2.TokenizeRequest, field: str) -> list[tuple[str, str]]:
     if request.HasField(field) and getattr(request, field) < 1:  # type: ignore[arg-type]
-        return [(field, "must be at least 1 when set")]
+        return [(field, AT_LEAST_1)]
     return []
 
 
 def validate_generate(request: llm_pb2.GenerateRequest) -> None:
     """Raise RequestValidationError listing every limit the request breaks."""
     problems: list[tuple[str, str]] = []
-    for field in ("max_new_tokens", "truncate_input_tokens", "time_limit_ms"):
+    scoring = request.HasField("prompt_logprobs")
+    if request.HasField("max_new_tokens") and request.max_new_tokens == 0 and not scoring:
+        problems.append(("max_new_tokens", f"{AT_LEAST_1} (0 only with prompt_logprobs, to score the prompt)"))
+    for field in ("truncate_input_tokens", "time_limit_ms"):
         problems += _positive(request, field)
     if len(request.stop_sequences) > MAX_STOP_SEQUENCES:
         problems.append(("stop_sequences", f"at most {MAX_STOP_SEQUENCES}, got {len(request.stop_sequences)}"))
@@ -221,6 +225,8 @@ def _sampling(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
     for token, bias in sorted(request.logit_bias.items()):
         if not -MAX_BIAS <= bias <= MAX_BIAS:  # NaN fails too
             problems.append((f"logit_bias[{token}]", f"must be between -{MAX_BIAS:g} and {MAX_BIAS:g}, got {bias:g}"))
+    if request.HasField("prompt_logprobs") and request.prompt_logprobs > MAX_TOP_LOGPROBS:
+        problems.append(("prompt_logprobs", f"at most {MAX_TOP_LOGPROBS} alternatives, got {request.prompt_logprobs}"))
     if request.HasField("n") and not 1 <= request.n <= MAX_SAMPLES:
         problems.append(("n", f"must be between 1 and {MAX_SAMPLES}, got {request.n}"))
     if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:

@@ -23,6 +23,7 @@ from .base import (
     FinishReason,
     InvalidRequestError,
     ModelInfo,
+    Scored,
     TextDelta,
     Tokens,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "ModelInfo",
     "PaddedEngine",
     "Sampling",
+    "Scored",
     "TextDelta",
     "TokenLogprob",
     "Tokens",

@@ -83,6 +83,21 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class Scored:
+    """The prompt's logprobs (EngineRequest's sampling.prompt_logprobs), before any text.
+
+    Attributes:
+        prompt_logprobs: one entry per prompt token after the first: its
+            logprob and rank given the tokens before it, and the likeliest
+            alternatives at its position.
+        index: the sample it belongs to (sample 0 of EngineRequest.n).
+    """
+
+    prompt_logprobs: tuple[TokenLogprob, ...]
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The last event of every successful generation.
 
@@ -114,7 +129,7 @@ class Finished:
     index: int = 0
 
 
-EngineEvent = TextDelta | Finished
+EngineEvent = TextDelta | Scored | Finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +204,10 @@ class InvalidRequestError(ValueError):
 class Engine(Protocol):
     """Generates text; the servicer depends on nothing else.
 
-    `generate()` yields zero or more `TextDelta` events then exactly one
-    `Finished`, or raises. Closing the iterator early (a client that left)
+    `generate()` yields a `Scored` event first when the request asked for
+    its prompt's logprobs, then zero or more `TextDelta` events, then exactly
+    one `Finished` (each of EngineRequest.n samples its own, the samples'
+    events interleaved), or raises. Closing the iterator early (a client that left)
     must free the request's resources in the engine.
     """
 

@@ -36,6 +36,7 @@ from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
 from .prefix import PrefixHits
 from .probe import prove
+from .scoring import Scoring
 from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class BatchingCore:
         self._lock = threading.Lock()  # `_seen` and the logprob records, between callers and the pump
         self._seen: dict[str, int] = {}  # request id -> tokens already reported
         self.prefix = PrefixHits()
+        self.scoring = Scoring(model)
+        self._deliver: Deliver | None = None
         self.pulse = Pulse()
 
     @property
@@ -157,6 +160,7 @@ class BatchingCore:
         """
         from transformers import GenerationConfig
 
+        self._deliver = deliver
         generation = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
             do_sample=False,
             max_new_tokens=self.default_max_new_tokens,
@@ -225,6 +229,7 @@ class BatchingCore:
 
     def stop(self) -> None:
         """Stop the batching thread and the pump (blocking)."""
+        self.scoring.close()
         self._stop()
         if self._pump is not None:
             self._pump.join(5)
@@ -313,6 +318,23 @@ class BatchingCore:
                 self.sampling.logprobs[rid] = []
             if follower is not None:
                 self.sampling.followers[rid] = follower
+        if not self.scoring.gate(rid, prepared, self._scored, lambda: self._submit(manager, rid, prepared, late=True)):
+            self._submit(manager, rid, prepared)
+
+    def _scored(self, output: SeqOutput) -> None:
+        """A request's prompt logprobs (on the scoring thread); it may end there."""
+        if output.finished:
+            with self._lock:
+                self._forget(rid=output.rid)
+        if self._deliver is not None:
+            self._deliver([output])
+
+    def _submit(self, manager: Any, rid: str, prepared: Prepared, *, late: bool = False) -> None:
+        """Hand the request to the manager. A refusal raises EngineError, or, `late` (after its
+        scoring, on the scoring thread), ends the request with it."""
+        with self._lock:
+            if rid not in self._seen:  # cancelled meanwhile
+                return
         try:
             added = manager.add_request(
                 prepared.ids,
@@ -330,9 +352,13 @@ class BatchingCore:
         if refused is not None:
             with self._lock:
                 self._forget(rid)
-            raise EngineError(refused)
+            if not late:
+                raise EngineError(refused)
+            if self._deliver is not None:
+                self._deliver([SeqOutput(rid, (), None, True, refused)])
 
     def cancel(self, rid: str) -> None:
+        self.scoring.cancel(rid)
         with self._lock:
             self._forget(rid)
         if (manager := self._manager) is not None:

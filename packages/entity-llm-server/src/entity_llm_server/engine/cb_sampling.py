@@ -116,6 +116,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self._adjust_rows = torch.zeros((rows, vocab_size), dtype=torch.float32, device=device)
             self._chosen = torch.zeros(rows, dtype=torch.int64, device=device)
             self._chosen_logprob = torch.zeros(rows, dtype=torch.float32, device=device)
+            self._chosen_rank = torch.zeros(rows, dtype=torch.int64, device=device)
             self._top_logprobs = torch.zeros((rows, s.MAX_TOP_LOGPROBS), dtype=torch.float32, device=device)
             self._top_ids = torch.zeros((rows, s.MAX_TOP_LOGPROBS), dtype=torch.int64, device=device)
 
@@ -244,6 +245,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         n = len(wanted)
         chosen = self._chosen[:n].tolist()
         picked = self._chosen_logprob[:n].tolist()
+        ranks = self._chosen_rank[:n].tolist()
         top_n = max(w[1] for w in wanted if w is not None)
         top_values = self._top_logprobs[:n, :top_n].tolist() if top_n else [[] for _ in range(n)]
         top_ids = self._top_ids[:n, :top_n].tolist() if top_n else [[] for _ in range(n)]
@@ -251,7 +253,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             if want is None or (log := self.logprobs.get(want[0])) is None:
                 continue
             top = tuple(zip(top_ids[row][: want[1]], top_values[row][: want[1]], strict=True))
-            log.append(s.TokenLogprob(int(chosen[row]), float(picked[row]), top))
+            log.append(s.TokenLogprob(int(chosen[row]), float(picked[row]), top, rank=int(ranks[row])))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor) -> Any:
         if self.eager and self._plain:
@@ -276,7 +278,9 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             final = s.noisy(logprobs, rows)
             chosen = torch.argmax(final, dim=-1)  # the manager's own choice: the same argmax of the same scores
             self._chosen[:n].copy_(chosen)
-            self._chosen_logprob[:n].copy_(logprobs.gather(1, chosen[:, None])[:, 0])
+            picked = logprobs.gather(1, chosen[:, None])
+            self._chosen_logprob[:n].copy_(picked[:, 0])
+            self._chosen_rank[:n].copy_((logprobs > picked).sum(dim=-1) + 1)
             values, ids = torch.topk(logprobs, s.MAX_TOP_LOGPROBS, dim=-1)
             self._top_logprobs[:n].copy_(values)
             self._top_ids[:n].copy_(ids)

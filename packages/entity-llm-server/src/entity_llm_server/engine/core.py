@@ -104,6 +104,8 @@ class SeqOutput:
         error: why the request failed, if it did (then `finished` is true).
         cached: prompt tokens the request took from the prefix cache rather
             than computing them (reported with its first output).
+        prompt: the prompt's logprobs (`scoring`), in an output of their own
+            before any token, when the request asked for them.
     """
 
     rid: str
@@ -112,6 +114,7 @@ class SeqOutput:
     finished: bool = False
     error: str | None = None
     cached: int = 0
+    prompt: tuple[TokenLogprob, ...] | None = None
 
 
 class CoreSink(Protocol):

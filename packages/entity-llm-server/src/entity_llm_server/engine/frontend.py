@@ -37,6 +37,7 @@ from .base import (
     FinishReason,
     InvalidRequestError,
     ModelInfo,
+    Scored,
     TextDelta,
     Tokens,
 )
@@ -50,9 +51,13 @@ log = logging.getLogger(__name__)
 
 _DEAD = object()  # put in every waiting request's queue when the core fails
 
+# The longest prompt whose logprobs a request may ask for, unless the server is started with another.
+MAX_PROMPT_LOGPROBS_TOKENS = 4096
+
 # What `_steps` yields: new token ids, their logprobs (one per id) when the
-# request asked for them, and prompt tokens the core took from its prefix cache.
-Step = tuple[tuple[int, ...], tuple[TokenLogprob, ...] | None, int]
+# request asked for them, prompt tokens the core took from its prefix cache,
+# and the prompt's logprobs when they come.
+Step = tuple[tuple[int, ...], tuple[TokenLogprob, ...] | None, int, tuple[TokenLogprob, ...] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,9 @@ class FrontEnd:
     kind = "batching"
     # Whether the core shares prompt prefixes (a prefix cache): then n samples prefill once.
     shares_prefixes = False
+    # Whether the core scores prompts (`scoring`), and the longest prompt it scores.
+    scores_prompts = True
+    max_prompt_logprobs_tokens = MAX_PROMPT_LOGPROBS_TOKENS
 
     def __init__(
         self,
@@ -267,11 +275,32 @@ class FrontEnd:
             raise InvalidRequestError(
                 "max_new_tokens", f"{request.max_new_tokens} is more than this model's context allows ({limit - 1})"
             )
-        wanted = request.max_new_tokens or min(self.default_max_new_tokens, limit - 1)
+        self._check_scoring(request, len(ids))
+        wanted = (
+            min(self.default_max_new_tokens, limit - 1) if request.max_new_tokens is None else request.max_new_tokens
+        )
         sampling = request.sampling
         if sampling.sampled and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         return Prepared(ids, min(wanted, room), clipped=wanted > room, sampling=sampling)
+
+    def _check_scoring(self, request: EngineRequest, prompt_tokens: int) -> None:
+        """Refuse prompt logprobs this engine cannot or may not compute, and a request that would do nothing."""
+        asked = request.sampling.prompt_logprobs is not None
+        if request.max_new_tokens == 0 and not asked:
+            raise InvalidRequestError("max_new_tokens", "0 only scores the prompt: set prompt_logprobs")
+        if not asked:
+            return
+        if not self.scores_prompts:
+            raise InvalidRequestError(
+                "prompt_logprobs", "this server's engine does not score prompts (tensor parallel)"
+            )
+        if prompt_tokens > (bound := self.max_prompt_logprobs_tokens):
+            raise InvalidRequestError(
+                "prompt_logprobs",
+                f"the prompt's {prompt_tokens} tokens are more than this server scores ({bound}: "
+                "--max-prompt-logprobs-tokens); send a shorter prompt or set truncate_input_tokens",
+            )
 
     def _check_ids(self, request: EngineRequest) -> None:
         """Refuse token ids a request names that are not in the model's vocabulary."""
@@ -329,12 +358,14 @@ class FrontEnd:
                 ids: tuple[int, ...] = ()
                 logprobs: tuple[TokenLogprob, ...] | None = None
                 cached = 0
+                prompt: tuple[TokenLogprob, ...] | None = None
                 while True:
                     if item is _DEAD:
                         raise EngineError(f"engine has failed: {self._failure or 'stopped'}")
                     output: SeqOutput = item
                     ids += output.ids
                     cached += output.cached
+                    prompt = output.prompt or prompt
                     if output.logprobs is not None:
                         logprobs = (logprobs or ()) + output.logprobs
                     done = output.finished
@@ -343,8 +374,8 @@ class FrontEnd:
                     if done or queue.empty():
                         break
                     item = queue.get_nowait()
-                if ids:
-                    yield ids, logprobs, cached
+                if ids or prompt is not None:
+                    yield ids, logprobs, cached, prompt
         finally:
             del self._queues[rid]
             if not done and self._failure is None:
@@ -367,6 +398,8 @@ class FrontEnd:
                 sampling = prepared.sampling
                 if sampling.sampled and seed is not None:
                     sampling = dataclasses.replace(sampling, seed=sample_seed(seed, index))
+                if index:  # sample 0 carries the prompt's logprobs
+                    sampling = dataclasses.replace(sampling, prompt_logprobs=None)
                 return self._sample(request, dataclasses.replace(prepared, sampling=sampling), index, first)
 
             events = merged(sample, request.n, staggered=self.shares_prefixes)
@@ -395,7 +428,7 @@ class FrontEnd:
             while stop is None and stop_token is None:
                 try:
                     timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-                    ids, logprobs, hits = await asyncio.wait_for(anext(steps), timeout)
+                    ids, logprobs, hits, prompt = await asyncio.wait_for(anext(steps), timeout)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
@@ -404,6 +437,8 @@ class FrontEnd:
                 cached += hits
                 if first is not None:
                     first.set()
+                if prompt is not None:
+                    yield Scored(tuple(self._named(entry) for entry in prompt), index)
                 # Everything this step brought goes out as one event: a stream
                 # that fell behind catches up in fewer, larger messages.
                 text: list[str] = []

@@ -35,6 +35,7 @@ from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
 from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
+from .scoring import Scoring
 from .settings import BatchingSettings
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class PaddedCore:
         self._emit: Emit | None = None
         self._steps = 0  # forward passes, written by the worker thread alone
         self.pulse = Pulse()
+        self.scoring = Scoring(model)
 
     @property
     def healthy(self) -> bool:
@@ -128,6 +130,7 @@ class PaddedCore:
 
     def stop(self) -> None:
         """Drop every request and stop the worker thread (blocking)."""
+        self.scoring.close()
         with self._condition:
             self._closing = True
             self._cancelled.update(self._running)
@@ -138,13 +141,18 @@ class PaddedCore:
             thread.join(60)
 
     def add(self, rid: str, prepared: Prepared) -> None:
-        if self._thread is None or self._closing:
+        if self._thread is None or self._closing or (emit := self._emit) is None:
             raise EngineError("engine is not started")
+        if not self.scoring.gate(rid, prepared, lambda output: emit([output]), lambda: self._queue(rid, prepared)):
+            self._queue(rid, prepared)
+
+    def _queue(self, rid: str, prepared: Prepared) -> None:
         with self._condition:
             self._waiting.append((rid, prepared))
             self._condition.notify_all()
 
     def cancel(self, rid: str) -> None:
+        self.scoring.cancel(rid)
         with self._condition:
             before = len(self._waiting)
             self._waiting = collections.deque(item for item in self._waiting if item[0] != rid)

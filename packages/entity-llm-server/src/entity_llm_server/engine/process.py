@@ -335,6 +335,8 @@ class ProcessEngine(FrontEnd):
         )
         # One replica's prefix cache: several replicas take a request's samples where each has room.
         self.shares_prefixes = self.kind == "batching" and settings.prefix_caching and n == 1
+        # A forward pass of a tensor-parallel group needs every rank, which its batching loop owns.
+        self.scores_prompts = all(len(group) == 1 for group in groups)
 
     @property
     def process(self) -> ProcessCore:

@@ -64,6 +64,8 @@ class Sampling:
             EOS, until min_new_tokens were generated).
         ignore_eos: the model's EOS ids do not end generation (nor are they
             held off by min_new_tokens: they are ordinary tokens).
+        prompt_logprobs: score the prompt first (`scoring`), with this many
+            alternatives per position; None: do not.
     """
 
     temperature: float = 0.0
@@ -82,6 +84,7 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    prompt_logprobs: int | None = None
 
     @property
     def sampled(self) -> bool:
@@ -135,12 +138,15 @@ class TokenLogprob:
         top: the most likely (id, logprob) pairs, most likely first.
         top_text: each alternative's text decoded alone (filled by the
             engine's event loop side, not on the model's thread).
+        rank: the token's rank in the distribution (1: the most likely;
+            tokens of equal probability share one); 0 where not computed.
     """
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
     top_text: tuple[str, ...] = ()
+    rank: int = 0
 
 
 def step_key(seed: int, step: int) -> int:
@@ -375,7 +381,9 @@ def logprob_entries(
     """TokenLogprob for each row that wants one (`wanted[row]` = its top_logprobs), else None."""
     import torch
 
-    picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    picked_values = logprobs.gather(1, chosen[:, None])
+    ranks = ((logprobs > picked_values).sum(dim=-1) + 1).tolist()
+    picked = picked_values[:, 0].tolist()
     top_n = max((n for n in wanted if n), default=0)
     top_values: list[list[float]] = []
     top_ids: list[list[int]] = []
@@ -389,7 +397,7 @@ def logprob_entries(
             out.append(None)
             continue
         top = tuple(zip(top_ids[row][:n], top_values[row][:n], strict=True)) if n else ()
-        out.append(TokenLogprob(int(ids_chosen[row]), float(picked[row]), top))
+        out.append(TokenLogprob(int(ids_chosen[row]), float(picked[row]), top, rank=int(ranks[row])))
     return out
 
 

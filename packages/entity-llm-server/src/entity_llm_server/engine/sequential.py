@@ -23,6 +23,7 @@ from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
 from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd, Prepared
+from .scoring import Scoring
 
 
 class SequentialCore:
@@ -54,6 +55,7 @@ class SequentialCore:
         self._steps = 0  # forward passes run, written by the worker thread alone
         self.pulse = Pulse()
         self._count_lock = threading.Lock()
+        self.scoring = Scoring(model)
 
     @property
     def healthy(self) -> bool:
@@ -85,6 +87,7 @@ class SequentialCore:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entity-llm-decode")
 
     async def close(self) -> None:
+        await asyncio.to_thread(self.scoring.close)
         for flag in list(self._cancelled.values()):
             flag.set()
         if self._executor is not None:
@@ -99,6 +102,12 @@ class SequentialCore:
         executor, emit = self._executor, self._emit
         if executor is None or emit is None:
             raise EngineError("engine is not started")
+        if not self.scoring.gate(rid, prepared, emit, lambda: self._submit(executor, emit, rid, prepared)):
+            self._submit(executor, emit, rid, prepared)
+
+    def _submit(
+        self, executor: ThreadPoolExecutor, emit: Callable[[SeqOutput], None], rid: str, prepared: Prepared
+    ) -> None:
         cancelled = self._cancelled[rid] = threading.Event()
 
         def work() -> None:
@@ -117,6 +126,7 @@ class SequentialCore:
         executor.submit(work)
 
     def cancel(self, rid: str) -> None:
+        self.scoring.cancel(rid)
         if (flag := self._cancelled.get(rid)) is not None:
             flag.set()
 
