@@ -14,7 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entity_llm_client import LLMClient, LLMError
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource, default_model_path
-from entity_llm_server.engine import BatchingEngine, BatchingSettings, EngineUnavailableError, Finished, Sampling
+from entity_llm_server.engine import (
+    BatchingEngine,
+    BatchingSettings,
+    EngineUnavailableError,
+    Finished,
+    Sampling,
+    Scored,
+)
 from entity_llm_server.engine.ipc import Add
 from entity_llm_server.engine.process import ProcessEngine
 from entity_llm_server.resource import ModelLoadError
@@ -41,12 +48,31 @@ async def _final(engine: BatchingEngine, request: EngineRequest) -> Finished:
 SAMPLED = Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=1234, logprobs=True, top_logprobs=2)
 
 
-async def _serve_all(engine: BatchingEngine) -> tuple[list[Finished], Finished]:
+# The newer request features cross the pipe too: n samples, scoring, the samplers, stop tokens.
+FEATURES = EngineRequest(
+    "def main():\n    parser = argparse.ArgumentParser(description='Sum the numbers given.')\n    parser.add_argument(",
+    max_new_tokens=8,
+    n=3,
+    sampling=Sampling(
+        temperature=0.8,
+        seed=99,
+        min_p=0.05,
+        presence_penalty=0.5,
+        logit_bias=((13, 2.0),),
+        stop_token_ids=(11,),
+        prompt_logprobs=2,
+        logprobs=True,
+    ),
+)
+
+
+async def _serve_all(engine: BatchingEngine) -> tuple[list[Finished], Finished, list]:
     await engine.start()
     try:
         together = await asyncio.gather(*(_final(engine, EngineRequest(p, max_new_tokens=24)) for p in PROMPTS))
         sampled = await _final(engine, EngineRequest("def main():", max_new_tokens=12, sampling=SAMPLED))
-        return list(together), sampled
+        features = [event async for event in engine.generate(FEATURES)]
+        return list(together), sampled, features
     finally:
         await engine.close()
 
@@ -58,14 +84,27 @@ def test_the_engine_process_streams_exactly_what_the_in_process_engine_does():
     local = batching_engine()
     assert remote.info() == local.info()
 
-    remote_greedy, remote_sampled = asyncio.run(_serve_all(remote))
-    local_greedy, local_sampled = asyncio.run(_serve_all(local))
+    remote_greedy, remote_sampled, remote_features = asyncio.run(_serve_all(remote))
+    local_greedy, local_sampled, local_features = asyncio.run(_serve_all(local))
     assert [f.token_ids for f in remote_greedy] == [f.token_ids for f in local_greedy]
     assert all(f.token_ids for f in remote_greedy)
     assert remote_sampled.token_ids == local_sampled.token_ids
     assert remote_sampled.seed == 1234
     assert len(remote_sampled.token_ids) == 12  # its logprobs are compared by value below
     assert remote.child.popen.returncode == 0  # close() stopped the engine process
+    finals = [[e for e in events if isinstance(e, Finished)] for events in (remote_features, local_features)]
+    assert [(f.index, f.token_ids, f.seed) for f in finals[0]] == [(f.index, f.token_ids, f.seed) for f in finals[1]]
+    assert sorted(f.index for f in finals[0]) == [0, 1, 2]
+    blocks = (finals[0][0].input_tokens - 1) // 16 * 16
+    assert blocks > 0
+    assert [f.cached_tokens for f in sorted(finals[0], key=lambda f: f.index)] == [0, blocks, blocks]  # one prefill
+    scored = [[e for e in events if isinstance(e, Scored)] for events in (remote_features, local_features)]
+    assert [len(s) for s in scored] == [1, 1]
+    remote_prompt, local_prompt = scored[0][0].prompt_logprobs, scored[1][0].prompt_logprobs
+    assert [(e.token_id, e.rank, [t for t, _ in e.top]) for e in remote_prompt] == [
+        (e.token_id, e.rank, [t for t, _ in e.top]) for e in local_prompt
+    ]
+    assert [e.logprob for e in remote_prompt] == pytest.approx([e.logprob for e in local_prompt], abs=1e-5)
 
 
 async def _collect_logprobs(engine: BatchingEngine) -> list[tuple[int, float, tuple[int, ...]]]:

@@ -7,6 +7,7 @@ in chunks, for the demo model and a random-weight one; max_new_tokens 0 only sco
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -182,3 +183,32 @@ def test_prompt_logprobs_through_the_wire():
         ),
         (grpc.StatusCode.INVALID_ARGUMENT, "invalid request: prompt_logprobs: at most 10 alternatives, got 11"),
     ]
+
+
+def test_a_core_busy_scoring_is_alive_while_its_batching_loop_waits():
+    """Found by the benchmark: 32 prompts queued for scoring held the batching core for longer than its
+    liveness timeout while the batching loop, with nothing to run, took no step: the engine process
+    was declared stuck and refused every call."""
+    engine = load("batching")
+    engine.batching.pulse.timeout = 0.3
+    model, forward = engine.model, engine.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return forward(*args, **kwargs)
+
+    async def main():
+        model.forward = slow  # scoring only: the batching loop has nothing to run
+        healthy = []
+        prompts = [EngineRequest(SOURCE, max_new_tokens=0, sampling=Sampling(prompt_logprobs=0)) for _ in range(8)]
+        scoring = asyncio.gather(*(events(engine, r) for r in prompts))
+        while not scoring.done():
+            healthy.append(engine.healthy)
+            await asyncio.sleep(0.05)
+        model.forward = forward
+        return healthy, await scoring
+
+    healthy, results = serving(engine, main)
+    assert len(healthy) > 10  # the scoring took well past the timeout
+    assert all(healthy)
+    assert all(isinstance(r[0], Scored) for r in results)

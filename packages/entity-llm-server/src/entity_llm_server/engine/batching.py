@@ -106,9 +106,11 @@ class BatchingCore:
 
     @property
     def stalled(self) -> bool:
-        """The batching thread runs, holds requests and has finished no step for the pulse's timeout."""
+        """The batching thread runs, holds requests and has finished no step (nor scored a chunk of a
+        prompt) for the pulse's timeout."""
         manager = self._manager
-        return self._running and self.pulse.stuck(bool(self._seen), int(getattr(manager, "current_batch", 0)))
+        steps = int(getattr(manager, "current_batch", 0)) + self.scoring.chunks
+        return self._running and self.pulse.stuck(bool(self._seen), steps)
 
     @property
     def active(self) -> int:

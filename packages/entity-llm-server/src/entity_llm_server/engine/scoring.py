@@ -34,9 +34,12 @@ if TYPE_CHECKING:
 CHUNK = 256
 
 
-def score(model: Any, ids: list[int], top_n: int, chunk: int = CHUNK) -> tuple[TokenLogprob, ...]:
+def score(
+    model: Any, ids: list[int], top_n: int, chunk: int = CHUNK, on_chunk: Callable[[], None] | None = None
+) -> tuple[TokenLogprob, ...]:
     """Each of `ids[1:]`'s logprob and rank given the ids before it, with the `top_n` likeliest
-    alternatives at its position (blocking: a forward pass over the prompt, in chunks)."""
+    alternatives at its position (blocking: a forward pass over the prompt, in chunks; `on_chunk` is
+    called after each)."""
     import torch
 
     forward = inspect.signature(model.forward).parameters
@@ -50,6 +53,8 @@ def score(model: Any, ids: list[int], top_n: int, chunk: int = CHUNK) -> tuple[T
             if cache is not None:
                 inputs[cache_name] = cache
             out = model(**inputs)
+            if on_chunk is not None:
+                on_chunk()
             cache = getattr(out, cache_name)
             targets = ids[start + 1 : start + 1 + len(piece)]
             logprobs = out.logits[0, : len(targets)].float().log_softmax(dim=-1)
@@ -79,6 +84,9 @@ class Scoring:
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._scoring: set[str] = set()
+        # Forward passes run, written by the scoring thread alone: a core's liveness counts them
+        # with its own steps (a request being scored is held, and the core's loop may not step).
+        self.chunks = 0
 
     def gate(
         self,
@@ -111,7 +119,7 @@ class Scoring:
         try:
             if self._left(rid):
                 return
-            entries = score(self.model, prepared.ids, top_n)
+            entries = score(self.model, prepared.ids, top_n, on_chunk=self._chunk_done)
             last = prepared.max_new_tokens == 0
             if self._left(rid):
                 return
@@ -124,6 +132,9 @@ class Scoring:
             with self._lock:
                 self._scoring.discard(rid)
                 self._cancelled.discard(rid)
+
+    def _chunk_done(self) -> None:
+        self.chunks += 1
 
     def _left(self, rid: str) -> bool:
         with self._lock:
