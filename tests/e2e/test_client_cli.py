@@ -79,6 +79,33 @@ def test_a_failed_call_exits_one_with_the_status(console_server):
     assert "UNAVAILABLE" in unreachable.stderr
 
 
+def test_score_and_prompt_logprobs_give_the_sdks_numbers(console_server):
+    target = console_server.target
+    out = _cli("--target", target, "--json", "score", "def f(x):", "--top-logprobs", "2")
+    assert out.returncode == 0, out.stderr
+    entries = json.loads(out.stdout)
+    assert [e["token_id"] for e in entries] == [319, 290, 11, 91, 304]  # the prompt's tokens after its start token
+    for entry in entries:
+        assert len(entry["top_logprobs"]) == 2
+        assert entry["rank"] >= 1
+        assert (entry["rank"] == 1) == (entry["logprob"] == entry["top_logprobs"][0]["logprob"])
+    with LLMClient(target, timeout=60) as client:
+        expected = client.score("def f(x):", top_logprobs=2)
+        done = client.complete("def f(x):", max_new_tokens=3, prompt_logprobs=0, logprobs=True)
+    assert [(e.token_id, e.logprob, e.rank) for e in expected] == [
+        (e["token_id"], e["logprob"], e["rank"]) for e in entries
+    ]
+    assert [(e.token_id, e.rank) for e in done.prompt_logprobs] == [(e.token_id, e.rank) for e in expected]
+    assert [e.rank for e in done.logprobs] == [1, 1, 1]  # greedy: the likeliest token each step
+    plain = _cli("--target", target, "generate", "def f(x):", "--max-new-tokens", "0", "--prompt-logprobs", "0")
+    assert plain.returncode == 0, plain.stderr
+    blank, header, *rows = plain.stdout.splitlines()
+    assert blank == ""
+    assert header == f"--- prompt logprobs (5 tokens after the first, sum {sum(e.logprob for e in expected):.4f}) ---"
+    assert [row.split()[0] for row in rows] == ["319", "290", "11", "91", "304"]
+    assert "[max_tokens, 6 in / 0 out]" in plain.stderr
+
+
 def test_generate_takes_a_constraint_from_flags_and_files(console_server, tmp_path):
     schema = tmp_path / "pet.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}},

@@ -13,8 +13,9 @@ import pytest
 
 from entity_llm_client.cli import main
 
-from .capturing import CapturingServicer, running
+from .capturing import CapturingServicer, ScoringServicer, running
 from .test_sdk_parameters import SamplesServicer
+from .test_sdk_scoring import ScoringSamplesServicer
 
 OPTIONAL_FIELDS = {
     "max_new_tokens",
@@ -27,6 +28,7 @@ OPTIONAL_FIELDS = {
     "repetition_penalty",
     "seed",
     "n",
+    "prompt_logprobs",
 }
 
 
@@ -54,6 +56,7 @@ def test_every_flag_lands_in_its_field():
         "--seed", "18446744073709551615",
         "--logprobs",
         "--top-logprobs", "3",
+        "--prompt-logprobs", "10",
         "--n", "1",
     )  # fmt: skip
     assert code == 0
@@ -67,7 +70,7 @@ def test_every_flag_lands_in_its_field():
     assert (request.temperature, request.top_p, request.top_k, request.repetition_penalty) == (0.5, 0.25, 40, 1.5)
     assert request.seed == 2**64 - 1
     assert (request.logprobs, request.top_logprobs) == (True, 3)
-    assert request.n == 1
+    assert (request.n, request.prompt_logprobs) == (1, 10)
 
 
 def test_flags_left_out_stay_unset():
@@ -87,6 +90,8 @@ def test_each_sampling_flag_alone_sets_only_its_field():
         ("--repetition-penalty", "1", "repetition_penalty"),
         ("--min-new-tokens", "0", "min_new_tokens"),
         ("--seed", "0", "seed"),
+        ("--prompt-logprobs", "0", "prompt_logprobs"),
+        ("--max-new-tokens", "0", "max_new_tokens"),  # the server's to refuse without --prompt-logprobs
     ]:
         servicer, code = _run("generate", "x", flag, value)
         assert code == 0
@@ -129,11 +134,13 @@ def test_json_output_includes_logprobs_and_seed(capsys):
                 {"token_id": 1, "logprob": -0.5, "text": "H"},
                 {"token_id": 7, "logprob": -1.5, "text": "J"},
             ],
+            "rank": 1,
         },
-        {"token_id": 2, "logprob": -0.25, "top_logprobs": []},
+        {"token_id": 2, "logprob": -0.25, "top_logprobs": [], "rank": 2},
     ]
     assert (first["seed"], last["seed"]) == (None, 2**64 - 1)
-    assert last["logprobs"] == [{"token_id": 3, "logprob": -2.0, "top_logprobs": []}]
+    assert last["logprobs"] == [{"token_id": 3, "logprob": -2.0, "top_logprobs": [], "rank": 4096}]
+    assert first["prompt_logprobs"] == last["prompt_logprobs"] == []
     assert last["finish_reason"] == "max_tokens"
 
 
@@ -175,9 +182,10 @@ def test_n_above_one_with_json_prints_one_array_of_samples(capsys):
         "usage": {"input_tokens": 5, "generated_tokens": 3, "cached_tokens": 2},
         "stop_sequence": "",
         "request_id": "r-9",
-        "logprobs": [{"token_id": i, "logprob": -0.25, "top_logprobs": []} for i in (10, 11, 12)],
+        "logprobs": [{"token_id": i, "logprob": -0.25, "top_logprobs": [], "rank": 0} for i in (10, 11, 12)],
         "seed": None,
         "stop_token_id": None,
+        "prompt_logprobs": [],
     }
     assert (second["text"], second["finish_reason"], second["stop_token_id"]) == ("b0b1", "stop_token", 21)
     assert second["usage"] == {"input_tokens": 5, "generated_tokens": 2, "cached_tokens": 4}
@@ -196,6 +204,103 @@ def test_n_of_one_streams_as_without_it(capsys):
     assert chunks[-1]["usage"] == {"input_tokens": 5, "generated_tokens": 3, "cached_tokens": 2}
 
 
+PROMPT_TABLE = [
+    "--- prompt logprobs (3 tokens after the first, sum -4.7500) ---",
+    "      11    -1.5000  rank 2  [12 'b' -0.2500, 11 'a' -1.5000]",
+    "      12    -0.2500  rank 1  [12 'b' -0.2500, 13 'c' -3.0000]",
+    "      13    -3.0000  rank 7  [42 ' z' -0.1250, 43 '\u00e9' -0.5000]",
+]
+
+
+def test_prompt_logprobs_print_after_the_text_one_token_a_line(capsys):
+    servicer, code = _run("generate", "x", "--prompt-logprobs", "2", servicer=ScoringServicer())
+    assert code == 0
+    (request,) = servicer.requests
+    assert (request.prompt_logprobs, request.HasField("max_new_tokens")) == (2, False)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["Hello", *PROMPT_TABLE]
+    assert err == "[max_tokens, 4 in / 3 out, seed 18446744073709551615]\n"
+
+
+def test_max_new_tokens_zero_with_prompt_logprobs_only_scores(capsys):
+    servicer = ScoringServicer()
+    _, code = _run("generate", "x", "--max-new-tokens", "0", "--prompt-logprobs", "0", servicer=servicer)
+    assert code == 0
+    (request,) = servicer.requests
+    assert (request.max_new_tokens, request.prompt_logprobs) == (0, 0)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["", PROMPT_TABLE[0], "      11    -1.5000  rank 2", "      12    -0.2500  rank 1",
+                                "      13    -3.0000  rank 7"]  # fmt: skip
+    assert err == "[max_tokens, 4 in / 0 out]\n"
+
+
+def test_prompt_logprobs_with_json_come_in_the_first_chunk(capsys):
+    _, code = _run("--json", "generate", "x", "--prompt-logprobs", "1", servicer=ScoringServicer())
+    assert code == 0
+    first, *rest = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (first["text"], first["token_ids"], first["finish_reason"]) == ("", [], None)
+    b, z = {"token_id": 12, "logprob": -0.25, "text": "b"}, {"token_id": 42, "logprob": -0.125, "text": " z"}
+    assert first["prompt_logprobs"] == [
+        {"token_id": 11, "logprob": -1.5, "top_logprobs": [b], "rank": 2},
+        {"token_id": 12, "logprob": -0.25, "top_logprobs": [b], "rank": 1},
+        {"token_id": 13, "logprob": -3.0, "top_logprobs": [z], "rank": 7},
+    ]
+    assert [(c["text"], c["prompt_logprobs"]) for c in rest] == [("He", []), ("llo", [])]
+
+
+def test_samples_print_sample_0s_prompt_logprobs_after_them(capsys):
+    servicer, code = _run("generate", "x", "--n", "2", "--prompt-logprobs", "2", servicer=ScoringSamplesServicer())
+    assert code == 0
+    assert (servicer.requests[0].n, servicer.requests[0].prompt_logprobs) == (2, 2)
+    assert capsys.readouterr().out.splitlines() == [
+        "--- sample 0 (max_tokens, 5 in / 3 out) ---",
+        "a0a1a2",
+        "--- sample 1 (stop_token, 5 in / 2 out) ---",
+        "b0b1",
+        *PROMPT_TABLE,
+    ]
+    _, code = _run("--json", "generate", "x", "--n", "2", "--prompt-logprobs", "0", servicer=ScoringSamplesServicer())
+    assert code == 0
+    first, second = json.loads(capsys.readouterr().out)
+    assert [(e["token_id"], e["rank"], e["top_logprobs"]) for e in first["prompt_logprobs"]] == [
+        (11, 2, []),
+        (12, 1, []),
+        (13, 7, []),
+    ]
+    assert (first["text"], second["text"], second["prompt_logprobs"]) == ("a0a1a2", "b0b1", [])
+
+
+def test_score_sends_only_a_scoring_request_and_prints_the_table(capsys):
+    servicer, code = _run("score", "The capital of France is Paris", "--top-logprobs", "2", servicer=ScoringServicer())
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert (out.splitlines(), err) == (PROMPT_TABLE, "")
+    _, code = _run("--json", "score", "--prompt-token-ids", "5,11,12,13", "--truncate-input-tokens", "3",
+                   servicer=servicer)  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"token_id": 11, "logprob": -1.5, "top_logprobs": [], "rank": 2},
+        {"token_id": 12, "logprob": -0.25, "top_logprobs": [], "rank": 1},
+        {"token_id": 13, "logprob": -3.0, "top_logprobs": [], "rank": 7},
+    ]
+    _, code = _run("score", "--message", "user:Hi", servicer=servicer)
+    assert code == 0
+    text, ids, chat = servicer.requests
+    assert (text.prompt, text.max_new_tokens, text.prompt_logprobs) == ("The capital of France is Paris", 0, 2)
+    assert not text.HasField("truncate_input_tokens")
+    assert (list(ids.prompt_token_ids), ids.max_new_tokens, ids.prompt_logprobs) == ([5, 11, 12, 13], 0, 0)
+    assert ids.truncate_input_tokens == 3
+    assert ([(m.role, m.content) for m in chat.messages], chat.max_new_tokens, chat.prompt_logprobs) == (
+        [("user", "Hi")], 0, 0
+    )  # fmt: skip
+    scoring = {"max_new_tokens", "prompt_logprobs"}
+    assert [{name for name in OPTIONAL_FIELDS if request.HasField(name)} for request in servicer.requests] == [
+        scoring,
+        {*scoring, "truncate_input_tokens"},
+        scoring,
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -208,6 +313,13 @@ def test_n_of_one_streams_as_without_it(capsys):
         (("generate", "x", "--n", "-1"), "n must be between"),
         (("generate", "x", "--n", "4294967296"), "n must be between"),  # through samples(), before its call
         (("generate", "x", "--n", "two"), "invalid int value"),
+        (("generate", "x", "--prompt-logprobs", "-1"), "prompt_logprobs must be between"),
+        (("generate", "x", "--n", "2", "--prompt-logprobs", "-1"), "prompt_logprobs must be between"),
+        (("score",), "score: give a prompt"),
+        (("score", "x", "--message", "user:Hi"), "exactly one"),
+        (("score", "x", "--top-logprobs", "-1"), "top_logprobs must be between"),
+        (("score", "--prompt-token-ids", "1,x"), "--prompt-token-ids: expected token ids"),
+        (("score", "x", "--max-new-tokens", "3"), "unrecognized arguments"),
         # Bytes that are not UTF-8 reach argv as lone surrogates: was INTERNAL from the server.
         (("tokenize", "\udcff\udcfe"), "text"),
     ],

@@ -31,12 +31,13 @@ OPTIONAL_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "n",
+    "prompt_logprobs",
 )
 
 EXPECTED_LOGPROBS = (
-    TokenLogprob(1, -0.5, (TopLogprob(1, -0.5, "H"), TopLogprob(7, -1.5, "J"))),
-    TokenLogprob(2, -0.25),
-    TokenLogprob(3, -2.0),
+    TokenLogprob(1, -0.5, (TopLogprob(1, -0.5, "H"), TopLogprob(7, -1.5, "J")), rank=1),
+    TokenLogprob(2, -0.25, rank=2),
+    TokenLogprob(3, -2.0, rank=4096),
 )
 
 
@@ -66,6 +67,7 @@ def test_every_parameter_lands_in_its_field():
             seed=2**64 - 1,
             logprobs=True,
             top_logprobs=2,
+            prompt_logprobs=10,
             request_id="job-1",
         )
     (request,) = servicer.requests
@@ -84,18 +86,19 @@ def test_every_parameter_lands_in_its_field():
     assert list(request.stop_token_ids) == [11, 2**32 - 1]
     assert request.ignore_eos
     assert list(request.prompt_token_ids) == []
-    assert request.n == 1
+    assert (request.n, request.prompt_logprobs) == (1, 10)
 
 
 def test_unset_parameters_stay_unset_and_zero_is_sent_when_given():
     servicer = CapturingServicer()
     with running(servicer) as target, LLMClient(target, timeout=10) as client:
         client.complete("x")
-        client.complete("x", temperature=0.0, seed=0, top_k=0, max_new_tokens=None, min_p=0.0, frequency_penalty=0, n=0)
+        client.complete("x", temperature=0.0, seed=0, top_k=0, min_p=0.0, frequency_penalty=0, n=0, prompt_logprobs=0)
+        client.complete("x", max_new_tokens=0, prompt_logprobs=1)  # 0 goes out: the server checks what it needs
         nones = ("logprobs", "top_logprobs", "stop_sequences", "request_id", "include_stop_sequence")
         nones += ("stop_token_ids", "ignore_eos", "logit_bias")
         client.complete("x", **dict.fromkeys((*OPTIONAL_FIELDS, *nones)))
-    bare, zeros, all_none = servicer.requests
+    bare, zeros, scoring, all_none = servicer.requests
     assert bare == all_none
     assert not [name for name in OPTIONAL_FIELDS if bare.HasField(name)]
     assert (bare.logprobs, bare.top_logprobs, list(bare.stop_sequences), bare.request_id) == (False, 0, [], "")
@@ -107,9 +110,12 @@ def test_unset_parameters_stay_unset_and_zero_is_sent_when_given():
         "min_p",
         "frequency_penalty",
         "n",
+        "prompt_logprobs",
     ]
     assert (zeros.temperature, zeros.top_k, zeros.seed, zeros.min_p, zeros.frequency_penalty) == (0.0, 0, 0, 0.0, 0.0)
-    assert zeros.n == 0
+    assert (zeros.n, zeros.prompt_logprobs) == (0, 0)
+    assert [name for name in OPTIONAL_FIELDS if scoring.HasField(name)] == ["max_new_tokens", "prompt_logprobs"]
+    assert (scoring.max_new_tokens, scoring.prompt_logprobs) == (0, 1)
 
 
 def test_messages_replace_the_prompt():
@@ -540,6 +546,11 @@ BAD_CALLS = [
     pytest.param(("x",), {"n": 2**32}, ValueError, "n must be between 0 and", id="n-beyond-uint32"),
     pytest.param(("x",), {"n": 1.0}, TypeError, "n must be an int", id="float-n"),
     pytest.param(("x",), {"n": True}, TypeError, "n must be an int", id="bool-n"),
+    pytest.param(("x",), {"prompt_logprobs": -1}, ValueError, "prompt_logprobs must be between", id="negative-pl"),
+    pytest.param(("x",), {"prompt_logprobs": 2**32}, ValueError, "prompt_logprobs must be between", id="huge-pl"),
+    pytest.param(("x",), {"prompt_logprobs": True}, TypeError, "prompt_logprobs must be an int", id="bool-pl"),
+    pytest.param(("x",), {"prompt_logprobs": "3"}, TypeError, "prompt_logprobs must be an int", id="str-pl"),
+    pytest.param(("x",), {"max_new_tokens": -1}, ValueError, "max_new_tokens must be between", id="negative-max"),
 ]
 
 

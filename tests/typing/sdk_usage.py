@@ -77,6 +77,24 @@ def several_samples(target: str) -> list[tuple[str, int | None, int]]:
         return [(sample.text, sample.seed, cached) for sample in done]
 
 
+def score_choices(target: str, question: str, choices: list[str]) -> list[tuple[float, list[int]]]:
+    scored: list[tuple[float, list[int]]] = []
+    with LLMClient(target, timeout=30) as client:
+        for choice in choices:
+            entries: tuple[TokenLogprob, ...] = client.score(f"{question} {choice}", top_logprobs=2)
+            ranks: list[int] = [entry.rank for entry in entries]
+            scored.append((sum(entry.logprob for entry in entries), ranks))
+        first: Chunk = next(client.generate(question, max_new_tokens=0, prompt_logprobs=0))
+        options: GenerateOptions = {"prompt_logprobs": 3, "logprobs": True}
+        done: Completion = client.complete(prompt_token_ids=[1, 2], **options)
+        prompt: tuple[TokenLogprob, ...] = first.prompt_logprobs or done.prompt_logprobs
+        generated_ranks: list[int] = [entry.rank for entry in done.logprobs]
+        client.score(messages=[("user", question)], truncate_input_tokens=64, timeout=5, metadata=[("x-job", "1")])
+        client.score(prompt_token_ids=(1, 2, 3))
+        scored.append((sum(entry.logprob for entry in prompt), generated_ranks))
+    return scored
+
+
 def chat(target: str) -> str:
     with LLMClient(target) as client:
         chunks = list(client.generate(messages=[("system", "Answer in Python."), ("user", "Add.")], min_new_tokens=2))
@@ -104,6 +122,10 @@ async def stream_async(target: str, prompt: str) -> str:
         reasons: list[FinishReason] = [sample.finish_reason for sample in samples]
         assert len(reasons) == 2
         assert samples[-1].usage.cached_tokens >= 0
+        scored = await client.samples("x", n=2, prompt_logprobs=1, temperature=0.8)
+        ranks: list[int] = [entry.rank for entry in scored[0].prompt_logprobs]
+        entries: tuple[TokenLogprob, ...] = await client.score(messages=[("user", prompt)], top_logprobs=1)
+        assert len(entries) >= len(ranks) or not ranks
         return "".join([piece.text async for piece in client.generate(prompt, timeout=30, top_logprobs=2)])
 
 

@@ -13,7 +13,7 @@ from ._connection import ChannelOptions, Pem, auth_metadata, connect
 from ._errors import LLMError, from_rpc_error
 from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
 from ._tracing import Traced, outcome
-from ._types import Chunk, Completion, GenerateOptions, ModelInfo, SampleOptions, Tokens
+from ._types import Chunk, Completion, GenerateOptions, ModelInfo, SampleOptions, TokenLogprob, Tokens
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -133,7 +133,8 @@ class LLMClient:
             timeout: this call's deadline in seconds (overrides the client's).
             metadata: extra gRPC metadata.
             **options: the request parameters (`GenerateOptions`):
-                max_new_tokens: the most tokens to generate (server default if None).
+                max_new_tokens: the most tokens to generate (server default if
+                    None); 0, with `prompt_logprobs`, only scores the prompt.
                 min_new_tokens: the fewest tokens before end-of-sequence may end it.
                 stop_sequences: texts that end generation (trimmed from the output).
                 include_stop_sequence: keep the matched stop text.
@@ -162,6 +163,11 @@ class LLMClient:
                 logprobs: return each generated token's log-probability.
                 top_logprobs: also return this many likely alternatives per
                     token (implies logprobs).
+                prompt_logprobs: score the prompt: the stream's first chunk, of
+                    empty text, carries `prompt_logprobs`, one entry per prompt
+                    token after the first (logprob, rank and this many
+                    alternatives, 0 to 10), and `complete()` gathers them.
+                    With `n`, sample 0 carries them. See `score()`.
                 request_id: echoed in every chunk; the server makes one if empty.
                 n: generate this many independent samples of the prompt in
                     the one call (1 to 16; the server's limit): their chunks
@@ -260,6 +266,44 @@ class LLMClient:
         """
         request = t.samples_request(prompt, messages, prompt_token_ids, n, options)
         return t.to_completions(list(self._stream(request, _deadline(self.timeout, timeout), metadata)), n)
+
+    def score(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        top_logprobs: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        truncate_input_tokens: int | None = None,
+    ) -> tuple[TokenLogprob, ...]:
+        """Score the prompt under the model, generating nothing.
+
+        For evaluation harnesses (perplexity, multiple-choice scoring): the
+        sum of the entries' `logprob`s is the prompt's log-likelihood given
+        its first token. One call with `prompt_logprobs=top_logprobs` and
+        `max_new_tokens=0`; the other arguments are `generate`'s.
+
+        Args:
+            top_logprobs: also return this many most likely alternatives at
+                each position (0 to 10, the server's limit; 0: none).
+            truncate_input_tokens: score only the prompt's last N tokens.
+
+        Returns:
+            One entry per prompt token after the first, in order, as the
+            model saw the prompt (after truncation; a chat as its template
+            rendered it): the token's id, `logprob` and `rank`, and its
+            `top_logprobs` alternatives. A one-token prompt has none.
+
+        Raises:
+            TypeError, ValueError: as `generate`, before any call.
+            LLMError: a subclass for the call's status code (a prompt longer
+                than the server scores is InvalidArgumentError).
+        """
+        request = t.score_request(prompt, messages, prompt_token_ids, top_logprobs, truncate_input_tokens)
+        chunks = list(self._stream(request, _deadline(self.timeout, timeout), metadata))
+        return t.to_completion(chunks).prompt_logprobs
 
     def tokenize(self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None) -> Tokens:
         """The served model's tokens for `text`."""
@@ -415,6 +459,27 @@ class AsyncLLMClient:
         request = t.samples_request(prompt, messages, prompt_token_ids, n, options)
         stream = self._stream(request, _deadline(self.timeout, timeout), metadata)
         return t.to_completions([chunk async for chunk in stream], n)
+
+    async def score(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        top_logprobs: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        truncate_input_tokens: int | None = None,
+    ) -> tuple[TokenLogprob, ...]:
+        """Score the prompt under the model, generating nothing; see `LLMClient.score`.
+
+        For evaluation harnesses (perplexity, multiple-choice scoring): the
+        sum of the entries' `logprob`s is the prompt's log-likelihood given
+        its first token.
+        """
+        request = t.score_request(prompt, messages, prompt_token_ids, top_logprobs, truncate_input_tokens)
+        stream = self._stream(request, _deadline(self.timeout, timeout), metadata)
+        return t.to_completion([chunk async for chunk in stream]).prompt_logprobs
 
     async def tokenize(
         self, text: str, *, truncate_input_tokens: int | None = None, timeout: float | None = None

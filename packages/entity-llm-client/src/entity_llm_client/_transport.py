@@ -86,7 +86,16 @@ class Methods:
         self.model_info = handle("unary_unary", "GetModelInfo", GetModelInfoRequest, GetModelInfoResponse)
 
 
-_UINT32 = ("max_new_tokens", "min_new_tokens", "truncate_input_tokens", "time_limit_ms", "top_k", "top_logprobs", "n")
+_UINT32 = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "truncate_input_tokens",
+    "time_limit_ms",
+    "top_k",
+    "top_logprobs",
+    "n",
+    "prompt_logprobs",
+)
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "min_p", "typical_p", "presence_penalty", "frequency_penalty")
 _FLOAT32_MAX = 3.4028234663852886e38  # the wire's floats are 32-bit
 
@@ -256,6 +265,23 @@ def samples_request(
     return generate_request(prompt, messages, prompt_token_ids, {**options, "n": n})
 
 
+def score_request(
+    prompt: str | None,
+    messages: Sequence[tuple[str, str]] | None,
+    prompt_token_ids: Sequence[int] | None,
+    top_logprobs: int,
+    truncate_input_tokens: int | None,
+) -> GenerateRequest:
+    """The GenerateRequest for `score()`' arguments: score the prompt, generate nothing."""
+    alternatives = _unsigned("top_logprobs", top_logprobs)  # named as score() takes it
+    options: GenerateOptions = {
+        "max_new_tokens": 0,
+        "prompt_logprobs": alternatives,
+        "truncate_input_tokens": truncate_input_tokens,
+    }
+    return generate_request(prompt, messages, prompt_token_ids, options)
+
+
 def one_sample(request: GenerateRequest) -> GenerateRequest:
     """`request`, if it asks for one completion (`complete()` returns one); TypeError otherwise."""
     if request.n is not None and request.n > 1:
@@ -269,6 +295,7 @@ def _logprobs(entries: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
             token_id=e.token_id,
             logprob=e.logprob,
             top_logprobs=tuple(TopLogprob(t.token_id, t.logprob, t.text) for t in e.top_logprobs),
+            rank=e.rank,
         )
         for e in entries
     )
@@ -289,6 +316,7 @@ def to_chunk(response: GenerateResponse, request_id: str) -> Chunk:
         seed=response.seed,
         stop_token_id=response.stop_token_id,
         index=response.index,
+        prompt_logprobs=_logprobs(response.prompt_logprobs),
     )
 
 
@@ -307,6 +335,7 @@ def to_completion(chunks: list[Chunk], sample: str = "the stream") -> Completion
         logprobs=tuple(entry for c in chunks for entry in c.logprobs),
         seed=last.seed,
         stop_token_id=last.stop_token_id,
+        prompt_logprobs=tuple(entry for c in chunks for entry in c.prompt_logprobs),
     )
 
 

@@ -34,6 +34,7 @@ class SampleOptions(TypedDict, total=False):
     seed: int | None
     logprobs: bool
     top_logprobs: int
+    prompt_logprobs: int | None
     request_id: str
     # Structured output: at most one of these.
     json_schema: str | Mapping[str, Any] | type
@@ -98,20 +99,31 @@ class TopLogprob:
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """A generated token's log-probability (asked for with `logprobs` or `top_logprobs`).
+    """A token's log-probability: a generated token's, or a prompt token's.
+
+    Generated tokens have them when the request asks for `logprobs` or
+    `top_logprobs`; prompt tokens when it asks for `prompt_logprobs` (as
+    `score()` does).
 
     Attributes:
-        token_id: the generated token's id.
-        logprob: its natural-log probability under the distribution it was
-            chosen from (after every change the request makes to the logits:
-            penalties, biases, temperature and the sampling filters).
+        token_id: the token's id.
+        logprob: its natural-log probability: a generated token's under the
+            distribution it was chosen from (after every change the request
+            makes to the logits: penalties, biases, temperature and the
+            sampling filters); a prompt token's under the model's own
+            distribution at its position, given the tokens before it.
         top_logprobs: the most likely tokens of that distribution, most likely
-            first (`top_logprobs` of them; empty unless asked for).
+            first (`top_logprobs` of them, or `prompt_logprobs` of them for
+            a prompt token; empty unless asked for).
+        rank: the token's rank in that distribution: 1 for the most likely
+            token, 2 for the next, and so on (tokens of equal probability
+            share a rank); 0 from servers that predate it.
     """
 
     token_id: int
     logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
+    rank: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +134,10 @@ class Chunk:
     last chunk of a stream carries `finish_reason` and `usage` (its text may
     be empty); the others have `finish_reason` None. A stream of `n` samples
     interleaves their chunks, each marked with its sample's `index`, and
-    every sample ends with a last chunk of its own.
+    every sample ends with a last chunk of its own. A request with
+    `prompt_logprobs` streams, before any text, a chunk of its own that
+    carries them: its `text` is empty, its `token_ids` and `logprobs` too,
+    its `finish_reason` None (sample 0's, with `n`).
 
     Attributes:
         text: the decoded text; never splits a multi-byte UTF-8 character.
@@ -138,6 +153,10 @@ class Chunk:
         seed: the sampler's seed, on the last chunk of a sampled stream
             (None otherwise): send it back as `seed` to repeat the stream.
         index: the sample the chunk belongs to (0 to n - 1; 0 without `n`).
+        prompt_logprobs: the prompt's scores, on the chunk that carries them
+            (the stream's first; empty on every other): one entry per prompt
+            token after the first, in order, as the model saw the prompt
+            (after truncation; a chat as its template rendered it).
     """
 
     text: str
@@ -150,6 +169,7 @@ class Chunk:
     seed: int | None = None
     stop_token_id: int | None = None
     index: int = 0
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     def __str__(self) -> str:
         return self.text
@@ -170,6 +190,9 @@ class Completion:
         seed: the sampler's seed of a sampled generation (None if greedy).
         stop_token_id: the stop token that ended it, if one did (a
             generated token: counted, and in `token_ids`).
+        prompt_logprobs: the prompt's scores, when the request asked for
+            `prompt_logprobs` (empty otherwise; of `samples()`, on sample
+            0's completion only): one entry per prompt token after the first.
     """
 
     text: str
@@ -181,6 +204,7 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] = ()
     seed: int | None = None
     stop_token_id: int | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ entity-llm generate --prompt-token-ids 319,290,11 --stop-token-id 304 --logit-bi
 entity-llm --json generate "import os" --top-logprobs 3   # one JSON object per chunk, with logprobs
 entity-llm generate "def f(x):" --n 4 --temperature 0.8 --seed 7   # 4 samples, each under its own header
 entity-llm generate "A cat:" --json-schema cat.schema.json   # the output is JSON valid under the schema
+entity-llm generate "import os" --prompt-logprobs 2   # the prompt's tokens' logprobs, after the text
+entity-llm score "The capital of France is Paris"   # each token's logprob and rank, and their sum
 entity-llm tokenize "def f(x):"
 entity-llm info
 entity-llm --tls --root-certificates ca.pem --target llm.example:443 info   # key in $ENTITY_LLM_API_KEY
@@ -27,7 +29,7 @@ from typing import Any
 
 from ._client import LLMClient
 from ._errors import LLMError
-from ._types import Completion, SampleOptions, Usage
+from ._types import Completion, SampleOptions, TokenLogprob, Usage
 
 API_KEY_ENV = "ENTITY_LLM_API_KEY"
 
@@ -91,25 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream the continuation of a prompt or a chat",
         description="Give a prompt, a chat with --message or --messages-json, or --prompt-token-ids (exactly one).",
     )
-    generate.add_argument("prompt", nargs="?", help="the text to continue ('-' reads standard input)")
-    chat = generate.add_argument_group("chat (instead of a prompt)")
-    chat.add_argument(
-        "--message",
-        action="append",
-        dest="messages",
-        metavar="ROLE:CONTENT",
-        help="one turn of a conversation, e.g. user:Hello (repeat it, in order)",
-    )
-    chat.add_argument(
-        "--messages-json",
-        metavar="FILE",
-        help='a JSON array of {"role": ..., "content": ...} objects (\'-\' reads standard input)',
-    )
-    generate.add_argument(
-        "--prompt-token-ids",
-        metavar="ID,ID,...",
-        help="the prompt as token ids, used as they are (instead of a prompt)",
-    )
+    _add_inputs(generate, "continue")
     generate.add_argument("--max-new-tokens", type=int, help="the most tokens to generate")
     generate.add_argument("--min-new-tokens", type=int, help="the fewest tokens before end-of-sequence may end it")
     generate.add_argument("--stop", action="append", default=[], dest="stop_sequences", help="a stop sequence")
@@ -159,11 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
     exclusive.add_argument("--regex", help="the whole output matches this regular expression")
     exclusive.add_argument("--choice", action="append", help="the output is one of these (repeat the flag)")
     exclusive.add_argument("--grammar", metavar="FILE", help="the output is a sentence of this Lark grammar file")
-    scores = generate.add_argument_group("log-probabilities (shown with --json)")
-    scores.add_argument("--logprobs", action="store_true", help="return each generated token's log-probability")
+    scores = generate.add_argument_group("log-probabilities")
+    scores.add_argument(
+        "--logprobs", action="store_true", help="return each generated token's log-probability (shown with --json)"
+    )
     scores.add_argument(
         "--top-logprobs", type=int, default=0, metavar="N", help="also return the N most likely alternatives"
     )
+    scores.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        metavar="N",
+        help="score the prompt: each token's logprob and rank after the first, with N alternatives (0 to 10), "
+        "printed after the text; with --max-new-tokens 0, only that",
+    )
+
+    score = commands.add_parser(
+        "score",
+        help="score a prompt: each token's logprob and rank under the model",
+        description="Give a prompt, a chat with --message or --messages-json, or --prompt-token-ids (exactly one). "
+        "Prints every token after the first with its logprob, rank and alternatives, under their sum: the "
+        "prompt's log-likelihood given its first token. Generates nothing.",
+    )
+    _add_inputs(score, "score")
+    score.add_argument(
+        "--top-logprobs", type=int, default=0, metavar="N", help="also show the N most likely alternatives (0 to 10)"
+    )
+    score.add_argument("--truncate-input-tokens", type=int, metavar="N", help="score only the prompt's last N tokens")
 
     tokenize = commands.add_parser("tokenize", help="show a text's tokens")
     tokenize.add_argument("text")
@@ -171,6 +177,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="describe the served model")
     return parser
+
+
+def _add_inputs(command: argparse.ArgumentParser, verb: str) -> None:
+    """The flags that give `command` its prompt: a text, a chat or token ids."""
+    command.add_argument("prompt", nargs="?", help=f"the text to {verb} ('-' reads standard input)")
+    chat = command.add_argument_group("chat (instead of a prompt)")
+    chat.add_argument(
+        "--message",
+        action="append",
+        dest="messages",
+        metavar="ROLE:CONTENT",
+        help="one turn of a conversation, e.g. user:Hello (repeat it, in order)",
+    )
+    chat.add_argument(
+        "--messages-json",
+        metavar="FILE",
+        help='a JSON array of {"role": ..., "content": ...} objects (\'-\' reads standard input)',
+    )
+    command.add_argument(
+        "--prompt-token-ids",
+        metavar="ID,ID,...",
+        help="the prompt as token ids, used as they are (instead of a prompt)",
+    )
+
+
+def _one_input(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Exit 2 unless the flags give exactly one prompt."""
+    inputs = (args.prompt, args.messages, args.messages_json, args.prompt_token_ids)
+    if sum(x is not None for x in inputs) != 1:
+        parser.error(f"{args.command}: give a prompt, --message, --messages-json or --prompt-token-ids (exactly one)")
+
+
+def _inputs(args: argparse.Namespace) -> tuple[str | None, list[tuple[str, str]] | None, list[int] | None]:
+    """The prompt, chat or token ids the flags give (files and standard input read now)."""
+    messages = _messages(args)
+    token_ids = None if args.prompt_token_ids is None else _token_ids(args.prompt_token_ids)
+    prompt = None if args.prompt is None else sys.stdin.read() if args.prompt == "-" else args.prompt
+    return prompt, messages, token_ids
 
 
 def _messages(args: argparse.Namespace) -> list[tuple[str, str]] | None:
@@ -213,14 +257,10 @@ def _logit_bias(entries: list[str]) -> dict[int, float]:
 
 
 def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    inputs = (args.prompt, args.messages, args.messages_json, args.prompt_token_ids)
-    if sum(x is not None for x in inputs) != 1:
-        parser.error("generate: give a prompt, --message, --messages-json or --prompt-token-ids (exactly one)")
+    _one_input(args, parser)
     several = args.n is not None and args.n > 1  # printed once all end; one sample streams as it comes
     try:
-        messages = _messages(args)
-        token_ids = None if args.prompt_token_ids is None else _token_ids(args.prompt_token_ids)
-        prompt = None if args.prompt is None else sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt, messages, token_ids = _inputs(args)
         options: SampleOptions = {
             "max_new_tokens": args.max_new_tokens,
             "min_new_tokens": args.min_new_tokens,
@@ -242,6 +282,7 @@ def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.Argu
             "seed": args.seed,
             "logprobs": args.logprobs,
             "top_logprobs": args.top_logprobs,
+            "prompt_logprobs": args.prompt_logprobs,
             "request_id": args.request_id,
             **_constraint(args),
         }
@@ -254,15 +295,41 @@ def _generate(client: LLMClient, args: argparse.Namespace, parser: argparse.Argu
         parser.error(f"generate: {error}")
     if several:
         _print_samples(samples, as_json=args.json)
+        if not args.json and args.prompt_logprobs is not None:
+            _print_prompt_logprobs(samples[0].prompt_logprobs)
         return
+    scored: tuple[TokenLogprob, ...] = ()  # the stream's first chunk carries them, printed after the text
     for chunk in stream:
         if args.json:
             print(json.dumps(_jsonable(chunk)), flush=True)
-        else:
-            print(chunk.text, end="", flush=True)
-            if chunk.finish_reason is not None:
-                print()
-                print(f"[{_summary(chunk.finish_reason.value, chunk.usage, chunk.seed)}]", file=sys.stderr)
+            continue
+        print(chunk.text, end="", flush=True)
+        scored += chunk.prompt_logprobs
+        if chunk.finish_reason is not None:
+            print()
+            if args.prompt_logprobs is not None:
+                _print_prompt_logprobs(scored)
+            print(f"[{_summary(chunk.finish_reason.value, chunk.usage, chunk.seed)}]", file=sys.stderr)
+
+
+def _score(client: LLMClient, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    _one_input(args, parser)
+    try:
+        prompt, messages, token_ids = _inputs(args)
+        # The whole call runs here; of these errors, only its checks (before it starts) raise.
+        entries = client.score(
+            prompt,
+            messages=messages,
+            prompt_token_ids=token_ids,
+            top_logprobs=args.top_logprobs,
+            truncate_input_tokens=args.truncate_input_tokens,
+        )
+    except (OSError, ValueError, TypeError) as error:  # bad flags or files, found before any call
+        parser.error(f"score: {error}")
+    if args.json:
+        print(json.dumps(_jsonable(entries)))
+    else:
+        _print_prompt_logprobs(entries)
 
 
 def _summary(reason: str, usage: Usage | None, seed: int | None) -> str:
@@ -279,6 +346,16 @@ def _print_samples(samples: list[Completion], *, as_json: bool) -> None:
     for index, done in enumerate(samples):
         print(f"--- sample {index} ({_summary(done.finish_reason.value, done.usage, done.seed)}) ---")
         print(done.text, flush=True)
+
+
+def _print_prompt_logprobs(entries: tuple[TokenLogprob, ...]) -> None:
+    """The prompt's scores under a header with their sum, one token a line: id, logprob, rank, alternatives."""
+    total = sum(entry.logprob for entry in entries)
+    print(f"--- prompt logprobs ({len(entries)} tokens after the first, sum {total:.4f}) ---")
+    for entry in entries:
+        alternatives = ", ".join(f"{alt.token_id} {alt.text!r} {alt.logprob:.4f}" for alt in entry.top_logprobs)
+        line = f"{entry.token_id:>8}  {entry.logprob:>9.4f}  rank {entry.rank}"
+        print(f"{line}  [{alternatives}]" if alternatives else line, flush=True)
 
 
 def _constraint(args: argparse.Namespace) -> SampleOptions:
@@ -322,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with client:
             if args.command == "generate":
                 _generate(client, args, parser)
+            elif args.command == "score":
+                _score(client, args, parser)
             elif args.command == "tokenize":
                 try:
                     tokens = client.tokenize(args.text, truncate_input_tokens=args.truncate_input_tokens)
