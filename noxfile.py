@@ -122,12 +122,16 @@ def demo(session: nox.Session) -> None:
 
 
 # What `nox -s bench` runs, after `python`: the commands benchmarks/README.md
-# quotes for its CPU tables, argument for argument. About 23 minutes on 2 cores.
+# quotes for its CPU tables, argument for argument. About 30 minutes on 2 cores.
 BENCH = (
     "benchmarks/transport.py",
     "benchmarks/model_path.py --streams 1,32 --repeat 3 --sequential-limit 4 --compare-in-process",
     "benchmarks/scale.py",
     "benchmarks/engines.py",
+    "benchmarks/model_path.py --models llama-35m --streams 32 --shared-prefix 256 --prompt-tokens 32 --new-tokens 64 "
+    "--repeat 2",
+    "benchmarks/features.py --repeat 3",
+    "benchmarks/features.py --repeat 3 --max-batch-tokens 2048",
 )
 
 

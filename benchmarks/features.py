@@ -1,10 +1,11 @@
 """Request features against their baselines: n samples in one call, and scoring prompts.
 
 - samples: n sampled completions of one long prompt in one call
-  (`GenerateRequest.n`) against n separate concurrent calls with the same
-  seeds (`sample_seed(seed, i)`: the same tokens), on one server (the console
-  script's defaults: engine process, prefix cache on). Tokens/s over the
-  round; target ≥ 1.2x at a long prompt.
+  (`GenerateRequest.n`) against n separate concurrent calls of the same
+  prompt with the same seeds (`sample_seed(seed, i)`: the same tokens), on
+  one server (the console script's defaults: engine process, prefix cache
+  on); each call's prompt is new to the server. Tokens/s over the round;
+  target ≥ 1.2x at a long prompt.
 - scoring: `--score-prompts` prompts of `--score-tokens` tokens scored over
   gRPC (`max_new_tokens=0`, `prompt_logprobs=0`, all at once) against one
   plain batched forward pass over the same ids in process (log_softmax,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -54,16 +56,20 @@ async def _round(target: str, requests: list[llm_pb2.GenerateRequest], warm: llm
 
 
 def samples_sides(target: str, text: str, n: int, new_tokens: int) -> dict[str, Any]:
-    sampling = {"temperature": 1.0, "top_k": 50, "max_new_tokens": new_tokens}
-    warm = llm_pb2.GenerateRequest(prompt=text[: len(text) // 3], max_new_tokens=4)
+    # Every call's prompt is new to the server (a fresh mark at its start): the prefix cache holds
+    # nothing of it, so each side prefills as often as it must. ignore_eos: every sample runs its length.
+    sampling = {"temperature": 1.0, "top_k": 50, "max_new_tokens": new_tokens, "ignore_eos": True}
+    warm = llm_pb2.GenerateRequest(prompt="warm up", max_new_tokens=4)
+    marks = itertools.count()
 
     def one_call() -> Row:
-        request = llm_pb2.GenerateRequest(prompt=text, n=n, seed=7, **sampling)
+        request = llm_pb2.GenerateRequest(prompt=f"[{next(marks)}] {text}", n=n, seed=7, **sampling)
         seconds, results = asyncio.run(_round(target, [request], warm))
         return Row("samples", f"n={n} in one call", n, sum(r[0] for r in results), seconds, [results[0][1] * 1000])
 
     def separate() -> Row:
-        requests = [llm_pb2.GenerateRequest(prompt=text, seed=sample_seed(7, i), **sampling) for i in range(n)]
+        fresh = f"[{next(marks)}] {text}"
+        requests = [llm_pb2.GenerateRequest(prompt=fresh, seed=sample_seed(7, i), **sampling) for i in range(n)]
         seconds, results = asyncio.run(_round(target, requests, warm))
         return Row(
             "samples", f"{n} separate calls", n, sum(r[0] for r in results), seconds, [r[1] * 1000 for r in results]
@@ -111,6 +117,13 @@ def main() -> None:
     parser.add_argument("--score-prompts", type=int, default=32)
     parser.add_argument("--score-tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=0,
+        help="the server's tokens per step (0: its default, 256 on CPU); 2048, the GPU default, lets separate "
+        "calls of one long prompt prefill side by side, as they do on a GPU",
+    )
     args = parser.parse_args()
 
     import torch
@@ -127,6 +140,7 @@ def main() -> None:
         longest = max(args.prompt_tokens, args.score_tokens) + args.new_tokens + 16
         flags = ("--max-batch-size", str(max(args.n, args.score_prompts)), "--max-queue", "0")
         flags += ("--kv-cache-tokens", str(longest * max(args.n, args.score_prompts)))
+        flags += ("--max-batch-tokens", str(args.max_batch_tokens))
         with ServerProcess("--model", str(folder), "--device", args.device, *flags) as server:
             sides = samples_sides(server.target, long_prompt.text, args.n, args.new_tokens)
             sides.update(scoring_sides(server.target, model, batch))
@@ -150,7 +164,8 @@ def main() -> None:
                 0.8,
             )
         )
-    report(f"features_{args.device}", rows, ratios, {"args": vars(args)})
+    suffix = f"_{args.max_batch_tokens}_step_tokens" if args.max_batch_tokens else ""
+    report(f"features_{args.device}{suffix}", rows, ratios, {"args": vars(args)})
 
 
 if __name__ == "__main__":
