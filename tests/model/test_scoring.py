@@ -7,6 +7,8 @@ in chunks, for the demo model and a random-weight one; max_new_tokens 0 only sco
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 import grpc
@@ -212,3 +214,68 @@ def test_a_core_busy_scoring_is_alive_while_its_batching_loop_waits():
     assert len(healthy) > 10  # the scoring took well past the timeout
     assert all(healthy)
     assert all(isinstance(r[0], Scored) for r in results)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "padded"])
+def test_with_samples_the_prompts_logprobs_come_before_any_samples_text_and_one_token_prompts_get_theirs(kind):
+    """Found in review: samples 1..n-1 started at once on cores without a prefix cache, and could stream
+    text before sample 0's prompt logprobs; a one-token prompt's (empty) logprobs were never sent."""
+    engine = load(kind)
+    request = EngineRequest(
+        SOURCE, max_new_tokens=4, n=3, sampling=Sampling(temperature=1.0, seed=2, prompt_logprobs=1)
+    )
+    bos = engine.tokenize("").ids
+
+    async def main():
+        many = await events(engine, request)
+        single = await events(
+            engine, EngineRequest("", prompt_token_ids=bos, max_new_tokens=0, sampling=Sampling(prompt_logprobs=0))
+        )
+        return many, single
+
+    many, single = serving(engine, main)
+    assert isinstance(many[0], Scored)
+    assert [e.index for e in many if isinstance(e, Scored)] == [0]
+    assert sorted(e.index for e in many if isinstance(e, Finished)) == [0, 1, 2]
+    assert len(bos) == 1
+    assert isinstance(single[0], Scored)
+    assert single[0].prompt_logprobs == ()
+    assert isinstance(single[1], Finished)
+
+
+def test_n_samples_of_nothing_are_refused():
+    engine = load("sequential")
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.prepare(EngineRequest(SOURCE, max_new_tokens=0, n=2, sampling=Sampling(prompt_logprobs=0)))
+    assert caught.value.field == "n"
+
+
+def test_a_client_that_leaves_while_its_prompt_is_scored_is_never_generated_for():
+    engine = load("batching")
+    model, forward = engine.model, engine.model.forward
+    scoring = threading.Event()
+
+    def slow(*args, **kwargs):
+        scoring.set()
+        time.sleep(0.3)
+        return forward(*args, **kwargs)
+
+    async def main():
+        steps = engine.core_state().steps
+        model.forward = slow
+        request = EngineRequest(SOURCE, max_new_tokens=64, sampling=Sampling(prompt_logprobs=0))
+        stream = engine.generate(request)
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(scoring.wait, 30)
+        waiting.cancel()  # the client leaves while its prompt is being scored
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await stream.aclose()
+        await asyncio.sleep(1.0)  # the scoring ends; the request must go no further
+        model.forward = forward
+        return steps, engine.core_state(), engine.in_flight
+
+    before, after, in_flight = serving(engine, main)
+    assert after.held == 0
+    assert after.steps == before  # the batching loop never ran a step for it
+    assert in_flight == 0

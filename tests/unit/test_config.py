@@ -86,6 +86,8 @@ def test_environment_sets_defaults_and_flags_win():
         (["--cuda-graphs", "yes"], {}, "--cuda-graphs"),
         (["--on-engine-failure", "reboot"], {}, "--on-engine-failure"),
         (["--trust-remote-code", "yes"], {}, "--trust-remote-code"),
+        (["--max-prompt-logprobs-tokens", "16385"], {}, "--max-prompt-logprobs-tokens"),
+        (["--prefix-caching", "maybe"], {}, "--prefix-caching"),
         ([], {"ENTITY_LLM_PORT": "-1"}, "--port"),
     ],
 )

@@ -269,7 +269,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     add(
         "--max-prompt-logprobs-tokens",
-        type=_non_negative_int,
+        type=_bounded(int, 0, 16384),
         help="the longest prompt a request may ask prompt_logprobs of (longer: INVALID_ARGUMENT)",
     )
     add(

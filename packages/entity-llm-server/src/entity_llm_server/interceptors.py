@@ -131,6 +131,13 @@ class _Call:
         self.task: asyncio.Task[Any] | None = None
         self.context: Any = None
 
+    def streamed(self, message: Any) -> None:
+        """Count a message the stream sent: its ids, and (Generate) each sample's last message."""
+        self.last = message
+        self.streamed_ids += len(getattr(message, "token_ids", ()))
+        if getattr(message, "finish_reason", 0):
+            self.finals.append(message)
+
 
 def _request_id(metadata: Any, request: Any) -> str:
     """The header's id, else the request's `request_id` field, else a new one."""
@@ -275,20 +282,14 @@ class OperationsInterceptor(_Interceptor):
                         async for message in stream:
                             if call.moments is not None:  # a trace's first-token moment
                                 call.moments.first_token = clock()
-                            call.last = message
-                            call.streamed_ids += len(getattr(message, "token_ids", ()))
-                            if getattr(message, "finish_reason", 0):
-                                call.finals.append(message)
+                            call.streamed(message)
                             call.writing = True
                             yield message
                             call.writing = False
                             call.written += 1
                             break
                         async for message in stream:
-                            call.last = message
-                            call.streamed_ids += len(getattr(message, "token_ids", ()))
-                            if getattr(message, "finish_reason", 0):
-                                call.finals.append(message)
+                            call.streamed(message)
                             call.writing = True
                             yield message
                             call.writing = False
@@ -305,10 +306,7 @@ class OperationsInterceptor(_Interceptor):
                             if call.moments is not None:
                                 call.moments.first_token = now
                         last_at = now
-                        call.last = message
-                        call.streamed_ids += len(getattr(message, "token_ids", ()))
-                        if getattr(message, "finish_reason", 0):
-                            call.finals.append(message)
+                        call.streamed(message)
                         call.writing = True
                         yield message
                         call.writing = False
@@ -365,9 +363,10 @@ class OperationsInterceptor(_Interceptor):
         tokens = 0
         if call.timed and call.last is not None:
             # Each sample's last message counts every token it generated (an
-            # EOS and trimmed stop text included); a stream cut short has none.
+            # EOS and trimmed stop text included); the ids streamed count a
+            # stream cut short, even after some of its samples had ended.
             finals = call.finals
-            tokens = sum(f.generated_token_count for f in finals) or call.streamed_ids
+            tokens = max(sum(f.generated_token_count for f in finals), call.streamed_ids)
             self.metrics.generated_tokens.inc(tokens)
             self.metrics.prompt_tokens.inc(sum(f.input_token_count for f in finals))
             self.metrics.cached_prompt_tokens.inc(sum(f.cached_token_count for f in finals))
@@ -384,7 +383,7 @@ class OperationsInterceptor(_Interceptor):
             call.task = call.context = None
         if self.tracing is not None and call.span is not None and call.moments is not None:
             try:
-                self.tracing.finish(call.span, code, call.request_id, call.last, call.moments)
+                self.tracing.finish(call.span, code, call.request_id, call.finals, call.moments)
             except Exception:  # a tracing fault must not fail the RPC
                 log.exception("could not record the RPC's trace")
         log.log(

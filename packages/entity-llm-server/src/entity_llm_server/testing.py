@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
-from .engine import EngineEvent, EngineRequest, Finished, FinishReason, ModelInfo, TextDelta, Tokens
+from .engine import EngineEvent, EngineRequest, Finished, FinishReason, ModelInfo, Scored, TextDelta, Tokens
+from .engine.sampling import TokenLogprob
 
 __all__ = ["FakeEngine"]
 
@@ -53,13 +54,23 @@ class FakeEngine:
         self.started = False
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
-        limit = request.max_new_tokens or self.default_max_new_tokens
+        """The pieces, cycled to the request's length; each of `request.n` samples streams its own copy
+        (interleaved, marked with its index); `prompt_logprobs` scores each word of the prompt after the
+        first at -1.0 (rank 1) first; a max_new_tokens of 0 only scores."""
+        limit = self.default_max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
+        words = len(request.prompt.split())
         self.active += 1
         try:
+            if (top := request.sampling.prompt_logprobs) is not None:
+                alternatives = tuple((token, -1.0) for token in range(top))
+                entries = tuple(TokenLogprob(i, -1.0, alternatives, rank=1) for i in range(1, words))
+                yield Scored(entries)
             for i in range(limit):
                 await asyncio.sleep(self.delay)
-                yield TextDelta(self.pieces[i % len(self.pieces)], (i,))
-            yield Finished(FinishReason.MAX_TOKENS, len(request.prompt.split()), limit, tuple(range(limit)))
+                for index in range(request.n):
+                    yield TextDelta(self.pieces[i % len(self.pieces)], (i,), index=index)
+            for index in range(request.n):
+                yield Finished(FinishReason.MAX_TOKENS, words, limit, tuple(range(limit)), index=index)
         finally:
             self.active -= 1
 

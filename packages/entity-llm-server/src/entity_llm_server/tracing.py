@@ -127,17 +127,19 @@ class Tracing:
         )
         return span if span.is_recording() else None
 
-    def finish(self, span: Any, code: grpc.StatusCode, request_id: str, last: Any, moments: Moments) -> None:
-        """Name the RPC's outcome on its span, add the phase spans and end it."""
+    def finish(self, span: Any, code: grpc.StatusCode, request_id: str, finals: list[Any], moments: Moments) -> None:
+        """Name the RPC's outcome on its span (`finals`: Generate's last message of each sample, as they
+        came), add the phase spans and end it."""
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in SERVER_ERRORS:
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, code.name))
         span.set_attribute(REQUEST_ID, request_id)
-        if isinstance(last, llm_pb2.GenerateResponse) and last.finish_reason:
-            name = llm_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
-            span.set_attribute(FINISH_REASONS, [name])
-            span.set_attribute(INPUT_TOKENS, last.input_token_count)
-            span.set_attribute(OUTPUT_TOKENS, last.generated_token_count)
+        ends = sorted((f for f in finals if isinstance(f, llm_pb2.GenerateResponse)), key=lambda f: f.index)
+        if ends:
+            names = [llm_pb2.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower() for f in ends]
+            span.set_attribute(FINISH_REASONS, names)  # one per sample, in sample order
+            span.set_attribute(INPUT_TOKENS, ends[0].input_token_count)
+            span.set_attribute(OUTPUT_TOKENS, sum(f.generated_token_count for f in ends))
         ended = time.perf_counter()
         if moments.handoff:  # else refused or invalid: it never reached the engine
             self._phases(span, moments, ended)

@@ -229,6 +229,8 @@ def _sampling(request: llm_pb2.GenerateRequest) -> list[tuple[str, str]]:
         problems.append(("prompt_logprobs", f"at most {MAX_TOP_LOGPROBS} alternatives, got {request.prompt_logprobs}"))
     if request.HasField("n") and not 1 <= request.n <= MAX_SAMPLES:
         problems.append(("n", f"must be between 1 and {MAX_SAMPLES}, got {request.n}"))
+    elif request.n > 1 and request.HasField("max_new_tokens") and request.max_new_tokens == 0:
+        problems.append(("n", "more than one sample of nothing: max_new_tokens 0 only scores the prompt"))
     if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         problems.append(("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(request.stop_token_ids)}"))
     return problems

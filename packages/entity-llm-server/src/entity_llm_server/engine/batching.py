@@ -200,7 +200,9 @@ class BatchingCore:
         try:
             prove(manager, type(self.model).__name__, self.facts.vocab_size)
             self.sampling.faults.clear()
-            if self.settings.prefix_caching:  # the running loop's cache, which the probe has used
+            # The running loop's cache, which the probe has used; under tensor parallelism, rank 0's
+            # (the other ranks' lookups mirror it, for requests this core never sees).
+            if self.settings.prefix_caching and getattr(manager, "is_tp_driver", True):
                 self.prefix.install(manager)
         except BatchingUnsupportedError:
             atexit.unregister(self._stop)
@@ -271,6 +273,7 @@ class BatchingCore:
                 if seen is None:  # cancelled, already ended, or a tensor-parallel rank's copy
                     if out.is_finished():
                         faults.pop(rid, None)
+                        self.prefix.take(rid)
                     continue
                 error = None
                 if out.error is not None:
@@ -320,7 +323,8 @@ class BatchingCore:
                 self.sampling.logprobs[rid] = []
             if follower is not None:
                 self.sampling.followers[rid] = follower
-        if not self.scoring.gate(rid, prepared, self._scored, lambda: self._submit(manager, rid, prepared, late=True)):
+        proceed = lambda: self._submit(manager, rid, prepared, late=True)  # noqa: E731
+        if not self.scoring.gate(rid, prepared, self._scored, proceed, lambda: self.cancel(rid)):
             self._submit(manager, rid, prepared)
 
     def _scored(self, output: SeqOutput) -> None:

@@ -61,6 +61,13 @@ def _padded(mask: torch.Tensor, rows: int, *, fill: bool) -> torch.Tensor:
     return torch.cat([mask, mask.new_full((rows - mask.shape[0], mask.shape[1]), fill)])
 
 
+def _generated(state: Any) -> list[int]:
+    """A request's generated tokens, including those a soft reset (the manager offloading it) moved
+    into its initial tokens."""
+    tokens: list[int] = state.initial_tokens + state.generated_tokens
+    return tokens[state.logit_processor_kwargs.get("prompt_len", len(state.initial_tokens)) :]
+
+
 def _bits(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(torch.int32)
 
@@ -220,7 +227,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
     def _adjust(self, state: Any, sampling: s.Sampling, step: int, row: torch.Tensor) -> None:
         """Write one request's additions to its logits into `row` (zeros); a fault fails the request alone."""
         try:
-            s.adjustments(sampling, step, state.generated_tokens, row)
+            s.adjustments(sampling, step, _generated(state), row)
         except Exception as exc:  # this runs on the batching thread: never let it die
             self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
             row.zero_()
@@ -229,7 +236,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         """Row `index` of `bitmask`: the tokens the request's constraint allows next, once its
         matcher has seen the tokens generated so far. A matcher in error fails the request alone."""
         try:
-            follower.follow(state.generated_tokens)
+            follower.follow(_generated(state))
             if (error := follower.error) is not None:
                 raise ValueError(f"the output left its constraint: {error}")
             follower.fill(bitmask, index)

@@ -250,6 +250,11 @@ class FrontEnd:
                 raise InvalidRequestError(
                     "min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete"
                 )
+            if request.sampling.ignore_eos:
+                raise InvalidRequestError(
+                    "ignore_eos",
+                    "cannot be combined with a constraint, which ends the output with an end-of-sequence token",
+                )
             self.grammars.check(constraint)
         self._check_ids(request)
         if request.prompt_token_ids:  # as they are: no special tokens added
@@ -289,6 +294,8 @@ class FrontEnd:
         asked = request.sampling.prompt_logprobs is not None
         if request.max_new_tokens == 0 and not asked:
             raise InvalidRequestError("max_new_tokens", "0 only scores the prompt: set prompt_logprobs")
+        if request.max_new_tokens == 0 and request.n > 1:
+            raise InvalidRequestError("n", "more than one sample of nothing: max_new_tokens 0 only scores the prompt")
         if not asked:
             return
         if not self.scores_prompts:
@@ -365,7 +372,7 @@ class FrontEnd:
                     output: SeqOutput = item
                     ids += output.ids
                     cached += output.cached
-                    prompt = output.prompt or prompt
+                    prompt = output.prompt if output.prompt is not None else prompt
                     if output.logprobs is not None:
                         logprobs = (logprobs or ()) + output.logprobs
                     done = output.finished
@@ -402,7 +409,10 @@ class FrontEnd:
                     sampling = dataclasses.replace(sampling, prompt_logprobs=None)
                 return self._sample(request, dataclasses.replace(prepared, sampling=sampling), index, first)
 
-            events = merged(sample, request.n, staggered=self.shares_prefixes)
+            # Sample 0 first where the core shares prefixes (one prefill), and where it scores the prompt
+            # (its logprobs come before any sample's text).
+            scoring = prepared.sampling.prompt_logprobs is not None
+            events = merged(sample, request.n, staggered=self.shares_prefixes or scoring)
         async with aclosing(events) as stream:
             async for event in stream:
                 yield event
@@ -435,10 +445,10 @@ class FrontEnd:
                     reason = FinishReason.TIME_LIMIT
                     break
                 cached += hits
-                if first is not None:
-                    first.set()
                 if prompt is not None:
-                    yield Scored(tuple(self._named(entry) for entry in prompt), index)
+                    yield Scored(await sized_call(len(prompt) * 8, self._named_all, prompt), index)
+                if first is not None and ids:
+                    first.set()
                 # Everything this step brought goes out as one event: a stream
                 # that fell behind catches up in fewer, larger messages.
                 text: list[str] = []
@@ -485,6 +495,9 @@ class FrontEnd:
             cached,
             index,
         )
+
+    def _named_all(self, entries: tuple[TokenLogprob, ...]) -> tuple[TokenLogprob, ...]:
+        return tuple(self._named(entry) for entry in entries)
 
     def _named(self, entry: TokenLogprob) -> TokenLogprob:
         return dataclasses.replace(entry, top_text=tuple(self._piece_text(token) for token, _ in entry.top))

@@ -143,7 +143,8 @@ class PaddedCore:
     def add(self, rid: str, prepared: Prepared) -> None:
         if self._thread is None or self._closing or (emit := self._emit) is None:
             raise EngineError("engine is not started")
-        if not self.scoring.gate(rid, prepared, lambda output: emit([output]), lambda: self._queue(rid, prepared)):
+        scored = lambda output: emit([output])  # noqa: E731
+        if not self.scoring.gate(rid, prepared, scored, lambda: self._queue(rid, prepared), lambda: self.cancel(rid)):
             self._queue(rid, prepared)
 
     def _queue(self, rid: str, prepared: Prepared) -> None:

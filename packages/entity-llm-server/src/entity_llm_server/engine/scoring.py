@@ -94,10 +94,12 @@ class Scoring:
         prepared: Prepared,
         deliver: Callable[[SeqOutput], None],
         proceed: Callable[[], None],
+        cancel: Callable[[], None],
     ) -> bool:
         """Take a request that asks for prompt logprobs: score it on the scoring thread, `deliver` the
-        result, then `proceed` to its generation (or deliver its end, when it generates nothing).
-        False, and nothing done, for a request that does not ask."""
+        result, then `proceed` to its generation (or deliver its end, when it generates nothing); a
+        request that left while `proceed` handed it to the core is then `cancel`led there. False, and
+        nothing done, for a request that does not ask."""
         top_n = prepared.sampling.prompt_logprobs
         if top_n is None:
             return False
@@ -105,7 +107,7 @@ class Scoring:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entity-llm-score")
             self._scoring.add(rid)
-        self._executor.submit(self._run, rid, prepared, top_n, deliver, proceed)
+            self._executor.submit(self._run, rid, prepared, top_n, deliver, proceed, cancel)
         return True
 
     def _run(
@@ -115,6 +117,7 @@ class Scoring:
         top_n: int,
         deliver: Callable[[SeqOutput], None],
         proceed: Callable[[], None],
+        cancel: Callable[[], None],
     ) -> None:
         try:
             if self._left(rid):
@@ -126,6 +129,8 @@ class Scoring:
             deliver(SeqOutput(rid, (), None, last, prompt=entries))
             if not last:
                 proceed()
+                if self._left(rid):  # it left while being handed over: the core may have it now
+                    cancel()
         except Exception as exc:  # reported to the request's stream
             deliver(SeqOutput(rid, (), None, True, f"scoring the prompt failed: {type(exc).__name__}: {exc}"))
         finally:

@@ -102,7 +102,8 @@ class SequentialCore:
         executor, emit = self._executor, self._emit
         if executor is None or emit is None:
             raise EngineError("engine is not started")
-        if not self.scoring.gate(rid, prepared, emit, lambda: self._submit(executor, emit, rid, prepared)):
+        proceed = lambda: self._submit(executor, emit, rid, prepared)  # noqa: E731
+        if not self.scoring.gate(rid, prepared, emit, proceed, lambda: self.cancel(rid)):
             self._submit(executor, emit, rid, prepared)
 
     def _submit(
