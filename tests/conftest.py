@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,33 @@ from entity_llm_server import LLMServer, LLMService
 ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The reliability suite's figures (`reliability/conftest.record`), gathered here from every
+# pytest-xdist worker, and printed and written to benchmarks/results/ at the end of the run.
+FIGURES: dict[str, Any] = {}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and FIGURES:  # a worker: its figures go to the controller
+        workeroutput["reliability_figures"] = dict(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    FIGURES.update(getattr(node, "workeroutput", {}).get("reliability_figures", {}))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES or hasattr(terminalreporter.config, "workeroutput"):
+        return
+    mode = os.environ.get("ENTITY_LLM_RELIABILITY", "quick")
+    terminalreporter.section(f"reliability figures ({mode} mode)")
+    for name, value in FIGURES.items():
+        terminalreporter.write_line(f"{name}: {value}")
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"reliability_{mode}.json").write_text(json.dumps(FIGURES, indent=2) + "\n")
 
 
 def children(pid: int) -> list[int]:

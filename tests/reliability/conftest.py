@@ -2,19 +2,19 @@
 
 `ENTITY_LLM_RELIABILITY=long` (what `nox -s soak` sets) selects the long
 sizes. Each test records its figures; the run prints them at the end and
-writes them to benchmarks/results/reliability.json.
+writes them to benchmarks/results/reliability_MODE.json (tests/conftest.py,
+which gathers them from every pytest-xdist worker).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..conftest import ROOT, children
+from ..conftest import FIGURES, children
 
 HERE = Path(__file__).parent
 
@@ -27,7 +27,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 LONG = os.environ.get("ENTITY_LLM_RELIABILITY", "quick") == "long"
-FIGURES: dict[str, Any] = {}
 
 
 def size(quick: int, long: int) -> int:
@@ -56,15 +55,3 @@ def server_rss_mib(pid: int) -> tuple[float, float]:
     """
     (engine,) = children(pid)
     return rss_mib(pid), rss_mib(engine)
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not FIGURES:
-        return
-    terminalreporter.section(f"reliability figures ({'long' if LONG else 'quick'} mode)")
-    for name, value in FIGURES.items():
-        terminalreporter.write_line(f"{name}: {value}")
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
-    mode = "long" if LONG else "quick"
-    (results / f"reliability_{mode}.json").write_text(json.dumps(FIGURES, indent=2) + "\n")

@@ -152,6 +152,8 @@ def limit_violations(r: llm_pb2.GenerateRequest) -> Violations:
         found.append(("prompt_logprobs", f"at most 10 alternatives, got {r.prompt_logprobs}"))
     if r.HasField("n") and not 1 <= r.n <= 16:
         found.append(("n", f"must be between 1 and 16, got {r.n}"))
+    elif r.n > 1 and r.HasField("max_new_tokens") and r.max_new_tokens == 0:
+        found.append(("n", "more than one sample of nothing: max_new_tokens 0 only scores the prompt"))
     if len(r.stop_token_ids) > 16:
         found.append(("stop_token_ids", f"at most 16, got {len(r.stop_token_ids)}"))
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(r, name)]
