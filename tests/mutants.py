@@ -90,7 +90,7 @@ MUTATIONS = (
     Mutation(
         "seed-per-request",
         "a seed reproduces a text, whatever else is in the batch",
-        "engine/sampling.py",
+        "engine/rows.py",
         "step_key(sampling.seed or 0, step) if sampled else 0,",
         "step_key(0, step) if sampled else 0,",
         ("tests/model/test_sampling.py", "-k", "seed"),
@@ -269,7 +269,7 @@ MUTATIONS = (
     Mutation(
         "typical-p",
         "typical_p means what transformers' TypicalLogitsWarper means",
-        "engine/sampling.py",
+        "engine/rows.py",
         "scores = _typical(scores, rows.typical_p)",
         "pass",
         ("tests/model/test_request_features.py", "-k", "filters_mean"),

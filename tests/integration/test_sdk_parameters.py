@@ -439,7 +439,7 @@ def test_the_calls_span_reports_every_sample(monkeypatch):
         def end(self, error: BaseException | None = None, **attributes: object) -> None:
             ended.append(attributes)
 
-    monkeypatch.setattr("entity_llm_client._client.Traced", Recorded)
+    monkeypatch.setattr("entity_llm_client._calls.Traced", Recorded)
     with running(SamplesServicer()) as target, LLMClient(target, timeout=10) as client:
         client.samples("x", n=3)
         client.complete("x")

@@ -27,7 +27,7 @@ from transformers import (
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import BatchingSettings, Finished, InvalidRequestError, Sampling, TextDelta
-from entity_llm_server.engine import sampling as s
+from entity_llm_server.engine import rows as r
 
 from ..conftest import ServerThread
 
@@ -100,8 +100,8 @@ def test_the_filters_mean_what_transformers_warpers_mean_row_by_row():
         (1.0, 0, 1.0, 0.0, 1e-6),  # the single most typical token only
     ]
     samplings = [Sampling(temperature=t, top_k=k, top_p=p, min_p=m, typical_p=y, seed=1) for t, k, p, m, y in params]
-    rows = s.rows_for([s.row_values(x, 0, vocab) for x in samplings], [None] * 8, vocab, "cpu")
-    ours = s.warp(logits, rows, s.eos_mask(frozenset(), vocab, "cpu"))
+    rows = r.rows_for([r.row_values(x, 0, vocab) for x in samplings], [None] * 8, vocab, "cpu")
+    ours = r.warp(logits, rows, r.eos_mask(frozenset(), vocab, "cpu"))
     for row, (t, k, p, m, y) in enumerate(params):
         scores = logits[row : row + 1].clone()
         warpers = [TemperatureLogitsWarper(t)]
@@ -129,14 +129,14 @@ def test_adjustments_add_the_bias_and_subtract_presence_and_frequency_penalties(
         min_new_tokens=4,
     )
     row = torch.zeros(16)
-    s.adjustments(sampling, 3, [3, 7, 7, 7], row)
+    r.adjustments(sampling, 3, [3, 7, 7, 7], row)
     assert row[3] == 5.0 - 0.5 - 0.25  # biased, generated once
     assert row[7] == -0.5 - 3 * 0.25  # generated three times
     assert row[9] == -100.0
     assert row[11] == -math.inf  # a stop token, held off until min_new_tokens
     assert int((row != 0).sum()) == 4
     after = torch.zeros(16)
-    s.adjustments(sampling, 4, [3, 7, 7, 7], after)
+    r.adjustments(sampling, 4, [3, 7, 7, 7], after)
     assert after[11] == 0.0
 
 

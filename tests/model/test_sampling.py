@@ -25,6 +25,7 @@ from entity_llm_server.engine import (
     Sampling,
     TextDelta,
 )
+from entity_llm_server.engine import rows as r
 from entity_llm_server.engine import sampling as s
 
 from ..engines import batching_engine
@@ -432,14 +433,14 @@ def test_min_new_tokens_through_a_real_server(serve):
 def test_a_fault_in_one_requests_sampling_fails_that_request_alone(monkeypatch):
     """The sampling hook runs on the batching thread: an exception there must not kill it."""
     engine = batching_engine(max_batch_size=4, max_queue=4)
-    real = s.row_values
+    real = r.row_values
 
     def broken(sampling, step, vocab):
         if sampling.seed == 666:
             raise RuntimeError("injected sampler fault")
         return real(sampling, step, vocab)
 
-    monkeypatch.setattr(s, "row_values", broken)
+    monkeypatch.setattr(r, "row_values", broken)
 
     async def main():
         async def outcome(request):

@@ -135,7 +135,7 @@ def test_scoring_then_generating_gives_the_same_tokens_and_generated_tokens_have
 
 def test_the_scoring_bound_and_zero_tokens_without_scoring_are_refused():
     engine = load("sequential")
-    engine.max_prompt_logprobs_tokens = 10
+    engine.inputs.max_prompt_logprobs_tokens = 10
     with pytest.raises(InvalidRequestError) as caught:
         engine.prepare(EngineRequest(SOURCE, max_new_tokens=0, sampling=Sampling(prompt_logprobs=0)))
     assert caught.value.field == "prompt_logprobs"

@@ -9,7 +9,7 @@ with LLMClient("localhost:50051") as client:
 
 from __future__ import annotations
 
-from ._client import AsyncLLMClient, LLMClient
+from ._async_client import AsyncLLMClient
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -20,6 +20,7 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from ._sync_client import LLMClient
 from ._types import (
     Chunk,
     Completion,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import DEFAULT_MAX_NEW_TOKENS, BatchingSettings
-from .engine.frontend import MAX_PROMPT_LOGPROBS_TOKENS
+from .engine.inputs import MAX_PROMPT_LOGPROBS_TOKENS
 from .engine.launcher import placement
 from .logs import LOG_FORMATS
 from .resource import DTYPES, ENGINES

@@ -17,7 +17,8 @@ from .engine import (
     TransformersEngine,
 )
 from .engine.base import BatchingUnsupportedError
-from .engine.frontend import MAX_PROMPT_LOGPROBS_TOKENS, FrontEnd
+from .engine.frontend import FrontEnd
+from .engine.inputs import MAX_PROMPT_LOGPROBS_TOKENS
 from .engine.launcher import placement
 from .engine.padded import fallback_message
 
@@ -152,7 +153,7 @@ class UnifiedLLMResource:
         """Load the tokenizer and model (blocking) and return an unstarted engine."""
         engine = self._load_engine()
         if isinstance(engine, FrontEnd):
-            engine.max_prompt_logprobs_tokens = self.max_prompt_logprobs_tokens
+            engine.inputs.max_prompt_logprobs_tokens = self.max_prompt_logprobs_tokens
         return engine
 
     def _load_engine(self) -> Engine:

@@ -33,7 +33,8 @@ from typing import Any
 from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, EngineError, InvalidRequestError
 from .constraints import Grammars
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
-from .frontend import FrontEnd, Prepared
+from .frontend import FrontEnd
+from .inputs import Prepared
 from .prefix import PrefixHits
 from .probe import prove
 from .scoring import Scoring

@@ -35,6 +35,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 
 from . import constraints as c
+from . import rows as r
 from . import sampling as s
 from .constraints import Follower
 
@@ -44,7 +45,7 @@ _ARGS = 8
 _FLOAT_ROWS = (_TEMPERATURE, _TOP_P, _MIN_P, _TYPICAL_P, _PENALTY)
 
 
-def _check_row(values: s.RowValues) -> None:
+def _check_row(values: r.RowValues) -> None:
     """Refuse a row the int32 argument tensor cannot hold (it would kill the batching thread)."""
     for index, value in enumerate(values):
         if index in _FLOAT_ROWS:
@@ -97,9 +98,9 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.vocab_size = vocab_size
         self.eos_ids = eos_ids
         self.eager = eager
-        self.eos_mask = s.eos_mask(eos_ids, vocab_size, device)
+        self.eos_mask = r.eos_mask(eos_ids, vocab_size, device)
         # The arguments of a plain greedy row: the tensor's defaults, and a faulty row's stand-in.
-        self._greedy_row = s.row_values(s.GREEDY, 0, vocab_size)
+        self._greedy_row = r.row_values(s.GREEDY, 0, vocab_size)
         self.logprobs: dict[str, list[s.TokenLogprob]] = {}
         # request id -> why its sampling parameters could not be applied; the
         # engine fails those requests (the batching thread carries on).
@@ -147,7 +148,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             try:
                 # position_offset already counts this step's input: the new token's index follows.
                 step = state.position_offset - kwargs.get("prompt_len", len(state.initial_tokens))
-                values = s.row_values(sampling, step, self.vocab_size)
+                values = r.row_values(sampling, step, self.vocab_size)
                 _check_row(values)
             except Exception as exc:  # this runs on the batching thread: never let it die
                 # One request's fault stays its own: its row decodes greedily
@@ -183,8 +184,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 arg_storage[index, : len(rows)] = row.to(arg_storage.device)
         if self.eager:
             self._seen = seen
-            self._sort, self._filters = s.filtering(samplings)
-            self._noise = any(int(v) & s.SAMPLED for v in columns[_FLAGS])
+            self._sort, self._filters = r.filtering(samplings)
+            self._noise = any(int(v) & r.SAMPLED for v in columns[_FLAGS])
         else:
             self.collect()  # a step whose outputs went nowhere (none should): its records first
             # Only penalised rows need their mask right: the others' penalty of 1 changes nothing.
@@ -227,7 +228,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
     def _adjust(self, state: Any, sampling: s.Sampling, step: int, row: torch.Tensor) -> None:
         """Write one request's additions to its logits into `row` (zeros); a fault fails the request alone."""
         try:
-            s.adjustments(sampling, step, _generated(state), row)
+            r.adjustments(sampling, step, _generated(state), row)
         except Exception as exc:  # this runs on the batching thread: never let it die
             self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
             row.zero_()
@@ -267,7 +268,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             return scores  # the manager's argmax is the greedy choice
         n = scores.shape[0]
         args = logits_processor_args[:, :n]
-        rows = s.Rows(
+        rows = r.Rows(
             temperature=args[_TEMPERATURE].view(torch.float32),
             top_k=args[_TOP_K],
             top_p=args[_TOP_P].view(torch.float32),
@@ -281,8 +282,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             rows.seen = self._seen_rows[:n]
             rows.adjust = self._adjust_rows[:n]
             scores = scores.masked_fill(~c.allowed(self._bitmask[:n], self.vocab_size), -math.inf)
-            logprobs = s.warp(scores, rows, self.eos_mask)
-            final = s.noisy(logprobs, rows)
+            logprobs = r.warp(scores, rows, self.eos_mask)
+            final = r.noisy(logprobs, rows)
             chosen = torch.argmax(final, dim=-1)  # the manager's own choice: the same argmax of the same scores
             self._chosen[:n].copy_(chosen)
             picked = logprobs.gather(1, chosen[:, None])
@@ -297,14 +298,14 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         if self._allowed is not None:
             scores = scores.masked_fill(~_padded(self._allowed, n, fill=True), -math.inf)
         if any(x is not None for x in self._seen):
-            rows.seen = _padded(s.seen_mask(self._seen, scores.shape[-1], scores.device), n, fill=False)
+            rows.seen = _padded(r.seen_mask(self._seen, scores.shape[-1], scores.device), n, fill=False)
         if (added := self._added) is not None:
             rows.adjust = torch.cat([added, added.new_zeros((n - len(added), self.vocab_size))])
-        logprobs = s.warp(scores, rows, self.eos_mask, sort=self._sort, filters=self._filters)
-        final = s.noisy(logprobs, rows) if self._noise else logprobs
+        logprobs = r.warp(scores, rows, self.eos_mask, sort=self._sort, filters=self._filters)
+        final = r.noisy(logprobs, rows) if self._noise else logprobs
         if any(w is not None for w in self._wanted):
             chosen = torch.argmax(final, dim=-1)
-            entries = s.logprob_entries(logprobs, chosen, [w[1] if w else None for w in self._wanted])
+            entries = r.logprob_entries(logprobs, chosen, [w[1] if w else None for w in self._wanted])
             for want, entry in zip(self._wanted, entries, strict=True):
                 # Only requests still registered: one that left is not recreated.
                 if want is not None and entry is not None and (log := self.logprobs.get(want[0])) is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .base import CoreState, EngineUnavailableError
 
 if TYPE_CHECKING:
-    from .frontend import Prepared
+    from .inputs import Prepared
     from .sampling import TokenLogprob
 
 

@@ -17,11 +17,9 @@ import dataclasses
 import functools
 import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 from . import chat
@@ -35,7 +33,6 @@ from .base import (
     EngineRequest,
     Finished,
     FinishReason,
-    InvalidRequestError,
     ModelInfo,
     Scored,
     TextDelta,
@@ -43,38 +40,19 @@ from .base import (
 )
 from .constraints import KINDS, Grammars
 from .core import Core, ModelFacts, SeqOutput
+from .inputs import Inputs, Prepared
 from .samples import merged
-from .sampling import GREEDY, Sampling, TokenLogprob, sample_seed
-from .text import Decoder, StopMatcher, sized_call, special_ids
+from .sampling import TokenLogprob, sample_seed
+from .text import Decoder, StopMatcher, sized_call
 
 log = logging.getLogger(__name__)
 
 _DEAD = object()  # put in every waiting request's queue when the core fails
 
-# The longest prompt whose logprobs a request may ask for, unless the server is started with another.
-MAX_PROMPT_LOGPROBS_TOKENS = 4096
-
 # What `_steps` yields: new token ids, their logprobs (one per id) when the
 # request asked for them, prompt tokens the core took from its prefix cache,
 # and the prompt's logprobs when they come.
 Step = tuple[tuple[int, ...], tuple[TokenLogprob, ...] | None, int, tuple[TokenLogprob, ...] | None]
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A request turned into model input.
-
-    Attributes:
-        ids: the prompt's token ids, after truncation.
-        max_new_tokens: the tokens to generate, after clipping to the context.
-        clipped: whether the context, not the request, set `max_new_tokens`.
-        sampling: the request's sampling, its seed chosen when it had none.
-    """
-
-    ids: list[int]
-    max_new_tokens: int
-    clipped: bool
-    sampling: Sampling = GREEDY
 
 
 class FrontEnd:
@@ -100,9 +78,6 @@ class FrontEnd:
     kind = "batching"
     # Whether the core shares prompt prefixes (a prefix cache): then n samples prefill once.
     shares_prefixes = False
-    # Whether the core scores prompts (`scoring`), and the longest prompt it scores.
-    scores_prompts = True
-    max_prompt_logprobs_tokens = MAX_PROMPT_LOGPROBS_TOKENS
 
     def __init__(
         self,
@@ -132,10 +107,15 @@ class FrontEnd:
         # from admission on, through any await before the core has them (a big
         # prompt's tokenization, the first step's wait).
         self.in_flight = 0
-        # Read now, not on a first request: those may encode on the event loop
-        # and in a worker thread at once, and a tokenizer's first call may set it up.
-        self._specials = special_ids(tokenizer)
-        self._special_texts = chat.special_texts(tokenizer)
+        # Requests turned into prompt ids and checked against the model.
+        self.inputs = Inputs(
+            tokenizer,
+            self.grammars,
+            vocab_size=facts.vocab_size,
+            eos_ids=self.eos_ids,
+            max_sequence_tokens=self.max_sequence_tokens,
+            default_max_new_tokens=default_max_new_tokens,
+        )
         # A token's text decoded alone, for top_logprobs alternatives.
         self._piece_text = functools.lru_cache(maxsize=65536)(lambda token: str(tokenizer.decode([token])))
         self._queues: dict[str, asyncio.Queue[Any]] = {}
@@ -208,116 +188,21 @@ class FrontEnd:
         return Tokens(tuple(ids), tuple(self.tokenizer.convert_ids_to_tokens(ids)))
 
     def encode(self, text: str, truncate: int | None = None, *, specials: bool = True) -> list[int]:
-        """The token ids of `text` as the model takes a prompt: with the
-        tokenizer's special tokens (its start token), as `tokenizer(text)`
-        gives them, unless `specials` is false (a rendered chat template
-        writes its own). A text that already starts with the start token
-        (a chat template rendered by the caller) does not get a second one.
-        With `truncate`, the start token and the last tokens are kept, at
-        most `truncate` in all when it leaves room for the special ones."""
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._framed(ids, truncate, specials)
+        """The token ids of `text` as the model takes a prompt (`Inputs.encode`)."""
+        return self.inputs.encode(text, truncate, specials=specials)
 
     def encode_chat(self, messages: tuple[tuple[str, str], ...], truncate: int | None = None) -> list[int]:
-        """A conversation's prompt ids: the chat template's markup as it writes it (its
-        special tokens included), each message's content as data (`chat.pieces`)."""
-        ids: list[int] = []
-        for piece, data in chat.pieces(self.tokenizer, messages, self._special_texts):
-            ids += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=data)["input_ids"]
-        return self._framed(ids, truncate, specials=False)  # the template writes its own (BOS)
-
-    def _framed(self, ids: list[int], truncate: int | None, specials: bool) -> list[int]:
-        start, end = self._specials
-        tail = end if specials else []
-        if start and ids[: len(start)] == start:  # the text's own start token: kept, not doubled
-            head, ids = start, ids[len(start) :]
-        else:
-            head = start if specials else []
-        if truncate:
-            keep = max(truncate - len(head) - len(tail), 0)
-            ids = ids[max(len(ids) - keep, 0) :]
-        return [*head, *ids, *tail]
+        """A conversation's prompt ids (`Inputs.encode_chat`)."""
+        return self.inputs.encode_chat(messages, truncate)
 
     def render(self, messages: tuple[tuple[str, str], ...]) -> str:
         """A conversation as prompt text: the chat template with a generation prompt."""
         return chat.render(self.tokenizer, messages)
 
     def prepare(self, request: EngineRequest) -> Prepared:
-        """Validate a request against the model and turn it into input ids (its constraint, if any, is
-        compiled: blocking)."""
-        if (constraint := request.sampling.constraint) is not None:
-            if request.sampling.min_new_tokens:
-                raise InvalidRequestError(
-                    "min_new_tokens", "cannot be combined with a constraint, which ends the output when it is complete"
-                )
-            if request.sampling.ignore_eos:
-                raise InvalidRequestError(
-                    "ignore_eos",
-                    "cannot be combined with a constraint, which ends the output with an end-of-sequence token",
-                )
-            self.grammars.check(constraint)
-        self._check_ids(request)
-        if request.prompt_token_ids:  # as they are: no special tokens added
-            ids = self._framed(list(request.prompt_token_ids), request.truncate_input_tokens, specials=False)
-        elif request.messages:
-            ids = self.encode_chat(request.messages, request.truncate_input_tokens)
-        else:
-            ids = self.encode(request.prompt, request.truncate_input_tokens)
-        if not ids:
-            start = self.tokenizer.bos_token_id
-            ids = [start if start is not None else min(self.eos_ids, default=0)]
-        if max(ids) >= self.vocab_size:
-            raise InvalidRequestError("prompt", "the tokenizer produced ids outside the model's vocabulary")
-        limit = self.max_sequence_tokens
-        room = limit - len(ids)
-        if room <= 0:
-            raise InvalidRequestError(
-                "prompt",
-                f"{len(ids)} tokens leave no room in the model's {limit}-token context; "
-                "set truncate_input_tokens to keep only the last ones",
-            )
-        if request.max_new_tokens is not None and request.max_new_tokens > limit - 1:
-            raise InvalidRequestError(
-                "max_new_tokens", f"{request.max_new_tokens} is more than this model's context allows ({limit - 1})"
-            )
-        self._check_scoring(request, len(ids))
-        wanted = (
-            min(self.default_max_new_tokens, limit - 1) if request.max_new_tokens is None else request.max_new_tokens
-        )
-        sampling = request.sampling
-        if sampling.sampled and sampling.seed is None:
-            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
-        return Prepared(ids, min(wanted, room), clipped=wanted > room, sampling=sampling)
-
-    def _check_scoring(self, request: EngineRequest, prompt_tokens: int) -> None:
-        """Refuse prompt logprobs this engine cannot or may not compute, and a request that would do nothing."""
-        asked = request.sampling.prompt_logprobs is not None
-        if request.max_new_tokens == 0 and not asked:
-            raise InvalidRequestError("max_new_tokens", "0 only scores the prompt: set prompt_logprobs")
-        if request.max_new_tokens == 0 and request.n > 1:
-            raise InvalidRequestError("n", "more than one sample of nothing: max_new_tokens 0 only scores the prompt")
-        if not asked:
-            return
-        if not self.scores_prompts:
-            raise InvalidRequestError(
-                "prompt_logprobs", "this server's engine does not score prompts (tensor parallel)"
-            )
-        if prompt_tokens > (bound := self.max_prompt_logprobs_tokens):
-            raise InvalidRequestError(
-                "prompt_logprobs",
-                f"the prompt's {prompt_tokens} tokens are more than this server scores ({bound}: "
-                "--max-prompt-logprobs-tokens); send a shorter prompt or set truncate_input_tokens",
-            )
-
-    def _check_ids(self, request: EngineRequest) -> None:
-        """Refuse token ids a request names that are not in the model's vocabulary."""
-        named = [(f"prompt_token_ids[{i}]", t) for i, t in enumerate(request.prompt_token_ids)]
-        named += [(f"stop_token_ids[{i}]", t) for i, t in enumerate(request.sampling.stop_token_ids)]
-        named += [(f"logit_bias[{t}]", t) for t, _ in request.sampling.logit_bias]
-        for field, token in named:
-            if token >= self.vocab_size:
-                said = f"{token} is not a token id of this model (its vocabulary has {self.vocab_size})"
-                raise InvalidRequestError(field, said)
+        """A request checked against the model and turned into input ids (`Inputs.prepare`; a
+        constraint is compiled: blocking)."""
+        return self.inputs.prepare(request)
 
     # -- requests -------------------------------------------------------------
 

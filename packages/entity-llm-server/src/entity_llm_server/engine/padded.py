@@ -30,11 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import sampling as s
+from . import rows as r
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
 from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
-from .frontend import FrontEnd, Prepared
+from .frontend import FrontEnd
+from .inputs import Prepared
 from .scoring import Scoring
 from .settings import BatchingSettings
 
@@ -240,7 +241,7 @@ class PaddedCore:
                 self._steps += 1
                 logits = out.logits[:, -1]
                 if eos_mask is None:
-                    eos_mask = s.eos_mask(self.eos_ids, logits.shape[-1], device)
+                    eos_mask = r.eos_mask(self.eos_ids, logits.shape[-1], device)
                 with self._condition:
                     left = self._cancelled & self._running
                 for i in order:
@@ -256,7 +257,7 @@ class PaddedCore:
                     logits.shape[-1],
                     device,
                 )
-                tokens, entries = s.pick(
+                tokens, entries = r.pick(
                     logits[live],
                     [samplings[order[row]] for row in live],
                     [counts[order[row]] for row in live],

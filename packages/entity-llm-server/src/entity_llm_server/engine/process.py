@@ -30,7 +30,8 @@ from typing import Any
 
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError, EngineUnavailableError
 from .core import LIVENESS_TIMEOUT, CoreSink, ModelFacts
-from .frontend import FrontEnd, Prepared
+from .frontend import FrontEnd
+from .inputs import Prepared
 from .ipc import Add, Cancel, Dead, Message, Ping, Pong, StateQuery, StateReply, Steps, Stop, send_all
 from .launcher import EngineProcess
 from .ranks import PeerRanks
@@ -336,7 +337,7 @@ class ProcessEngine(FrontEnd):
         # One replica's prefix cache: several replicas take a request's samples where each has room.
         self.shares_prefixes = self.kind == "batching" and settings.prefix_caching and n == 1
         # A forward pass of a tensor-parallel group needs every rank, which its batching loop owns.
-        self.scores_prompts = all(len(group) == 1 for group in groups)
+        self.inputs.scores_prompts = all(len(group) == 1 for group in groups)
 
     @property
     def process(self) -> ProcessCore:

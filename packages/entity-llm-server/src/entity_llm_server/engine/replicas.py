@@ -18,7 +18,7 @@ from .base import CoreState, EngineError, EngineUnavailableError
 from .core import CoreSink, SeqOutput
 
 if TYPE_CHECKING:
-    from .frontend import Prepared
+    from .inputs import Prepared
     from .process import ProcessCore
 
 log = logging.getLogger(__name__)

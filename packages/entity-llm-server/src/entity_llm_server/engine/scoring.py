@@ -28,7 +28,7 @@ from .core import SeqOutput
 from .sampling import TokenLogprob
 
 if TYPE_CHECKING:
-    from .frontend import Prepared
+    from .inputs import Prepared
 
 # Prompt positions whose logits are computed at once.
 CHUNK = 256

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import sampling as s
+from . import rows as r
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
 from .constraints import Grammars, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
-from .frontend import FrontEnd, Prepared
+from .frontend import FrontEnd
+from .inputs import Prepared
 from .scoring import Scoring
 
 
@@ -151,10 +152,10 @@ class SequentialCore:
             self._steps += 1
             logits = out.logits[:, -1]
             vocab = logits.shape[-1]
-            eos_mask = s.eos_mask(self.eos_ids, vocab, device)
+            eos_mask = r.eos_mask(self.eos_ids, vocab, device)
             while count < prepared.max_new_tokens and not cancelled.is_set():
                 allowed = step_mask([follower], [sequence[len(prepared.ids) :]], vocab, device)
-                (token,), (entry,) = s.pick(logits, [sampling], [count], [sequence], eos_mask, allowed)
+                (token,), (entry,) = r.pick(logits, [sampling], [count], [sequence], eos_mask, allowed)
                 sequence.append(token)
                 count += 1
                 last = token in stops or count == prepared.max_new_tokens

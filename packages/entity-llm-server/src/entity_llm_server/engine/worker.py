@@ -32,7 +32,7 @@ from .base import BatchingUnsupportedError, CoreState, EngineError
 from .batching import BatchingCore
 from .constraints import Grammars
 from .core import ModelFacts, SeqOutput
-from .frontend import Prepared
+from .inputs import Prepared
 from .ipc import (
     Add,
     Cancel,
