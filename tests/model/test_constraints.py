@@ -264,3 +264,29 @@ def test_an_engine_without_constraints_refuses_them_naming_the_field(serve):
         with pytest.raises(InvalidArgumentError) as refused:
             client.complete("x", regex="a+")
         assert [v.field for v in refused.value.field_violations] == ["regex"]
+
+
+def test_the_masks_of_a_step_computed_together_are_each_rows_own(demo_engine):
+    """Several constrained rows' masks come from llguidance's executor in one call (its thread pool,
+    off the GIL): each row is what its own matcher computes alone, wherever it sits in the batch."""
+    import torch
+
+    from entity_llm_server.engine.constraints import Masks, words
+
+    grammars = demo_engine.grammars
+    kinds = [
+        Constraint("regex", "[a-z]{2,5}"),
+        Constraint("choice", json.dumps(["yes", "no"])),
+        Constraint("json_object"),
+    ]
+    followers = [grammars.follower(kind) for kind in kinds]
+    followers[0].follow([demo_engine.tokenize("ab").ids[-1]])  # one of them a step further
+    width = words(demo_engine.vocab_size)
+    together = torch.full((5, width), -1, dtype=torch.int32)
+    Masks().fill([(f, row) for f, row in zip(followers, (4, 0, 2), strict=True)], together)
+    for follower, row in zip(followers, (4, 0, 2), strict=True):
+        alone = torch.full((1, width), -1, dtype=torch.int32)
+        follower.fill(alone, 0)
+        assert torch.equal(together[row], alone[0])
+    assert not torch.equal(together[0], together[2])
+    assert torch.equal(together[1], torch.full((width,), -1, dtype=torch.int32))  # rows without one untouched

@@ -115,6 +115,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self._wanted: list[tuple[str, int] | None] = []
         # request id -> its constraint's matcher (`constraints`), registered by the core.
         self.followers: dict[str, Follower] = {}
+        self.masks = c.Masks()
         self._allowed: torch.Tensor | None = None  # eager: the step's allowed tokens, when a row is constrained
         self._masked: set[int] = set()  # graph mode: rows of the bitmask buffer that are not all ones
         self._adjusted: set[int] = set()  # graph mode: rows of the adjustment buffer that are not zeros
@@ -140,7 +141,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         steps: list[int] = []
         wanted: list[tuple[str, int] | None] = []
         bitmask: torch.Tensor | None = None
-        constrained: set[int] = set()
+        constrained: list[tuple[Follower, int, str]] = []  # (follower, row, request id)
         for index, future in enumerate(rows):
             state = future.state
             kwargs = state.logit_processor_kwargs
@@ -164,8 +165,10 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             if (follower := self.followers.get(state.request_id)) is not None:
                 if bitmask is None:
                     bitmask = torch.full((len(rows), c.words(self.vocab_size)), -1, dtype=torch.int32)
-                self._constrain(follower, state, bitmask, index)
-                constrained.add(index)
+                if self._follow(follower, state):
+                    constrained.append((follower, index, state.request_id))
+        if bitmask is not None:
+            self._fill(constrained, bitmask)
         if self.eager:
             self._added = self._adjustments(rows, samplings, steps, arg_storage.device)
             # A step where every row is plain greedy (no sampling, no EOS held off, no penalty,
@@ -233,16 +236,29 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
             row.zero_()
 
-    def _constrain(self, follower: Follower, state: Any, bitmask: torch.Tensor, index: int) -> None:
-        """Row `index` of `bitmask`: the tokens the request's constraint allows next, once its
-        matcher has seen the tokens generated so far. A matcher in error fails the request alone."""
+    def _follow(self, follower: Follower, state: Any) -> bool:
+        """Feed a constrained request's matcher the tokens generated so far; False (the request
+        failed alone) if it left its constraint."""
         try:
             follower.follow(_generated(state))
             if (error := follower.error) is not None:
                 raise ValueError(f"the output left its constraint: {error}")
-            follower.fill(bitmask, index)
         except Exception as exc:  # this runs on the batching thread: never let it die
             self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
+            return False
+        return True
+
+    def _fill(self, constrained: list[tuple[Follower, int, str]], bitmask: torch.Tensor) -> None:
+        """The constrained rows of `bitmask`: the tokens each request's constraint allows next, all
+        rows at once; if that fails, row by row, a failing row failing its request alone."""
+        try:
+            self.masks.fill([(follower, row) for follower, row, _ in constrained], bitmask)
+        except Exception:  # this runs on the batching thread: never let it die
+            for follower, row, rid in constrained:
+                try:
+                    follower.fill(bitmask, row)
+                except Exception as exc:
+                    self.faults[rid] = f"{type(exc).__name__}: {exc}"
 
     def collect(self) -> None:
         """Graph mode, after a step: copy the chosen logprobs (and alternatives) of the rows that asked

@@ -193,6 +193,33 @@ class Follower:
         self.matcher.unsafe_compute_mask_ptr(line.data_ptr(), line.numel() * line.element_size())
 
 
+class Masks:
+    """The constrained rows' masks of a step, computed together: with llguidance's executor, in its
+    own thread pool and off the GIL, when more than one row is constrained."""
+
+    def __init__(self) -> None:
+        self._executor: Any = None
+
+    def fill(self, rows: list[tuple[Follower, int]], bitmask: torch.Tensor) -> None:
+        """Write each (follower, row)'s allowed next tokens into its row of an int32 [rows, words]
+        contiguous CPU bitmask (the followers have seen their sequences' tokens)."""
+        import torch
+
+        if len(rows) == 1:
+            follower, row = rows[0]
+            follower.fill(bitmask, row)
+            return
+        if bitmask.dtype != torch.int32 or not bitmask.is_cpu or not bitmask.is_contiguous():
+            raise ValueError("a bitmask is contiguous int32 in CPU memory")
+        if self._executor is None:
+            from llguidance import LLExecutor
+
+            self._executor = LLExecutor()
+        matchers = [(follower.matcher, row) for follower, row in rows]
+        # What llguidance.torch.fill_next_token_bitmask_par does (see Follower.fill).
+        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
+
+
 def words(vocab_size: int) -> int:
     """int32 words per bitmask row."""
     return (vocab_size + 31) // 32
@@ -209,7 +236,7 @@ def allowed(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def step_mask(
-    followers: list[Follower | None], generated: list[list[int]], vocab_size: int, device: Any
+    followers: list[Follower | None], generated: list[list[int]], vocab_size: int, device: Any, masks: Masks
 ) -> torch.Tensor | None:
     """The tokens each row may take this step, bool [rows, vocab], after each constrained row's
     follower has seen its sequence's newest tokens (`generated[row]`); None when no row is constrained.
@@ -222,10 +249,12 @@ def step_mask(
     if all(f is None for f in followers):
         return None
     bitmask = torch.full((len(followers), words(vocab_size)), -1, dtype=torch.int32)
+    rows: list[tuple[Follower, int]] = []
     for row, (follower, tokens) in enumerate(zip(followers, generated, strict=True)):
         if follower is not None:
             follower.follow(tokens)
             if (error := follower.error) is not None:
                 raise EngineError(f"the output left its constraint: {error}")
-            follower.fill(bitmask, row)
+            rows.append((follower, row))
+    masks.fill(rows, bitmask)
     return allowed(bitmask.to(device), vocab_size)

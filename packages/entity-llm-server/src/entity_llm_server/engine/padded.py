@@ -32,7 +32,7 @@ from typing import Any
 
 from . import rows as r
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
-from .constraints import Grammars, step_mask
+from .constraints import Grammars, Masks, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd
 from .inputs import Prepared
@@ -86,6 +86,7 @@ class PaddedCore:
         self._steps = 0  # forward passes, written by the worker thread alone
         self.pulse = Pulse()
         self.scoring = Scoring(model)
+        self.masks = Masks()  # the constrained rows' masks of a step
 
     @property
     def healthy(self) -> bool:
@@ -256,6 +257,7 @@ class PaddedCore:
                     [sequences[order[row]][len(batch[order[row]][1].ids) :] for row in live],
                     logits.shape[-1],
                     device,
+                    self.masks,
                 )
                 tokens, entries = r.pick(
                     logits[live],

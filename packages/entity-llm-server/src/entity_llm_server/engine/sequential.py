@@ -20,7 +20,7 @@ from typing import Any
 
 from . import rows as r
 from .base import DEFAULT_MAX_NEW_TOKENS, CoreState, EngineError
-from .constraints import Grammars, step_mask
+from .constraints import Grammars, Masks, step_mask
 from .core import CoreSink, ModelFacts, Pulse, SeqOutput
 from .frontend import FrontEnd
 from .inputs import Prepared
@@ -57,6 +57,7 @@ class SequentialCore:
         self.pulse = Pulse()
         self._count_lock = threading.Lock()
         self.scoring = Scoring(model)
+        self.masks = Masks()
 
     @property
     def healthy(self) -> bool:
@@ -154,7 +155,7 @@ class SequentialCore:
             vocab = logits.shape[-1]
             eos_mask = r.eos_mask(self.eos_ids, vocab, device)
             while count < prepared.max_new_tokens and not cancelled.is_set():
-                allowed = step_mask([follower], [sequence[len(prepared.ids) :]], vocab, device)
+                allowed = step_mask([follower], [sequence[len(prepared.ids) :]], vocab, device, self.masks)
                 (token,), (entry,) = r.pick(logits, [sampling], [count], [sequence], eos_mask, allowed)
                 sequence.append(token)
                 count += 1
