@@ -39,7 +39,7 @@ LINT = ("ruff==0.17.6", *TYPING, *TRACING, "hatchling==1.33.0", "pytest", "hypot
 # cryptography: the TLS tests make their own CA and certificates; sentencepiece:
 # the server's [sentencepiece] extra, which a tokenizer test trains a model with;
 # dnslib: a DNS server whose answers a test changes, as a cluster's DNS does;
-# pytest-xdist: the suite runs on two workers (`tests`), about 11 minutes instead of 18;
+# pytest-xdist: the suite runs on two workers (`tests`), about 10 minutes instead of 18;
 # uv: the pipeline tests' builds install their build requirements with it;
 # jsonschema, pydantic: structured outputs are validated against their schema, and the SDK
 # takes a pydantic model class as one.

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 
 from entity_llm_client import LLMClient, LLMError, OverloadedError
-from entity_llm_server import UnifiedLLMResource
-from entity_llm_server.engine import BatchingEngine, BatchingSettings, CoreState, FrontEnd
+from entity_llm_server import EngineRequest, UnifiedLLMResource
+from entity_llm_server.engine import BatchingEngine, BatchingSettings, CoreState, Finished, FrontEnd, TextDelta
 
 from .conftest import wait_until
 
@@ -19,6 +21,8 @@ from .conftest import wait_until
 # process, the same in an engine process of its own (the console script's
 # default), padded batches on the model's own cache, and one request at a time.
 ENGINE_KINDS = ("batching", "process", "padded", "sequential")
+
+T = TypeVar("T")
 
 
 def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16) -> FrontEnd:
@@ -84,6 +88,19 @@ def slow_forward(engine: BatchingEngine, seconds: float, fail_after: int | None 
     model.forward = slow
 
 
+def forced_forward(engine: FrontEnd, token: int) -> None:
+    """Make the engine's model want `token` at every step (its logit raised by 1000)."""
+    model: Any = getattr(engine, "model")  # noqa: B009  # every front end over a model in this process has one
+    forward = model.forward
+
+    def forcing(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        out.logits[..., token] += 1000.0
+        return out
+
+    model.forward = forcing
+
+
 def held_forward(engine: BatchingEngine, gate: threading.Event) -> None:
     """Make every forward pass wait for `gate` (a kernel that does not return, until it does)."""
     forward = engine.model.forward
@@ -122,3 +139,25 @@ def assert_refused_at_capacity(client: LLMClient, engine: BatchingEngine) -> Non
     assert "capacity" in caught.value.details
     assert before.held == after.held == engine.capacity
     assert engine.in_flight == engine.capacity
+
+
+async def run(engine: FrontEnd, request: EngineRequest) -> tuple[str, Finished, list[TextDelta]]:
+    """One generation's text, its Finished event, and its text deltas."""
+    events = [event async for event in engine.generate(request)]
+    final = events[-1]
+    assert isinstance(final, Finished)
+    deltas = [e for e in events[:-1] if isinstance(e, TextDelta)]
+    return "".join(d.text for d in deltas), final, deltas
+
+
+def serving(engine: FrontEnd, coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Start `engine`, run `coro_fn()` on a fresh event loop, close the engine; the coroutine's result."""
+
+    async def main() -> T:
+        await engine.start()
+        try:
+            return await coro_fn()
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())

@@ -26,10 +26,11 @@ from transformers import (
 
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
-from entity_llm_server.engine import BatchingSettings, Finished, InvalidRequestError, Sampling, TextDelta
+from entity_llm_server.engine import BatchingSettings, Finished, InvalidRequestError, Sampling
 from entity_llm_server.engine import rows as r
 
 from ..conftest import ServerThread
+from ..engines import forced_forward, run, serving
 
 pytestmark = pytest.mark.model
 
@@ -45,25 +46,6 @@ def load(kind: str, **settings):
 @pytest.fixture(scope="module")
 def engines():
     return {kind: load(kind) for kind in KINDS}
-
-
-async def run(engine, request: EngineRequest) -> tuple[str, Finished, list[TextDelta]]:
-    events = [event async for event in engine.generate(request)]
-    final = events[-1]
-    assert isinstance(final, Finished)
-    deltas = [e for e in events[:-1] if isinstance(e, TextDelta)]
-    return "".join(d.text for d in deltas), final, deltas
-
-
-def serving(engine, coro_fn):
-    async def main():
-        await engine.start()
-        try:
-            return await coro_fn()
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
 
 
 def outputs(engine, requests: list[EngineRequest], *, together: bool) -> list[Finished]:
@@ -261,14 +243,7 @@ def test_a_stop_token_ends_the_stream_with_its_own_reason(engines, kind):
 def test_ignore_eos_generates_to_max_new_tokens_past_eos(kind):
     engine = load(kind)
     eos = min(engine.eos_ids)
-    model, forward = engine.model, engine.model.forward
-
-    def eager_to_stop(*args, **kwargs):  # the model now wants to end at every step
-        out = forward(*args, **kwargs)
-        out.logits[..., eos] += 1000.0
-        return out
-
-    model.forward = eager_to_stop
+    forced_forward(engine, eos)  # the model now wants to end at every step
     plain, ignoring = outputs(engine, [request(n=8), request(n=8, ignore_eos=True)], together=False)
     assert (plain.reason.value, plain.token_ids) == ("eos", (eos,))
     assert ignoring.reason.value == "max_tokens"

@@ -19,6 +19,7 @@ from entity_llm_server.engine import BatchingSettings, EngineOverloadedError, Fi
 from entity_llm_server.engine.sampling import sample_seed
 
 from ..conftest import ServerThread
+from ..engines import serving
 
 pytestmark = pytest.mark.model
 
@@ -48,17 +49,6 @@ async def collect(engine, request: EngineRequest) -> tuple[dict[int, list[int]],
             finals[event.index] = event
             ids.setdefault(event.index, []).extend(event.tail_ids)
     return ids, finals, order
-
-
-def serving(engine, coro_fn):
-    async def main():
-        await engine.start()
-        try:
-            return await coro_fn()
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
 
 
 @pytest.mark.parametrize("kind", ["batching", "sequential", "padded"])

@@ -21,14 +21,12 @@ from entity_llm_server.engine import (
     BatchingEngine,
     BatchingSettings,
     EngineError,
-    Finished,
     Sampling,
-    TextDelta,
 )
 from entity_llm_server.engine import rows as r
 from entity_llm_server.engine import sampling as s
 
-from ..engines import batching_engine
+from ..engines import batching_engine, forced_forward, run, serving
 from .scripted import ScriptedLM
 
 pytestmark = pytest.mark.model
@@ -53,25 +51,6 @@ def sampled(seed: int | None, **kw) -> EngineRequest:
     return EngineRequest(PROMPT, max_new_tokens=24, sampling=Sampling(**params))
 
 
-async def run(engine, request: EngineRequest) -> tuple[str, Finished, list[TextDelta]]:
-    events = [event async for event in engine.generate(request)]
-    final = events[-1]
-    assert isinstance(final, Finished)
-    deltas = [e for e in events[:-1] if isinstance(e, TextDelta)]
-    return "".join(d.text for d in deltas), final, deltas
-
-
-def with_engine(engine, coro_fn):
-    async def main():
-        await engine.start()
-        try:
-            return await coro_fn()
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
-
-
 def test_a_seed_gives_the_same_text_alone_among_others_and_on_both_engines(batching, sequential):
     async def on_batching():
         alone = [(await run(batching, sampled(seed)))[1].token_ids for seed in (1, 2)]
@@ -79,7 +58,7 @@ def test_a_seed_gives_the_same_text_alone_among_others_and_on_both_engines(batch
         together = await asyncio.gather(*(run(batching, r) for r in crowd))
         return alone, [final.token_ids for _, final, _ in together[:2]], [f.seed for _, f, _ in together]
 
-    alone, together, seeds = with_engine(batching, on_batching)
+    alone, together, seeds = serving(batching, on_batching)
     assert alone == together
     assert alone[0] != alone[1]  # different seeds, different samples
     assert seeds[:2] == [1, 2]
@@ -88,7 +67,7 @@ def test_a_seed_gives_the_same_text_alone_among_others_and_on_both_engines(batch
     async def on_sequential():
         return [(await run(sequential, sampled(seed)))[1].token_ids for seed in (1, 2)]
 
-    assert with_engine(sequential, on_sequential) == alone
+    assert serving(sequential, on_sequential) == alone
 
 
 def test_a_reported_seed_reproduces_the_text(batching):
@@ -97,7 +76,7 @@ def test_a_reported_seed_reproduces_the_text(batching):
         _, again, _ = await run(batching, sampled(first.seed))
         return first, again
 
-    first, again = with_engine(batching, main)
+    first, again = serving(batching, main)
     assert first.seed is not None
     assert again.token_ids == first.token_ids
 
@@ -107,7 +86,7 @@ def test_greedy_logprobs_are_the_models_log_softmax(batching):
         request = EngineRequest(PROMPT, max_new_tokens=6, sampling=Sampling(logprobs=True, top_logprobs=3))
         return await run(batching, request)
 
-    _, final, deltas = with_engine(batching, main)
+    _, final, deltas = serving(batching, main)
     entries = [e for d in deltas for e in d.logprobs] + list(final.tail_logprobs)
     assert [e.token_id for e in entries] == list(final.token_ids)
     assert final.seed is None  # greedy: no sampler seed
@@ -139,9 +118,9 @@ def test_sampling_follows_the_temperature(batching):
         results = await asyncio.gather(*(run(batching, r) for r in requests))
         return [final.token_ids[0] for _, final, _ in results]
 
-    greedy = with_engine(batching, lambda: run(batching, EngineRequest(PROMPT, max_new_tokens=1)))[1].token_ids[0]
-    cold = with_engine(batching, lambda: main(0.05))
-    hot = with_engine(batching, lambda: main(5.0))
+    greedy = serving(batching, lambda: run(batching, EngineRequest(PROMPT, max_new_tokens=1)))[1].token_ids[0]
+    cold = serving(batching, lambda: main(0.05))
+    hot = serving(batching, lambda: main(5.0))
     assert cold.count(greedy) >= 15
     assert len(set(hot)) >= 6
 
@@ -153,7 +132,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(batching):
         p0 = (await run(batching, sampled(6, top_p=1e-6, temperature=3.0)))[1].token_ids[:16]
         return greedy, k1, p0
 
-    greedy, k1, p0 = with_engine(batching, main)
+    greedy, k1, p0 = serving(batching, main)
     assert k1 == greedy
     assert p0 == greedy
 
@@ -167,7 +146,7 @@ def test_top_k_restricts_sampling_to_the_k_most_likely(batching):
         )
         return await run(batching, request)
 
-    _, final, deltas = with_engine(batching, main)
+    _, final, deltas = serving(batching, main)
     entries = [e for d in deltas for e in d.logprobs] + list(final.tail_logprobs)
     assert len(entries) == 12
     for entry in entries:
@@ -180,21 +159,14 @@ def test_top_k_restricts_sampling_to_the_k_most_likely(batching):
 def test_min_new_tokens_holds_off_eos(kind):
     engine = UnifiedLLMResource(engine=kind, batching=BatchingSettings(max_batch_size=4, max_queue=4)).load_engine()
     eos = min(engine.eos_ids)
-    model, forward = engine.model, engine.model.forward
-
-    def eager_to_stop(*args, **kwargs):  # the model now wants to end at every step
-        out = forward(*args, **kwargs)
-        out.logits[..., eos] += 1000.0
-        return out
-
-    model.forward = eager_to_stop
+    forced_forward(engine, eos)  # the model now wants to end at every step
 
     async def main():
         plain = (await run(engine, EngineRequest(PROMPT, max_new_tokens=32)))[1]
         held = EngineRequest(PROMPT, max_new_tokens=32, sampling=Sampling(min_new_tokens=7, logprobs=True))
         return plain, await run(engine, held)
 
-    plain, (_, held, deltas) = with_engine(engine, main)
+    plain, (_, held, deltas) = serving(engine, main)
     assert (plain.reason.value, plain.token_ids) == ("eos", (eos,))
     assert held.reason.value == "eos"
     assert held.generated_tokens == 8  # seven tokens, then the EOS it held off
@@ -213,7 +185,7 @@ def test_repetition_penalty_discourages_repeats(batching):
         penalised = (await run(batching, request))[1].token_ids
         return plain, penalised
 
-    plain, penalised = with_engine(batching, main)
+    plain, penalised = serving(batching, main)
     assert penalised != plain
     assert len(set(penalised)) > len(set(plain))
 
@@ -252,7 +224,7 @@ def test_penalised_requests_in_a_step_the_manager_pads_are_served():
         ]
         return await asyncio.gather(*(run(engine, r) for r in crowd))
 
-    finals = [final for _, final, _ in with_engine(engine, main)]
+    finals = [final for _, final, _ in serving(engine, main)]
     assert [f.generated_tokens for f in finals] == [8] * 15
 
 
@@ -356,7 +328,7 @@ def test_graph_mode_gives_logprobs_and_penalties_equal_to_eager_mode(batching):
         async def main():
             return await asyncio.gather(*(run(engine, r) for r in requests))
 
-        results = with_engine(engine, main)
+        results = serving(engine, main)
         return [(final.token_ids, [e for d in deltas for e in d.logprobs or ()] + list(final.tail_logprobs))
                 for _, final, deltas in results]  # fmt: skip
 
@@ -386,7 +358,7 @@ def test_a_top_k_beyond_the_vocabulary_means_no_limit(batching):
         none = (await run(batching, sampled(9, top_k=0)))[1].token_ids
         return huge, none, batching.healthy
 
-    huge, none, healthy = with_engine(batching, main)
+    huge, none, healthy = serving(batching, main)
     assert huge == none
     assert healthy
 
@@ -454,7 +426,7 @@ def test_a_fault_in_one_requests_sampling_fails_that_request_alone(monkeypatch):
         )
         return (*results, engine.healthy)
 
-    bad, greedy, good, healthy = with_engine(engine, main)
+    bad, greedy, good, healthy = serving(engine, main)
     assert isinstance(bad, EngineError)
     assert "injected sampler fault" in str(bad)
     assert greedy[1].generated_tokens == 12

@@ -21,6 +21,7 @@ from entity_llm_server.engine import BatchingSettings, Finished, InvalidRequestE
 from entity_llm_server.engine.scoring import CHUNK
 
 from ..conftest import ServerThread
+from ..engines import serving
 
 pytestmark = pytest.mark.model
 
@@ -34,17 +35,6 @@ def load(kind: str, folder=None):
 
 async def events(engine, request: EngineRequest) -> list:
     return [event async for event in engine.generate(request)]
-
-
-def serving(engine, coro_fn):
-    async def main():
-        await engine.start()
-        try:
-            return await coro_fn()
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
 
 
 def forward_logprobs(model, ids: list[int]) -> torch.Tensor:
