@@ -331,3 +331,20 @@ def test_bad_flags_exit_two_before_any_call(args, message, capsys):
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
     assert servicer.deadlines == []  # no call of any method arrived
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--json", "generate", "x"], True),
+        (["generate", "x", "--json"], True),  # after the command: not an abbreviation of --json-schema
+        (["generate", "x"], False),
+        (["score", "x", "--json"], True),
+        (["tokenize", "x", "--json"], True),
+        (["info", "--json"], True),
+    ],
+)
+def test_json_is_taken_before_or_after_the_command(argv, expected):
+    from entity_llm_client.cli import build_parser
+
+    assert build_parser().parse_args(argv).json is expected

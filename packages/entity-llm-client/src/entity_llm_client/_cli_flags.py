@@ -144,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("text")
     tokenize.add_argument("--truncate-input-tokens", type=int)
 
-    commands.add_parser("info", help="describe the served model")
+    info = commands.add_parser("info", help="describe the served model")
+    for command in (generate, score, tokenize, info):
+        # `--json` belongs to entity-llm itself; written after the command, it is taken there too
+        # (else argparse reads it as an abbreviation of --json-schema and --json-object).
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return parser
 
 
