@@ -170,7 +170,14 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         if bitmask is not None:
             self._fill(constrained, bitmask)
         if self.eager:
-            self._added = self._adjustments(rows, samplings, steps, arg_storage.device)
+            self._added = r.adjust_rows(
+                samplings,
+                steps,
+                lambda row: _generated(rows[row].state),
+                self.vocab_size,
+                arg_storage.device,
+                fault=lambda row, exc: self._fault(rows[row].state, exc),
+            )
             # A step where every row is plain greedy (no sampling, no EOS held off, no penalty,
             # nothing added, no logprobs, no constraint) keeps the model's scores as they are.
             self._plain = not (any(columns[_FLAGS]) or any(seen) or any(wanted)) and bitmask is None
@@ -216,25 +223,17 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self._wanted = wanted
         return arg_storage
 
-    def _adjustments(
-        self, rows: list[Any], samplings: list[s.Sampling], steps: list[int], device: Any
-    ) -> torch.Tensor | None:
-        """Eager mode: what each row adds to its logits this step, or None when none adds anything."""
-        if not any(x.adjusted for x in samplings):
-            return None
-        adjust = torch.zeros((len(rows), self.vocab_size), dtype=torch.float32, device=device)
-        for index, sampling in enumerate(samplings):
-            if sampling.adjusted:
-                self._adjust(rows[index].state, sampling, steps[index], adjust[index])
-        return adjust
-
     def _adjust(self, state: Any, sampling: s.Sampling, step: int, row: torch.Tensor) -> None:
         """Write one request's additions to its logits into `row` (zeros); a fault fails the request alone."""
         try:
             r.adjustments(sampling, step, _generated(state), row)
         except Exception as exc:  # this runs on the batching thread: never let it die
-            self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
+            self._fault(state, exc)
             row.zero_()
+
+    def _fault(self, state: Any, exc: Exception) -> None:
+        """A request whose sampling failed: the engine fails it alone (the batching thread carries on)."""
+        self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
 
     def _follow(self, follower: Follower, state: Any) -> bool:
         """Feed a constrained request's matcher the tokens generated so far; False (the request

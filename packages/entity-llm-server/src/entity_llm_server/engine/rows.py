@@ -11,6 +11,7 @@ every row (which a captured CUDA graph needs).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -255,17 +256,30 @@ def rows_for(params: list[RowValues], sequences: list[list[int] | None], vocab: 
 
 
 def adjust_rows(
-    samplings: list[Sampling], steps: list[int], generated: list[list[int]], vocab: int, device: Any
+    samplings: list[Sampling],
+    steps: list[int],
+    generated: Callable[[int], list[int]],
+    vocab: int,
+    device: Any,
+    fault: Callable[[int, Exception], None] | None = None,
 ) -> torch.Tensor | None:
-    """The float [rows, vocab] each row adds to its logits (`adjustments`); None when no row adds anything."""
+    """The float [rows, vocab] each row adds to its logits (`adjustments`, from `generated(row)`, read
+    only for rows that add something); None when no row adds anything. With `fault`, a row whose
+    additions fail is reported to it and adds nothing; without, the failure is raised."""
     import torch
 
     if not any(sampling.adjusted for sampling in samplings):
         return None
     adjust = torch.zeros((len(samplings), vocab), dtype=torch.float32, device=device)
-    for row, (sampling, step, tokens) in enumerate(zip(samplings, steps, generated, strict=True)):
+    for row, (sampling, step) in enumerate(zip(samplings, steps, strict=True)):
         if sampling.adjusted:
-            adjustments(sampling, step, tokens, adjust[row])
+            try:
+                adjustments(sampling, step, generated(row), adjust[row])
+            except Exception as exc:
+                if fault is None:
+                    raise
+                fault(row, exc)
+                adjust[row].zero_()
     return adjust
 
 
@@ -305,8 +319,13 @@ def pick(
     params = [row_values(sampling, step, vocab) for sampling, step in zip(samplings, steps, strict=True)]
     seen = [seq if sampling.penalised else None for sampling, seq in zip(samplings, sequences, strict=True)]
     rows = rows_for(params, seen, vocab, logits.device)
-    generated = [seq[len(seq) - step :] if step else [] for seq, step in zip(sequences, steps, strict=True)]
-    rows.adjust = adjust_rows(samplings, steps, generated, vocab, logits.device)
+    rows.adjust = adjust_rows(
+        samplings,
+        steps,
+        lambda row: sequences[row][len(sequences[row]) - steps[row] :] if steps[row] else [],
+        vocab,
+        logits.device,
+    )
     sort, filters = filtering(samplings)
     logprobs = warp(logits, rows, eos_ids, sort=sort, filters=filters)
     chosen = choose(logprobs, rows) if any(sampling.sampled for sampling in samplings) else logprobs.argmax(dim=-1)
