@@ -1,4 +1,4 @@
-"""The one task runner. `nox` runs the default sessions: lint, breaking, tests.
+"""The one task runner. `nox` runs the default sessions: lint, breaking, tests, docs.
 
 `nox -s bench` runs the benchmarks; `nox -s soak` the reliability suite's long mode; `nox -s mutants` the
 mutation check; `nox -s demo` runs the main job: the server on the embedded default model, streamed by the
@@ -8,8 +8,11 @@ client SDK.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import nox
@@ -18,8 +21,9 @@ ROOT = Path(__file__).parent
 PACKAGES = ("entity-llm-client", "entity-llm-server")
 # Exact pins: generated code checks its runtime, so these must match the
 # packages' [build-system] pins (a pipeline test compares them).
+GRPC_TOOLS = "grpcio-tools==1.85.1"
 GENERATORS = (
-    "grpcio-tools==1.85.1",
+    GRPC_TOOLS,
     "mypy-protobuf==5.1.0",
     "betterproto2-compiler==0.10.1",
     "ruff==0.17.6",
@@ -60,9 +64,37 @@ TEST = (
     *TRACING,
 )
 
-nox.options.sessions = ["lint", "breaking", "tests"]
+# The docs site: pinned, so that a strict build fails for our pages, not for a new release's warnings.
+DOCS = ("mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11")
+
+nox.options.sessions = ["lint", "breaking", "tests", "docs"]
+# The Pythons the packages support (requires-python >= 3.11); `tests` runs the whole suite on the first.
+PYTHONS = ("3.11", "3.12", "3.13")
 nox.options.error_on_missing_interpreters = True
 nox.options.default_venv_backend = "virtualenv"
+
+
+def _find_pyenv_pythons() -> None:
+    """pyenv keeps installed Pythons off PATH unless they are selected: select the newest patch
+    release of each supported one after the current, so that `versions` finds 3.12 and 3.13."""
+    if shutil.which("pyenv") is None:
+        return
+    listed = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True, check=False).stdout
+    # pyenv's own shims (nox's, when pyenv installed it) set PYENV_VERSION to the one they ran.
+    current = (
+        os.environ.get("PYENV_VERSION")
+        or subprocess.run(["pyenv", "version-name"], capture_output=True, text=True, check=False).stdout.strip()
+    )
+    newest: dict[str, str] = {}
+    for version in listed.split():
+        minor = ".".join(version.split(".")[:2])
+        if minor in PYTHONS and version.replace(".", "").isdigit():
+            newest[minor] = max(newest.get(minor, version), version, key=lambda v: tuple(map(int, v.split("."))))
+    if current and newest:
+        os.environ["PYENV_VERSION"] = ":".join(dict.fromkeys([*current.split(":"), *newest.values()]))
+
+
+_find_pyenv_pythons()
 
 
 def _install_packages(session: nox.Session) -> None:
@@ -112,7 +144,50 @@ def tests(session: nox.Session) -> None:
     session.install(BUF, *TEST, *GENERATORS)
     _install_packages(session)
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    session.run("pytest", "-n", "2", "--dist", "loadfile", *session.posargs, env=env)
+    # tests/docs runs in the docs session, which has the docs' server and tools.
+    session.run("pytest", "-n", "2", "--dist", "loadfile", "--ignore=tests/docs", *session.posargs, env=env)
+
+
+# What runs without torch, so on every supported Python: the unit and integration tiers (real
+# grpc.aio servers on FakeEngine or a capturing servicer) and the client command's tests that need
+# no model (those that do carry the `model` marker).
+TORCH_FREE_TESTS = ("tests/unit", "tests/integration", "tests/e2e/test_client_cli.py")
+# pytest-timeout: pyproject's `timeout` needs it; cryptography: the TLS tests' CA; pyyaml: the
+# deploy manifests; grpcio-tools: the docs' protocol reference.
+TORCH_FREE_TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "cryptography>=42", "pyyaml", GRPC_TOOLS, *TRACING)
+
+
+def _server_requirements_without_torch() -> list[str]:
+    """The server's dependencies, from its pyproject, less torch and accelerate (which needs torch)."""
+    pyproject = tomllib.loads((ROOT / "packages" / "entity-llm-server" / "pyproject.toml").read_text())
+    requirements: list[str] = pyproject["project"]["dependencies"]
+    return [r for r in requirements if re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0] not in {"torch", "accelerate"}]
+
+
+@nox.session(python=PYTHONS)
+def versions(session: nox.Session) -> None:
+    """The client's tests, and the server's that need no model, on every supported Python.
+
+    torch stays out on every version alike: this machine keeps a CPU build for 3.11 only, and
+    elsewhere it is a multi-GB download. `tests` runs the whole suite, torch included, on 3.11;
+    CI runs this session on the others.
+    """
+    session.install(*TORCH_FREE_TEST_DEPS, *_server_requirements_without_torch())
+    session.install("./packages/entity-llm-client")
+    session.install("--no-deps", "./packages/entity-llm-server")  # its dependencies but torch are above
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    session.run("pytest", *TORCH_FREE_TESTS, "-m", "not model", *session.posargs, env=env)
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """The docs site, built with --strict into site/, and every example in it and in the README run."""
+    # grpcio-tools: the protocol reference is read from the proto by its protoc; pydantic: an example.
+    session.install(*DOCS, GRPC_TOOLS, "pytest>=8", "pytest-timeout>=2.3", "pydantic>=2")
+    _install_packages(session)
+    env = {"HF_HUB_OFFLINE": "1", "NO_MKDOCS_2_WARNING": "1"}
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", env=env)
+    session.run("pytest", "tests/docs", *session.posargs, env=env)
 
 
 @nox.session(python="3.11")

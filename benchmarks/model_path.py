@@ -31,7 +31,7 @@ tokens/s and TTFT p50 of on against off.
 Every side warms up the same way and runs once per round, the rounds
 interleaved; each side keeps its best of `--repeat` rounds. Aggregate
 tokens/s (generated token ids) and time to first token (TTFT, from
-submission) p50/p99. The commands behind the README's tables are in
+submission) p50/p99. The commands behind its tables are in
 benchmarks/README.md: `nox -s bench` (CPU) and `benchmarks/device_run.sh` (GPU).
 """
 

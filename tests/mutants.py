@@ -1,4 +1,4 @@
-"""Mutation check: each promise the README makes is guarded by a test that fails without it.
+"""Mutation check: each promise the docs make is guarded by a test that fails without it.
 
 `nox -s mutants` (or `python tests/mutants.py [NAME ...]` in a venv with both
 packages and the test dependencies) takes each mutation below, applies it to a
@@ -32,7 +32,7 @@ class Mutation:
 
     Attributes:
         name: a short handle (pass it on the command line to run only this one).
-        promise: what the README promises that the line keeps.
+        promise: what the docs promise that the line keeps.
         path: the module, relative to the `entity_llm_server` package.
         line: the exact text of the line (stripped).
         mutant: what the line becomes (indentation is kept).

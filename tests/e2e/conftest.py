@@ -16,7 +16,7 @@ from ..conftest import RunningServer
 pytestmark = pytest.mark.e2e
 
 # The demo model's greedy continuations: deterministic, on every engine (tests/model checks them
-# against transformers' generate). FIBONACCI_GREEDY is the README's: 51 tokens, then its EOS.
+# against transformers' generate). FIBONACCI_GREEDY is the docs' (docs/server.md): 51 tokens, then its EOS.
 FIBONACCI = "def fibonacci(n):"
 FIBONACCI_GREEDY = (
     ' return fibonic (but not in the case).\n\ndef fibonic(n):\n    """Return a fibonic (but not in the case).\n'

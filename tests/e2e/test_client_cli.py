@@ -28,6 +28,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([console_script("entity-llm"), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.model  # the console server loads the default model
 def test_generate_streams_the_same_text_as_the_sdk(console_server):
     out = _cli("--target", console_server.target, "generate", FIBONACCI, "--max-new-tokens", "12")
     assert out.returncode == 0, out.stderr
@@ -38,6 +39,7 @@ def test_generate_streams_the_same_text_as_the_sdk(console_server):
     assert "[max_tokens, 10 in / 12 out]" in out.stderr  # the start token and 9 of the prompt
 
 
+@pytest.mark.model  # the console server loads the default model
 def test_generate_json_gives_one_object_per_chunk_and_a_final_one(console_server):
     out = _cli("--target", console_server.target, "--json", "generate", "import os", "--max-new-tokens", "5",
                "--request-id", "cli-1")  # fmt: skip
@@ -50,6 +52,7 @@ def test_generate_json_gives_one_object_per_chunk_and_a_final_one(console_server
     assert all(c["finish_reason"] is None for c in chunks[:-1])
 
 
+@pytest.mark.model  # the console server loads the default model
 def test_tokenize_and_info(console_server):
     tokens = json.loads(_cli("--target", console_server.target, "--json", "tokenize", "def f(x):").stdout)
     assert tokens == {
@@ -67,6 +70,7 @@ def test_tokenize_and_info(console_server):
     assert "default_max_new_tokens: 32" in plain
 
 
+@pytest.mark.model  # the console server loads the default model
 def test_a_failed_call_exits_one_with_the_status(console_server):
     out = _cli("--target", console_server.target, "generate", "x", "--max-new-tokens", "0")
     assert out.returncode == 1
@@ -79,6 +83,7 @@ def test_a_failed_call_exits_one_with_the_status(console_server):
     assert "UNAVAILABLE" in unreachable.stderr
 
 
+@pytest.mark.model  # the console server loads the default model
 def test_score_and_prompt_logprobs_give_the_sdks_numbers(console_server):
     target = console_server.target
     out = _cli("--target", target, "--json", "score", "def f(x):", "--top-logprobs", "2")
@@ -106,6 +111,7 @@ def test_score_and_prompt_logprobs_give_the_sdks_numbers(console_server):
     assert "[max_tokens, 6 in / 0 out]" in plain.stderr
 
 
+@pytest.mark.model  # the console server loads the default model
 def test_generate_takes_a_constraint_from_flags_and_files(console_server, tmp_path):
     schema = tmp_path / "pet.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}},

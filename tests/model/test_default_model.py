@@ -59,7 +59,7 @@ def test_greedy_stream_matches_transformers_generate_on_every_engine(demo_engine
     assert list(final.token_ids) == expected_ids
     expected_text = tok.decode([t for t in expected_ids if t not in demo_engine.eos_ids], skip_special_tokens=True)
     assert "".join(d.text for d in deltas) == expected_text
-    assert expected_text.startswith(" return fibonic (but not in the case)."), "the README's greedy sample"
+    assert expected_text.startswith(" return fibonic (but not in the case)."), "docs/server.md's greedy sample"
 
 
 def test_multibyte_text_is_never_split(demo_engine, serve):

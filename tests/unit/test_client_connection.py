@@ -25,7 +25,7 @@ def test_options_override_the_defaults_by_name():
     assert merged["grpc.keepalive_timeout_ms"] == dict(CHANNEL_OPTIONS)["grpc.keepalive_timeout_ms"]
     one = service_config(retries=True, balancing=False, health_checks=True)
     assert channel_options([]) == [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", one)]
-    # The README's promise for one server: UNAVAILABLE, and only it, is
+    # The docs' promise for one server: UNAVAILABLE, and only it, is
     # retried, up to 3 attempts, throttled; gRPC's own pick_first.
     config = json.loads(one)
     (method,) = config["methodConfig"]

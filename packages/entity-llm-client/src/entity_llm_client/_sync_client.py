@@ -49,10 +49,10 @@ class LLMClient:
             grpc.health.v1 status for the service is SERVING (gRPC's
             client-side health checking, following each server's
             `Health.Watch`); False sends to every connected server.
-
-        `retries`, `balancing` and `health_checks` apply to the channel the
-        client opens, not to one it was given; a `grpc.service_config` in
-        `options` replaces the service config they make.
+            `retries`, `balancing` and `health_checks` apply to the channel
+            the client opens, not to one it was given; a
+            `grpc.service_config` in `options` replaces the service config
+            they make.
 
     Raises:
         ValueError: contradictory arguments.
