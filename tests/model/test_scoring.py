@@ -18,7 +18,8 @@ import torch
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import BatchingSettings, Finished, InvalidRequestError, Sampling, Scored, TextDelta
-from entity_llm_server.engine.scoring import CHUNK
+from entity_llm_server.engine.scoring import CHUNK, one_forward_at_a_time
+from entity_llm_server.resource import default_model_path
 
 from ..conftest import ServerThread
 from ..engines import serving
@@ -54,6 +55,41 @@ def check_against_forward(entries, model, ids: list[int], top_n: int) -> None:
         assert all(abs(lp - float(row[t])) < 1e-4 for t, lp in entry.top)
         if entry.token_id == int(row.argmax()):
             assert entry.rank == 1
+
+
+def test_a_forward_pass_beside_continuous_batching_waits_its_turn():
+    # The scoring thread's forward passes run beside the core's steps. On the CPU, a plain forward
+    # pass that overlaps continuous batching's SDPA step computes wrong attention (transformers 5.24,
+    # torch 2.13): nearly every one, here, without `one_forward_at_a_time`.
+    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_path())
+    one_forward_at_a_time(model)
+    ids = list(range(100, 140))
+    expected = forward_logprobs(model, ids)
+    generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=-1, pad_token_id=0)
+    steps = ContinuousBatchingConfig(page_size=16, num_blocks=64, max_batch_tokens=32, max_requests_per_batch=4)
+    started, done = threading.Event(), threading.Event()
+
+    def batching() -> None:
+        while not done.is_set():
+            started.set()
+            model.generate_batch(
+                inputs=[list(range(200, 290))] * 3,
+                generation_config=generation,
+                continuous_batching_config=steps,
+                progress_bar=False,
+            )
+
+    thread = threading.Thread(target=batching)
+    thread.start()
+    try:
+        assert started.wait(60)
+        wrong = sum(not torch.allclose(forward_logprobs(model, ids), expected, atol=1e-4) for _ in range(30))
+    finally:
+        done.set()
+        thread.join(120)
+    assert wrong == 0
 
 
 @pytest.mark.parametrize("kind", ["batching", "sequential", "padded"])

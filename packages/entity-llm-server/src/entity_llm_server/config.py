@@ -67,6 +67,10 @@ class ServerConfig:
         prefix_caching: `on` lets requests whose prompts begin alike share
             the KV blocks of that beginning (prefilled once); `off` computes
             every prompt in full.
+        attention: continuous batching's attention: `sdpa` (transformers'
+            own, with a mask over the step's whole batch) or `varlen` (each
+            sequence over its own keys, no batch mask: torch's FlashAttention
+            kernel on CUDA in half precision, plain PyTorch elsewhere).
         log_format: `text` lines or `json` lines (one object per record).
         tls_cert: PEM certificate chain; with `tls_key`, the port speaks TLS.
         tls_key: PEM private key of `tls_cert`.
@@ -142,6 +146,7 @@ class ServerConfig:
     max_batch_tokens: int = 0
     cuda_graphs: str = "auto"
     prefix_caching: str = "on"
+    attention: str = "sdpa"
     max_prompt_logprobs_tokens: int = MAX_PROMPT_LOGPROBS_TOKENS
     log_format: str = "text"
     tls_cert: str | None = None
@@ -175,6 +180,7 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens,
             cuda_graphs=None if self.cuda_graphs == "auto" else self.cuda_graphs == "on",
             prefix_caching=self.prefix_caching == "on",
+            attention=self.attention,
         )
 
 
@@ -276,6 +282,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--prefix-caching",
         choices=("on", "off"),
         help="share the KV blocks of prompts that begin alike, prefilled once (on) or compute every prompt (off)",
+    )
+    add(
+        "--attention",
+        choices=("sdpa", "varlen"),
+        help="continuous batching's attention: sdpa, with a mask over the step's whole batch; varlen, each "
+        "sequence over its own keys with no batch mask (torch's FlashAttention kernel on CUDA in fp16/bf16)",
     )
     add("--log-format", choices=LOG_FORMATS, help="text lines, or JSON lines (one object per record)")
     add("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS")

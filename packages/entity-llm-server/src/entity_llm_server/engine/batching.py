@@ -164,6 +164,8 @@ class BatchingCore:
         from transformers import GenerationConfig
 
         self._deliver = deliver
+        if self.settings.attention == "varlen":
+            self._use_varlen()
         generation = GenerationConfig(  # type: ignore[no-untyped-call]  # unannotated in transformers
             do_sample=False,
             max_new_tokens=self.default_max_new_tokens,
@@ -216,6 +218,14 @@ class BatchingCore:
             target=self._pump_results, args=(manager, deliver, fail), name="entity-llm-cb-results", daemon=True
         )
         self._pump.start()
+
+    def _use_varlen(self) -> None:
+        from . import attention  # deferred: imports torch
+
+        if (reason := attention.supports(self.model)) is not None:
+            log.warning("--attention varlen: %s; continuous batching keeps sdpa", reason)
+            return
+        attention.install(self.model)
 
     def _stop(self) -> None:
         """Stop the batching thread (blocking); also the atexit hook for a process

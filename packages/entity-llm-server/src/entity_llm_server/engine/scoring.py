@@ -71,15 +71,43 @@ def score(
     return tuple(entries)
 
 
+def one_forward_at_a_time(model: Any) -> None:
+    """Make the model's forward passes take turns, whichever thread calls them.
+
+    The scoring thread's forward pass must not overlap the core's own: on the CPU, a plain forward
+    pass that runs while continuous batching's SDPA step runs on another thread computes wrong
+    attention (seen with transformers 5.24 and torch 2.13: a prompt's logprobs off by several nats,
+    `tests/model/test_scoring.py`). A lock taken in a forward pre-hook and released in a hook that
+    runs even when the pass raises; only by the thread that took it. Installed once per model."""
+    if getattr(model, "_entity_llm_forward_lock", None) is not None:
+        return
+    lock = threading.Lock()
+    held = threading.local()
+
+    def take(*_: Any) -> None:
+        lock.acquire()
+        held.yes = True
+
+    def give(*_: Any) -> None:
+        if getattr(held, "yes", False):
+            held.yes = False
+            lock.release()
+
+    model._entity_llm_forward_lock = lock
+    model.register_forward_pre_hook(take)
+    model.register_forward_hook(give, always_call=True)
+
+
 class Scoring:
     """A core's prompt scoring: one thread, requests scored one at a time before they generate.
 
     Args:
-        model: the core's model.
+        model: the core's model; its forward passes take turns from now on (`one_forward_at_a_time`).
     """
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        one_forward_at_a_time(model)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()

@@ -21,6 +21,8 @@ class BatchingSettings:
         cuda_graphs: capture CUDA graphs (None: on CUDA devices only).
         prefix_caching: requests whose prompts begin alike share the KV
             blocks of that beginning, which is prefilled once (`prefix`).
+        attention: `sdpa` (transformers' own, a mask over the step's
+            batch) or `varlen` (`attention`: sequence boundaries, no mask).
     """
 
     max_batch_size: int = 32
@@ -30,6 +32,7 @@ class BatchingSettings:
     max_batch_tokens: int = 0
     cuda_graphs: bool | None = None
     prefix_caching: bool = True
+    attention: str = "sdpa"
 
     @property
     def capacity(self) -> int:
