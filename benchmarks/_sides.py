@@ -45,8 +45,10 @@ def cb_round(
     *,
     cuda_graphs: bool | None = None,
     sampling_hook: bool = False,
+    attention: str = "sdpa",
 ) -> Row:
-    """The requests straight through transformers' ContinuousBatchingManager, sized like the server."""
+    """The requests straight through transformers' ContinuousBatchingManager, sized like the server
+    (`attention="varlen"`: with the server's `--attention varlen` function, for this round only)."""
     from transformers import GenerationConfig
 
     from entity_llm_server.engine import BatchingEngine, BatchingSettings
@@ -62,9 +64,17 @@ def cb_round(
         eos_token_id=sorted(sized.eos_ids),
         pad_token_id=tokenizer.pad_token_id,
     )
-    manager = model.init_continuous_batching(
-        generation_config=generation, continuous_batching_config=sized.batching.cb_config()
-    )
+    original = model.config._attn_implementation
+    if attention == "varlen":
+        from entity_llm_server.engine import attention as varlen
+
+        varlen.install(model)
+    try:
+        manager = model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=sized.batching.cb_config()
+        )
+    finally:  # the manager has resolved its settings from the model's implementation: the next side starts clean
+        model.config._attn_implementation = original
     if sampling_hook:  # what the server installs: per-request sampling in the logits hook
         from entity_llm_server.engine.cb_sampling import SamplingProcessors
 
@@ -99,6 +109,8 @@ def cb_round(
         manager.stop(block=True, timeout=60)
     if sampling_hook:
         method = "cb + sampling hook"
+    elif attention != "sdpa":
+        method = f"cb, --attention {attention}"
     elif cuda_graphs is None:
         method = "cb (raw, in process)"
     else:

@@ -109,6 +109,30 @@ async def main(device: str) -> int:
     valid = all(_keys(text) == {"n", "kind"} for text in outputs[:8])
     results.append(("constraint: every seed's output is valid JSON (graphs)", valid))
     results.append(("constraint: free requests beside it stay greedy", list(outputs[8:]) == cb_greedy))
+    # --attention varlen: torch's FlashAttention-2 varlen kernel in half precision (bf16 here), against
+    # the same model under SDPA in the same dtype; greedy ids agree to the first divergence bf16 allows.
+    pair = [
+        UnifiedLLMResource(
+            device=device, dtype="bfloat16", batching=BatchingSettings(max_batch_size=16, max_queue=0, attention=kind)
+        )
+        for kind in ("sdpa", "varlen")
+    ]
+    half_sdpa, half_varlen = (resource.load_engine() for resource in pair)
+    await half_sdpa.start()
+    await half_varlen.start()
+    used = half_varlen.core.model.config._attn_implementation
+    results.append(("varlen: installed on the model (torch's flash kernel on CUDA)", used == "entity_varlen_flash"))
+    sdpa_greedy = await asyncio.gather(*(tokens(half_sdpa, greedy(p)) for p in prompts))
+    varlen_greedy = await asyncio.gather(*(tokens(half_varlen, greedy(p)) for p in prompts))
+    same = sum(a[:8] == b[:8] for a, b in zip(sdpa_greedy, varlen_greedy, strict=True))
+    results.append(
+        (f"varlen: greedy == sdpa for the first 8 tokens ({same}/{len(prompts)}, bf16)", same == len(prompts))
+    )
+    v_alone = [await tokens(half_varlen, seeded(p, 7)) for p in prompts]
+    v_together = (await asyncio.gather(*(tokens(half_varlen, r) for r in crowd)))[: len(prompts)]
+    results.append(("varlen: seed alone == among 16 concurrent", v_alone == v_together))
+    await half_sdpa.close()
+    await half_varlen.close()
     await cb.close()
     await seq.close()
     for name, ok in results:

@@ -8,7 +8,8 @@
 #       googleapis-common-protos==1.76.0 betterproto2==0.10.0 regex==2026.11.19 \
 #       grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client==0.26.0
 #
-# At most about 6 minutes (the timeouts below add up to 350 s). STREAMS
+# At most about 6 minutes (the timeouts below add up to 350 s). model_path
+# compares raw CB and the server with `--attention varlen` too (cuda_check checks it first). STREAMS
 # (default 64) picks model_path's concurrencies, the target's first; then
 # engine replicas 1, 2 and 4 on the one GPU at 64 and 256 streams. A run cut
 # short keeps the settings it finished in model_path_cuda.json and
@@ -27,11 +28,11 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, transformers, grpc; print(sys.version.split()[0], torch.__version__, transformers.__version__, grpc.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 timeout 60 python3 benchmarks/cuda_check.py --device cuda 2>&1 | grep -v "it/s]" | tee "$OUT/cuda_check.log"
-timeout 150 python3 benchmarks/model_path.py --device cuda --dtype bfloat16 --models qwen2-0.5b \
+timeout 175 python3 benchmarks/model_path.py --device cuda --dtype bfloat16 --models qwen2-0.5b \
     --streams "${STREAMS:-64}" --new-tokens "${NEW_TOKENS:-128}" --sequential-limit 4 --repeat 2 \
-    --compare-in-process --compare-no-graphs --compare-sampling 2>&1 | grep -v "it/s]" | tee "$OUT/cuda.log"
+    --compare-in-process --compare-no-graphs --compare-sampling --compare-attention 2>&1 | grep -v "it/s]" | tee "$OUT/cuda.log"
 cp benchmarks/results/model_path_cuda.json "$OUT/" 2>/dev/null
-timeout 140 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --models qwen2-0.5b --replicas 1,2,4 \
+timeout 115 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --models qwen2-0.5b --replicas 1,2,4 \
     --streams "${SCALE_STREAMS:-64,256}" --tp-streams none --pods none --new-tokens "${NEW_TOKENS:-128}" --prompt-tokens 64 \
     --max-batch-size 256 --max-queue 256 --repeat 1 2>&1 | grep -v "it/s]" | tee "$OUT/scale_cuda.log"
 cp benchmarks/results/scale_cuda.json "$OUT/" 2>/dev/null

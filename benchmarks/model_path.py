@@ -11,7 +11,8 @@ each) are served these ways:
 - cb: the same requests through transformers' continuous batching in process,
   sized like the server (the ceiling the server should approach);
   `--compare-sampling` adds it with the server's sampling hook installed,
-  `--compare-no-graphs` without CUDA graphs;
+  `--compare-no-graphs` without CUDA graphs, `--compare-attention` with
+  `--attention varlen` (no mask over the batch), and a server with it;
 - grpc constrained (`--compare-constrained`): the same streams, each under
   one JSON schema (a string too long to end within the run, so that each
   does the same work): the cost of structured output's per-step masks;
@@ -169,12 +170,13 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
         server_args = ("--model", str(folder), "--device", args.device, "--dtype", args.dtype)
         server_args += ("--max-new-tokens", str(args.new_tokens), *flags, "--prefix-caching", "off")
-        modes = {"grpc": "on", "grpc in process": "off"} if args.compare_in_process else {"grpc": "on"}
+        modes = {"grpc": ("--engine-process", "on")}
+        if args.compare_in_process:
+            modes["grpc in process"] = ("--engine-process", "off")
+        if args.compare_attention:
+            modes["grpc varlen"] = ("--attention", "varlen")
         with contextlib.ExitStack() as stack:
-            servers = {
-                side: stack.enter_context(ServerProcess(*server_args, "--engine-process", m))
-                for side, m in modes.items()
-            }
+            servers = {side: stack.enter_context(ServerProcess(*server_args, *mode)) for side, mode in modes.items()}
             sides = sides_for(model, tokenizer, batch, args, servers)
             best = interleaved(sides, args.repeat)
         for side, server in servers.items():
@@ -205,6 +207,9 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
                     0.8 if big else 0.0,
                 )
             )
+        if "cb varlen" in best:
+            ratios.append(ratio(f"{name} cb varlen / sdpa attention at {streams}", best["cb varlen"], cb))
+            ratios.append(ratio(f"{name} grpc varlen / cb varlen at {streams}", best["grpc varlen"], best["cb varlen"]))
         if "cb no graphs" in best:
             ratios.append(ratio(f"{name} cb with / without CUDA graphs at {streams}", cb, best["cb no graphs"]))
         yield list(best.values()), ratios
@@ -271,7 +276,9 @@ def sides_for(
     sides: dict[str, Callable[[], Row]] = {"cb": lambda: cb_round(model, tokenizer, batch, new)}
     for side, server in servers.items():
         check_prompts(server.target, batch)
-        method = "grpc (engine process)" if side == "grpc" else "grpc, engine in process"
+        method = {"grpc": "grpc (engine process)", "grpc varlen": "grpc, --attention varlen"}.get(
+            side, "grpc, engine in process"
+        )
 
         def run(target: str = server.target, method: str = method) -> Row:
             return grpc_round(target, batch, new, method)
@@ -283,6 +290,8 @@ def sides_for(
     if args.compare_constrained:
         target, schema = servers["grpc"].target, {"json_schema": OPEN_SCHEMA}
         sides["grpc constrained"] = lambda: grpc_round(target, batch, new, "grpc, JSON schema", schema)
+    if args.compare_attention:
+        sides["cb varlen"] = lambda: cb_round(model, tokenizer, batch, new, attention="varlen")
     if args.compare_no_graphs:
         sides["cb no graphs"] = lambda: cb_round(model, tokenizer, batch, new, cuda_graphs=False)
     return sides
@@ -321,6 +330,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--compare-sampling", action="store_true", help="also run raw CB with the server's sampling hook installed"
+    )
+    parser.add_argument(
+        "--compare-attention",
+        action="store_true",
+        help="also run raw CB and a server with --attention varlen (each sequence over its own keys, no batch mask)",
     )
     parser.add_argument(
         "--compare-constrained", action="store_true", help="also stream every request under one JSON schema"

@@ -27,11 +27,14 @@ MARKER = re.compile(r"^<!-- reference: ([a-z-]+) -->$", re.MULTILINE)
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Prose for a table cell: one line, HTML's specials escaped (help texts say `<key>`)."""
+    text = " ".join(text.split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|")
 
 
 def _code(text: str) -> str:
-    return f"`{text}`".replace("|", "\\|")
+    """Code in a table cell: a pipe inside a code span does not split the cell."""
+    return f"`{text}`"
 
 
 # --- Flags ----------------------------------------------------------------------
@@ -45,7 +48,8 @@ def _options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 
 def _help(action: argparse.Action) -> str:
     text = action.help or ""
-    return text.replace(" (default: %(default)s)", "").replace("%(default)s", str(action.default))
+    text = text.replace(" (default: %(default)s)", "").replace("%(default)s", str(action.default))
+    return text.replace("%%", "%")  # argparse's escape
 
 
 def _flag(action: argparse.Action) -> str:

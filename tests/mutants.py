@@ -298,6 +298,22 @@ MUTATIONS = (
         "allow_block_sharing=False,",
         ("tests/model/test_prefix_caching.py",),
     ),
+    Mutation(
+        "forward-turns",
+        "prompt logprobs scored beside continuous batching are the model's own",
+        "engine/scoring.py",
+        "model.register_forward_pre_hook(take)",
+        "pass",
+        ("tests/model/test_scoring.py", "-k", "waits_its_turn"),
+    ),
+    Mutation(
+        "varlen-boundaries",
+        "--attention varlen gives what SDPA gives",
+        "engine/attention.py",
+        "visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(length_k - length_q)",
+        "visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(0)",
+        ("tests/model/test_attention.py",),
+    ),
 )
 
 

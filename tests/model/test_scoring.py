@@ -18,7 +18,7 @@ import torch
 from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import BatchingSettings, Finished, InvalidRequestError, Sampling, Scored, TextDelta
-from entity_llm_server.engine.scoring import CHUNK, one_forward_at_a_time
+from entity_llm_server.engine.scoring import CHUNK, Scoring
 from entity_llm_server.resource import default_model_path
 
 from ..conftest import ServerThread
@@ -60,11 +60,11 @@ def check_against_forward(entries, model, ids: list[int], top_n: int) -> None:
 def test_a_forward_pass_beside_continuous_batching_waits_its_turn():
     # The scoring thread's forward passes run beside the core's steps. On the CPU, a plain forward
     # pass that overlaps continuous batching's SDPA step computes wrong attention (transformers 5.24,
-    # torch 2.13): nearly every one, here, without `one_forward_at_a_time`.
+    # torch 2.13): nearly every one, here, without `scoring.one_forward_at_a_time`.
     from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(default_model_path())
-    one_forward_at_a_time(model)
+    Scoring(model)  # as every core makes it: the model's forward passes take turns from now on
     ids = list(range(100, 140))
     expected = forward_logprobs(model, ids)
     generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=-1, pad_token_id=0)

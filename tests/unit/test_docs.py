@@ -76,7 +76,7 @@ def test_the_flag_table_lists_every_flag_the_parser_has(monkeypatch: pytest.Monk
         assert variable == ENV_PREFIX + flag.split()[0].removeprefix("--").replace("-", "_").upper()
         assert text.strip(), f"{flag} has no help: the docs would not say what it does"
     table = reference().server_flags_table()
-    assert all(f"`{flag}`" in table.replace("\\|", "|") for flag, *_ in rows)
+    assert all(f"`{flag}`" in table for flag, *_ in rows)
     server_page = (ROOT / "docs" / "server.md").read_text(encoding="utf-8")
     assert "<!-- reference: server-flags -->" in server_page
 

@@ -276,7 +276,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add(
         "--max-prompt-logprobs-tokens",
         type=_bounded(int, 0, 16384),
-        help="the longest prompt a request may ask prompt_logprobs of (longer: INVALID_ARGUMENT)",
+        help="the longest prompt a request may ask prompt_logprobs of (at most 16384; longer: INVALID_ARGUMENT)",
     )
     add(
         "--prefix-caching",
@@ -323,8 +323,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add(
         "--max-connection-age",
         type=_non_negative_float,
-        help="seconds before a client is asked to reconnect (and so re-resolve the service's name and find new "
-        "replicas); 0: never",
+        help="seconds (±10%%) before a client is asked to reconnect (and so re-resolve the service's name and find "
+        "new replicas); running streams get --max-connection-age-grace to finish; 0: never",
     )
     add(
         "--max-connection-age-grace",
