@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,13 @@ def _cell(text: str) -> str:
 def _code(text: str) -> str:
     """Code in a table cell: a pipe inside a code span does not split the cell."""
     return f"`{text}`"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of cells already escaped (`_cell`, `_code`)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 # --- Flags ----------------------------------------------------------------------
@@ -74,10 +81,10 @@ def server_flags() -> list[tuple[str, str, str, str]]:
 
 
 def server_flags_table() -> str:
-    lines = ["| flag | variable | default | what it does |", "| --- | --- | --- | --- |"]
-    for flag, variable, default, text in server_flags():
-        lines.append(f"| {_code(flag)} | {_code(variable)} | {_code(default)} | {_cell(text)} |")
-    return "\n".join(lines)
+    rows = [
+        (_code(flag), _code(variable), _code(default), _cell(text)) for flag, variable, default, text in server_flags()
+    ]
+    return _table(("flag", "variable", "default", "what it does"), rows)
 
 
 def client_flags() -> list[tuple[str, str, str]]:
@@ -94,10 +101,8 @@ def client_flags() -> list[tuple[str, str, str]]:
 
 
 def client_flags_table() -> str:
-    lines = ["| command | flag | what it does |", "| --- | --- | --- |"]
-    for command, flag, text in client_flags():
-        lines.append(f"| {command or 'all'} | {_code(flag)} | {_cell(text)} |")
-    return "\n".join(lines)
+    rows = [(command or "all", _code(flag), _cell(text)) for command, flag, text in client_flags()]
+    return _table(("command", "flag", "what it does"), rows)
 
 
 # --- Metrics --------------------------------------------------------------------
@@ -121,10 +126,8 @@ def metrics() -> list[tuple[str, str, str, tuple[str, ...]]]:
 
 
 def metrics_table() -> str:
-    lines = ["| metric | type | what it counts | labels |", "| --- | --- | --- | --- |"]
-    for name, kind, text, labels in metrics():
-        lines.append(f"| {_code(name)} | {kind} | {_cell(text)} | {', '.join(map(_code, labels))} |")
-    return "\n".join(lines)
+    rows = [(_code(name), kind, _cell(text), ", ".join(map(_code, labels))) for name, kind, text, labels in metrics()]
+    return _table(("metric", "type", "what it counts", "labels"), rows)
 
 
 # --- Protocol -------------------------------------------------------------------

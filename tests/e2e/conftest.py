@@ -39,7 +39,7 @@ def console_server() -> Iterator[RunningServer]:
 # prompt, or with "chat" a chat) through a plain grpc stub (not the client SDK, which imports
 # OpenTelemetry's API when it is installed), it reports on itself as JSON on stderr and stops.
 INSPECTED = """
-import asyncio, io, json, re, signal, sys, threading
+import asyncio, gc, io, json, re, signal, sys, threading
 import grpc
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.config import parse_config
@@ -69,6 +69,7 @@ async def main():
         "threads": sorted(t.name for t in threading.enumerate()),
         "packages": sorted({name.partition(".")[0] for name in sys.modules}),
         "rss_mib": [round(before), round(rss_mib())],
+        "frozen": gc.get_freeze_count(),
     }
     print("report", json.dumps(report), file=sys.stderr)
     signal.raise_signal(signal.SIGTERM)

@@ -256,3 +256,5 @@ def test_the_front_end_serves_a_chat_without_importing_torch():
     before, after = served["rss_mib"]
     assert before < 200
     assert after < 200
+    # What start-up made is frozen out of the collector's reach (the engine process does the same).
+    assert served["frozen"] > 10_000

@@ -28,6 +28,7 @@ from entity_llm_server import EngineRequest, LLMService, UnifiedLLMResource
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine import BatchingSettings, Finished, InvalidRequestError, Sampling
 from entity_llm_server.engine import rows as r
+from entity_llm_server.engine.sampling import GREEDY
 
 from ..conftest import ServerThread
 from ..engines import forced_forward, run, serving
@@ -100,6 +101,31 @@ def test_the_filters_mean_what_transformers_warpers_mean_row_by_row():
     assert int(torch.isfinite(ours[6]).sum()) == 1
     assert int(torch.isfinite(ours[7]).sum()) == 1
     assert int(torch.isfinite(ours[0]).sum()) == vocab
+
+
+def test_filters_run_on_the_rows_that_use_them_and_leave_the_others_as_they_were():
+    # The eager hook sorts (top-k/top-p) and filters (min-p/typical-p) only the rows that use them:
+    # the same scores as running both over every row, for the rows that use them and the rest.
+    torch.manual_seed(1)
+    vocab = 300
+    logits = torch.randn(6, vocab) * 3
+    samplings = [
+        GREEDY,
+        Sampling(temperature=0.8, top_p=0.9, seed=1),
+        Sampling(temperature=1.0, seed=2),
+        Sampling(temperature=1.2, min_p=0.1, seed=3),
+        GREEDY,
+        Sampling(temperature=0.7, top_k=20, typical_p=0.8, seed=4),
+    ]
+    rows = r.rows_for([r.row_values(x, 0, vocab) for x in samplings], [None] * 6, vocab, "cpu")
+    eos = r.eos_mask(frozenset(), vocab, "cpu")
+    sort, filters = r.filtering(samplings)
+    assert (sort, filters) == ([1, 5], [3, 5])
+    everywhere = r.warp(logits, rows, eos)
+    torch.testing.assert_close(r.warp(logits, rows, eos, sort=sort, filters=filters), everywhere)
+    untouched = logits.float() / rows.temperature[:, None]
+    torch.testing.assert_close(everywhere[[0, 2, 4]], untouched[[0, 2, 4]].log_softmax(-1))
+    assert int(torch.isfinite(everywhere[1]).sum()) < vocab  # the selected rows were filtered
 
 
 def test_adjustments_add_the_bias_and_subtract_presence_and_frequency_penalties():

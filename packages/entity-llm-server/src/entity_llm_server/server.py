@@ -23,6 +23,7 @@ from .config import (
     ServerConfig,
 )
 from .drain import DrainGate
+from .engine.core import settle
 from .health import HEALTH_SERVICE, LLM_SERVICE, HealthMonitor
 from .interceptors import OperationsInterceptor
 from .metrics import Metrics
@@ -330,6 +331,7 @@ async def _serve(
             await resource.close()
             return 0
         info = loading.result().info()
+        settle()
         await server.health.update()  # SERVING now, not at the watcher's next look
     except BaseException:
         await server.stop(0)

@@ -107,8 +107,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.faults: dict[str, str] = {}
         # Eager mode only: what the step being prepared needs.
         self._plain = False
-        self._sort = True
-        self._filters = True
+        self._sort: r.Selection = True  # the rows that get top-k/top-p, and min-p/typical-p (`rows.warp`)
+        self._filters: r.Selection = True
         self._noise = True
         self._seen: list[list[int] | None] = []
         self._added: torch.Tensor | None = None  # eager: what the step's rows add to their logits

@@ -23,6 +23,17 @@ if TYPE_CHECKING:
     from .sampling import TokenLogprob
 
 
+def settle() -> None:
+    """Once a process holds what it serves with (the model, the tokenizer, the server): collect, then
+    freeze what is left (CPython's `gc.freeze`), so that the collections serving sets off walk only
+    the objects serving makes. Called when a core has warmed up, in the process that runs it, and
+    by the server once its engine is ready."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 # A core that holds requests and has run no step for LIVENESS_TIMEOUT seconds
 # is stuck (a kernel that never returns, a deadlock): unhealthy and refusing
 # new requests until it steps again. The front end gives the engine process's

@@ -11,7 +11,7 @@ every row (which a captured CUDA graph needs).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,18 +94,24 @@ def adjustments(sampling: Sampling, step: int, generated: list[int], row: torch.
         row[torch.tensor(sampling.stop_token_ids, device=row.device)] = -math.inf
 
 
+# Which rows a filter of `warp` runs on: all of them (True: one static computation, as a captured
+# graph needs), none (False), or those listed (the eager hook knows each row's parameters).
+Selection = bool | Sequence[int]
+
+
 def warp(
-    logits: torch.Tensor, rows: Rows, eos_mask: torch.Tensor, *, sort: bool = True, filters: bool = True
+    logits: torch.Tensor, rows: Rows, eos_mask: torch.Tensor, *, sort: Selection = True, filters: Selection = True
 ) -> torch.Tensor:
     """Log-probabilities [rows, vocab] of the distribution each row chooses from.
 
     In transformers' order: repetition penalty; what the rows add (logit
     bias, presence and frequency penalties, held-off stop tokens); EOS
     masking (min_new_tokens); temperature; top-k and top-p; min-p; typical-p;
-    then log-softmax. `sort=False` skips top-k/top-p and `filters=False`
-    min-p/typical-p (the caller knows no row uses them). A row whose value
-    turns a filter off is left as it is by that filter, so one computation
-    serves every row of a batch.
+    then log-softmax. `sort` selects the rows that get top-k/top-p (a sort of
+    the row) and `filters` those that get min-p/typical-p (`Selection`;
+    `filtering` says which rows use them). A row whose value turns a filter
+    off is left as it is by that filter, so leaving it out changes nothing:
+    a greedy row beside sampled ones pays for no sort.
     """
     import torch
 
@@ -119,23 +125,46 @@ def warp(
     no_eos = (rows.flags & NO_EOS).bool()
     scores = scores.masked_fill(no_eos[:, None] & eos_mask[None, :], -math.inf)
     scores = scores / rows.temperature[:, None]
-    if sort:
-        vocab = scores.shape[-1]
-        ordered = scores.sort(dim=-1, descending=True).values
-        k = rows.top_k.clamp(1, vocab).to(torch.int64)
-        ranks = torch.arange(vocab, device=scores.device)[None, :]
-        ordered = ordered.masked_fill(ranks >= k[:, None], -math.inf)
-        probs = ordered.softmax(dim=-1)
-        # Keep a token while the mass before it is under top_p (the first always).
-        keep = ((probs.cumsum(dim=-1) - probs) < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
-        keep &= ranks < k[:, None]
-        last = (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-        threshold = ordered.gather(1, last)
-        scores = scores.masked_fill(scores < threshold, -math.inf)
-    if filters:
-        scores = _min_p(scores, rows.min_p)
-        scores = _typical(scores, rows.typical_p)
+    scores = _on(scores, sort, lambda part, at: _top_k_top_p(part, at(rows.top_k), at(rows.top_p)))
+    scores = _on(scores, filters, lambda part, at: _typical(_min_p(part, at(rows.min_p)), at(rows.typical_p)))
     return scores.log_softmax(dim=-1)
+
+
+def _on(
+    scores: torch.Tensor,
+    selection: Selection,
+    apply: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
+    """`apply(part, at)` to the selected rows of `scores` (`at` picks the same rows of a per-row tensor)."""
+    import torch
+
+    if selection is True:
+        return apply(scores, lambda values: values)
+    if selection is False or len(selection) == 0:
+        return scores
+    if len(selection) == scores.shape[0]:
+        return apply(scores, lambda values: values)
+    index = torch.tensor(selection, device=scores.device)
+    part = apply(scores.index_select(0, index), lambda values: values.index_select(0, index))
+    return scores.index_copy(0, index, part)
+
+
+def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) of what top-k kept: a sort of each row."""
+    import torch
+
+    vocab = scores.shape[-1]
+    ordered = scores.sort(dim=-1, descending=True).values
+    k = top_k.clamp(1, vocab).to(torch.int64)
+    ranks = torch.arange(vocab, device=scores.device)[None, :]
+    ordered = ordered.masked_fill(ranks >= k[:, None], -math.inf)
+    probs = ordered.softmax(dim=-1)
+    # Keep a token while the mass before it is under top_p (the first always).
+    keep = ((probs.cumsum(dim=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
+    keep &= ranks < k[:, None]
+    last = (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+    threshold = ordered.gather(1, last)
+    return scores.masked_fill(scores < threshold, -math.inf)
 
 
 def _min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -283,10 +312,10 @@ def adjust_rows(
     return adjust
 
 
-def filtering(samplings: list[Sampling]) -> tuple[bool, bool]:
-    """Whether any of these rows uses top-k/top-p (a sort), and whether any uses min-p/typical-p."""
-    sort = any(x.sampled and (x.top_k > 0 or x.top_p < 1) for x in samplings)
-    filters = any(x.sampled and (x.min_p > 0 or x.typical_p < 1) for x in samplings)
+def filtering(samplings: list[Sampling]) -> tuple[list[int], list[int]]:
+    """The rows that use top-k/top-p (a sort), and those that use min-p/typical-p (`warp`'s selections)."""
+    sort = [i for i, x in enumerate(samplings) if x.sampled and (x.top_k > 0 or x.top_p < 1)]
+    filters = [i for i, x in enumerate(samplings) if x.sampled and (x.min_p > 0 or x.typical_p < 1)]
     return sort, filters
 
 

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from .base import BatchingUnsupportedError, CoreState, EngineError
 from .batching import BatchingCore
 from .constraints import Grammars
-from .core import ModelFacts, SeqOutput
+from .core import ModelFacts, SeqOutput, settle
 from .inputs import Prepared
 from .ipc import (
     Add,
@@ -211,6 +211,7 @@ def serve(fd: int, parent: int) -> int:
             conn.send(Failed(message))
         return 1
     engine = "padded" if isinstance(core, PaddedCore) else "batching"
+    settle()
     conn.send(Ready(facts, engine, tokenizer if spec.rank is None or spec.rank.rank == 0 else None))
     worker.run()
     return 0

@@ -1,0 +1,169 @@
+"""The host's work around the model: what the cuts of the batching loop's host work buy.
+
+The same `--streams` requests (every `--sampled-every`-th one sampled with top_p 0.95, the rest
+greedy, as a mixed service's traffic is) run through the real engine in process (front end,
+batching core, the sampling hook) in interleaved rounds, two ways:
+
+- before: every row of a step that has a sampled row is sorted for top-k/top-p and filtered for
+  min-p/typical-p (the hook before the cut), and nothing start-up made is frozen;
+- after: only the rows that use them are sorted and filtered (`rows.filtering`), and what start-up
+  made is out of the collector's reach (`engine.core.settle`: gc.freeze), as the server runs.
+
+Reported: tokens/s of each (target: after >= before, the cuts cost nothing), the collector's time
+in each run (gc.callbacks), and `rows.warp` alone on a step's [streams, vocab] logits, every row
+against the sampled rows only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _common import Row, interleaved, ratio, report
+from model_path import materialise, prompts
+
+
+class CollectorClock:
+    """Seconds the cyclic garbage collector ran while enabled, and its full collections."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._started = 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.full += info["generation"] == 2
+
+    def reset(self) -> None:
+        self.seconds, self.full = 0.0, 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-35m", help="demo, or a model_path.py shape")
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--sampled-every", type=int, default=4, help="every Nth request samples (top_p 0.95)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from entity_llm_server import EngineRequest, UnifiedLLMResource
+    from entity_llm_server.engine import BatchingSettings, Finished, Sampling
+    from entity_llm_server.engine import rows as r
+    from entity_llm_server.engine.core import settle
+
+    clock = CollectorClock()
+    shipped = r.filtering
+
+    def every_row(samplings: list[Sampling]) -> tuple[bool, bool]:  # the hook before the cut
+        sort, filters = shipped(samplings)
+        return bool(sort), bool(filters)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = materialise(args.model, Path(scratch), "auto")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        batch = prompts(tokenizer, args.streams, args.prompt_tokens)
+        settings = BatchingSettings(
+            max_batch_size=args.streams, max_queue=0, kv_cache_tokens=args.streams * 256, prefix_caching=False
+        )
+        engine = UnifiedLLMResource(str(folder), engine="batching", batching=settings).load_engine()
+        vocab = int(engine.core.model.config.vocab_size)
+
+        def sampling(i: int) -> Sampling:
+            if i % args.sampled_every == 0:
+                return Sampling(temperature=0.8, top_p=0.95, seed=i)
+            return Sampling()
+
+        requests = [
+            EngineRequest("", prompt_token_ids=tuple(p.ids), max_new_tokens=args.new_tokens, sampling=sampling(i))
+            for i, p in enumerate(batch)
+        ]
+
+        async def one(request: EngineRequest) -> int:
+            final = [event async for event in engine.generate(request)][-1]
+            assert isinstance(final, Finished)
+            return final.generated_tokens
+
+        async def every() -> list[int]:
+            return list(await asyncio.gather(*(one(q) for q in requests)))
+
+        def rounds(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], Row]]:
+            def run(name: str, filtering: Any, frozen: bool) -> Row:
+                r.filtering = filtering
+                gc.unfreeze()
+                if frozen:
+                    settle()
+                loop.run_until_complete(one(requests[0]))  # warm, as every round
+                clock.reset()
+                started = time.perf_counter()
+                tokens = loop.run_until_complete(every())
+                seconds = time.perf_counter() - started
+                extra = {"gc_seconds": round(clock.seconds, 4), "gc_full_collections": clock.full}
+                return Row(args.model, name, args.streams, sum(tokens), seconds, [], extra)
+
+            return {
+                "before": lambda: run("hook sorts every row; nothing frozen", every_row, False),
+                "after": lambda: run("hook sorts the rows that use it; start-up frozen", shipped, True),
+            }
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(engine.start())
+            best = interleaved(rounds(loop), args.repeat)
+            loop.run_until_complete(engine.close())
+        finally:
+            r.filtering = shipped
+            loop.close()
+
+        # warp alone: one step's logits, as before the cut (every row, for a filter any row uses) and after.
+        samplings = [sampling(i) for i in range(args.streams)]
+        rows = r.rows_for([r.row_values(x, 0, vocab) for x in samplings], [None] * args.streams, vocab, "cpu")
+        logits, eos = torch.randn(args.streams, vocab), r.eos_mask(frozenset(), vocab, "cpu")
+        sort, filters = shipped(samplings)
+        sides = {"warp every row": every_row(samplings), "warp sampled rows": (sort, filters)}
+        timed: dict[str, Row] = {}
+        for name, (s, f) in sides.items():
+            r.warp(logits, rows, eos, sort=s, filters=f)
+            started, calls = time.perf_counter(), 50
+            for _ in range(calls):
+                r.warp(logits, rows, eos, sort=s, filters=f)
+            timed[name] = Row(args.model, name, args.streams, calls, time.perf_counter() - started, [], {})
+
+    rows_out = [*best.values(), *timed.values()]
+    before, after = best["before"], best["after"]
+    ratios = [
+        ratio(f"{args.model} engine in process, host cuts after / before at {args.streams}", after, before, 1.0),
+        # Steps per second of warp: every row's time over the sampled rows' time.
+        ratio(
+            f"{args.model} warp, sampled rows / every row at {args.streams}",
+            timed["warp sampled rows"],
+            timed["warp every row"],
+        ),
+        {
+            "name": f"{args.model} collector seconds, before / after",
+            "value": before.extra["gc_seconds"] / max(after.extra["gc_seconds"], 1e-9),
+            "target": 0.0,
+        },
+    ]
+    for row in best.values():
+        print(f"{row.method}: the collector ran {row.extra['gc_seconds']} s ({row.extra['gc_full_collections']} full)")
+    report("host", rows_out, ratios, {"args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
