@@ -209,6 +209,7 @@ BENCH = (
     "--repeat 2",
     "benchmarks/features.py --repeat 3",
     "benchmarks/features.py --repeat 3 --max-batch-tokens 2048",
+    "benchmarks/host.py --repeat 3",
 )
 
 

@@ -7,11 +7,14 @@ batching core, the sampling hook) in interleaved rounds, two ways:
 - before: every row of a step that has a sampled row is sorted for top-k/top-p and filtered for
   min-p/typical-p (the hook before the cut), and nothing start-up made is frozen;
 - after: only the rows that use them are sorted and filtered (`rows.filtering`), and what start-up
-  made is out of the collector's reach (`engine.core.settle`: gc.freeze), as the server runs.
+  made is out of the collector's reach (`engine.core.settle`: gc.freeze), as the server runs;
+
+- the sampled rows' Gumbel noise: drawn for every row and masked (before), or for the sampled
+  rows only (after).
 
 Reported: tokens/s of each (target: after >= before, the cuts cost nothing), the collector's time
-in each run (gc.callbacks), and `rows.warp` alone on a step's [streams, vocab] logits, every row
-against the sampled rows only.
+in each run (gc.callbacks), and the hook's per-step work alone (`rows.warp`, then `rows.noisy`) on
+a step's [streams, vocab] logits, before and after.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ def main() -> None:
         sort, filters = shipped(samplings)
         return bool(sort), bool(filters)
 
+    shipped_noise = r.noisy
+
+    def every_row_noise(logprobs: Any, rows: Any, sampled: Any = True) -> Any:  # the hook before the cut
+        return shipped_noise(logprobs, rows, True)
+
     with tempfile.TemporaryDirectory() as scratch:
         folder = materialise(args.model, Path(scratch), "auto")
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -103,8 +111,8 @@ def main() -> None:
             return list(await asyncio.gather(*(one(q) for q in requests)))
 
         def rounds(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], Row]]:
-            def run(name: str, filtering: Any, frozen: bool) -> Row:
-                r.filtering = filtering
+            def run(name: str, filtering: Any, noisy: Any, frozen: bool) -> Row:
+                r.filtering, r.noisy = filtering, noisy
                 gc.unfreeze()
                 if frozen:
                     settle()
@@ -117,8 +125,8 @@ def main() -> None:
                 return Row(args.model, name, args.streams, sum(tokens), seconds, [], extra)
 
             return {
-                "before": lambda: run("hook sorts every row; nothing frozen", every_row, False),
-                "after": lambda: run("hook sorts the rows that use it; start-up frozen", shipped, True),
+                "before": lambda: run("hook: every row; nothing frozen", every_row, every_row_noise, False),
+                "after": lambda: run("hook: the rows that use it; frozen", shipped, shipped_noise, True),
             }
 
         loop = asyncio.new_event_loop()
@@ -127,7 +135,7 @@ def main() -> None:
             best = interleaved(rounds(loop), args.repeat)
             loop.run_until_complete(engine.close())
         finally:
-            r.filtering = shipped
+            r.filtering, r.noisy = shipped, shipped_noise
             loop.close()
 
         # warp alone: one step's logits, as before the cut (every row, for a filter any row uses) and after.
@@ -135,24 +143,29 @@ def main() -> None:
         rows = r.rows_for([r.row_values(x, 0, vocab) for x in samplings], [None] * args.streams, vocab, "cpu")
         logits, eos = torch.randn(args.streams, vocab), r.eos_mask(frozenset(), vocab, "cpu")
         sort, filters = shipped(samplings)
-        sides = {"warp every row": every_row(samplings), "warp sampled rows": (sort, filters)}
+        drawn = [i for i, x in enumerate(samplings) if x.sampled]
+        sides: dict[str, tuple[r.Selection, r.Selection, r.Selection]] = {
+            "hook step, before": (*every_row(samplings), True),
+            "hook step, after": (sort, filters, drawn),
+        }
         timed: dict[str, Row] = {}
-        for name, (s, f) in sides.items():
-            r.warp(logits, rows, eos, sort=s, filters=f)
+        for name, (s, f, d) in sides.items():
             started, calls = time.perf_counter(), 50
-            for _ in range(calls):
-                r.warp(logits, rows, eos, sort=s, filters=f)
+            for _ in range(calls + 1):
+                if _ == 1:  # the first call warms up
+                    started = time.perf_counter()
+                shipped_noise(r.warp(logits, rows, eos, sort=s, filters=f), rows, d)
             timed[name] = Row(args.model, name, args.streams, calls, time.perf_counter() - started, [], {})
 
     rows_out = [*best.values(), *timed.values()]
     before, after = best["before"], best["after"]
     ratios = [
         ratio(f"{args.model} engine in process, host cuts after / before at {args.streams}", after, before, 1.0),
-        # Steps per second of warp: every row's time over the sampled rows' time.
+        # Steps per second: the time before over the time after.
         ratio(
-            f"{args.model} warp, sampled rows / every row at {args.streams}",
-            timed["warp sampled rows"],
-            timed["warp every row"],
+            f"{args.model} the hook's work per step (warp, noise), before / after at {args.streams}",
+            timed["hook step, after"],
+            timed["hook step, before"],
         ),
         {
             "name": f"{args.model} collector seconds, before / after",

@@ -314,6 +314,14 @@ MUTATIONS = (
         "visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(0)",
         ("tests/model/test_attention.py",),
     ),
+    Mutation(
+        "selected-rows",
+        "a row's sampling filters and noise apply to it whatever else shares its step",
+        "engine/rows.py",
+        "return scores.index_copy(0, index, part)",
+        "return scores",
+        ("tests/model/test_request_features.py", "-k", "filters or every_sampler"),
+    ),
 )
 
 

@@ -126,6 +126,9 @@ def test_filters_run_on_the_rows_that_use_them_and_leave_the_others_as_they_were
     untouched = logits.float() / rows.temperature[:, None]
     torch.testing.assert_close(everywhere[[0, 2, 4]], untouched[[0, 2, 4]].log_softmax(-1))
     assert int(torch.isfinite(everywhere[1]).sum()) < vocab  # the selected rows were filtered
+    # Noise too: drawn for the sampled rows only, the same draws as every row's noise masked.
+    sampled = [i for i, x in enumerate(samplings) if x.sampled]
+    torch.testing.assert_close(r.noisy(everywhere, rows, sampled), r.noisy(everywhere, rows))
 
 
 def test_adjustments_add_the_bias_and_subtract_presence_and_frequency_penalties():

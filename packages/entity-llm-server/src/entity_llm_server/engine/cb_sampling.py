@@ -109,7 +109,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self._plain = False
         self._sort: r.Selection = True  # the rows that get top-k/top-p, and min-p/typical-p (`rows.warp`)
         self._filters: r.Selection = True
-        self._noise = True
+        self._sampled: list[int] = []  # the rows that draw (Gumbel noise); the others are argmax
         self._seen: list[list[int] | None] = []
         self._added: torch.Tensor | None = None  # eager: what the step's rows add to their logits
         self._wanted: list[tuple[str, int] | None] = []
@@ -195,7 +195,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         if self.eager:
             self._seen = seen
             self._sort, self._filters = r.filtering(samplings)
-            self._noise = any(int(v) & r.SAMPLED for v in columns[_FLAGS])
+            self._sampled = [i for i, v in enumerate(columns[_FLAGS]) if int(v) & r.SAMPLED]
         else:
             self.collect()  # a step whose outputs went nowhere (none should): its records first
             # Only penalised rows need their mask right: the others' penalty of 1 changes nothing.
@@ -317,7 +317,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         if (added := self._added) is not None:
             rows.adjust = torch.cat([added, added.new_zeros((n - len(added), self.vocab_size))])
         logprobs = r.warp(scores, rows, self.eos_mask, sort=self._sort, filters=self._filters)
-        final = r.noisy(logprobs, rows) if self._noise else logprobs
+        final = r.noisy(logprobs, rows, self._sampled) if self._sampled else logprobs
         if any(w is not None for w in self._wanted):
             chosen = torch.argmax(final, dim=-1)
             entries = r.logprob_entries(logprobs, chosen, [w[1] if w else None for w in self._wanted])

@@ -192,17 +192,22 @@ def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(drop, -math.inf)
 
 
-def noisy(logprobs: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """Scores whose argmax is each row's choice: sampled rows get their seeded Gumbel noise."""
-    sampled = (rows.flags & SAMPLED).bool()
-    return logprobs + gumbel(rows.key, logprobs.shape[-1]).masked_fill(~sampled[:, None], 0.0)
+def noisy(logprobs: torch.Tensor, rows: Rows, sampled: Selection = True) -> torch.Tensor:
+    """Scores whose argmax is each row's choice: sampled rows get their seeded Gumbel noise.
+
+    `sampled` lists the sampled rows (the eager hook knows them: greedy rows then cost nothing);
+    True computes every row's noise and keeps the sampled rows' (one static computation)."""
+    if sampled is True:
+        flags = (rows.flags & SAMPLED).bool()
+        return logprobs + gumbel(rows.key, logprobs.shape[-1]).masked_fill(~flags[:, None], 0.0)
+    return _on(logprobs, sampled, lambda part, at: part + gumbel(at(rows.key), part.shape[-1]))
 
 
-def choose(logprobs: torch.Tensor, rows: Rows) -> torch.Tensor:
+def choose(logprobs: torch.Tensor, rows: Rows, sampled: Selection = True) -> torch.Tensor:
     """The chosen token of each row: argmax for greedy rows, Gumbel-max for sampled rows."""
     import torch
 
-    return torch.argmax(noisy(logprobs, rows), dim=-1)
+    return torch.argmax(noisy(logprobs, rows, sampled), dim=-1)
 
 
 def eos_mask(eos_ids: frozenset[int], vocab: int, device: Any) -> torch.Tensor:
@@ -357,7 +362,8 @@ def pick(
     )
     sort, filters = filtering(samplings)
     logprobs = warp(logits, rows, eos_ids, sort=sort, filters=filters)
-    chosen = choose(logprobs, rows) if any(sampling.sampled for sampling in samplings) else logprobs.argmax(dim=-1)
+    sampled = [i for i, sampling in enumerate(samplings) if sampling.sampled]
+    chosen = choose(logprobs, rows, sampled) if sampled else logprobs.argmax(dim=-1)
     wanted = [sampling.top_logprobs if sampling.wants_logprobs else None for sampling in samplings]
     entries: list[TokenLogprob | None] = [None] * len(wanted)
     if any(w is not None for w in wanted):
