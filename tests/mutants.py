@@ -270,8 +270,8 @@ MUTATIONS = (
         "typical-p",
         "typical_p means what transformers' TypicalLogitsWarper means",
         "engine/rows.py",
-        "scores = _typical(scores, rows.typical_p)",
-        "pass",
+        "scores = _on(scores, filters, lambda part, at: _typical(_min_p(part, at(rows.min_p)), at(rows.typical_p)))",
+        "scores = _on(scores, filters, lambda part, at: _min_p(part, at(rows.min_p)))",
         ("tests/model/test_request_features.py", "-k", "filters_mean"),
     ),
     Mutation(
