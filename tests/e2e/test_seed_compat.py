@@ -66,7 +66,12 @@ def test_the_seed_snippet_runs_with_only_its_port_changed(tmp_path):
     script = tmp_path / "seed_server.py"
     script.write_text(SEED_SNIPPET.replace('"[::]:50051"', f'"[::]:{port}"'))
     assert str(port) in script.read_text()
-    with subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL) as process:
+    # Ctrl-C as a terminal gives it: a suite started in the background (`nohup ... &`) passes its
+    # processes SIGINT ignored, and Python then leaves it ignored. The snippet itself runs unchanged.
+    ctrl_c = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); exec(open(sys.argv[1]).read())"
+    )
+    with subprocess.Popen([sys.executable, "-c", ctrl_c, str(script)], stderr=subprocess.DEVNULL) as process:
         try:
             assert wait_until(lambda: _listening(port, process), timeout=120), f"nothing listens on {port}"
             from grpc_services import llm_pb2, llm_pb2_grpc
@@ -77,7 +82,11 @@ def test_the_seed_snippet_runs_with_only_its_port_changed(tmp_path):
             assert "".join(tokens) == FIBONACCI_GREEDY  # the embedded model, greedy, up to its EOS
         finally:
             process.send_signal(signal.SIGINT)
-            process.wait(timeout=60)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # fail, and leave no server behind
+                process.kill()
+                raise
 
 
 def test_the_seed_example_prints_tokens_and_exits_zero():
