@@ -67,15 +67,14 @@ def _flash(
     scale: float,
 ) -> torch.Tensor:
     """torch's FlashAttention-2 kernel over the same sequences (CUDA, fp16/bf16; grouped KV heads
-    native; causal is bottom-right aligned, as in the reference)."""
-    tokens = int(cu_q[-1])
-    out = torch.zeros_like(query)
-    if tokens:
-        attended = torch.ops.aten._flash_attention_forward(
-            query[:tokens], key, value, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
-        )[0]
-        out[:tokens] = attended
-    return out
+    native; causal is bottom-right aligned, as in the reference). Query rows past the last
+    sequence (padding) come out zero, as there; nothing here waits for the device, so a captured
+    CUDA graph can replay it."""
+    out: torch.Tensor = torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+    )[0]
+    padding = torch.arange(query.shape[0], device=query.device) >= cu_q[-1]
+    return out.masked_fill(padding[:, None, None], 0.0)
 
 
 def varlen_attention(
@@ -120,6 +119,9 @@ def supports(model: Any) -> str | None:
         return "it softcaps or windows its attention"
     if not getattr(model, "_supports_flash_attn", False):
         return f"{type(model).__name__} does not take a flash-style attention function"
+    if model.device.type == "cuda" and model.dtype not in _HALF:
+        # The reference reads the boundaries on the host, which a captured CUDA graph cannot.
+        return f"on CUDA it needs float16 or bfloat16 weights, not {model.dtype}"
     return None
 
 
