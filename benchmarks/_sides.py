@@ -15,9 +15,73 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from _common import Row
+from _common import Row, percentile
 
 WARM_TOKENS = 8
+
+
+class StepClock:
+    """Each step of a continuous batching manager, timed on the host and on the device.
+
+    Wraps the manager's `_generation_step` (what its loop calls once per step; a benchmark may lean
+    on that private name: the wrapper fails loudly if it moves). Per step: its period (the host's
+    wall time from one step's start to the next's: preparing, stepping, handing out results) and
+    the device's time inside it. On CUDA the device time is CUDA events recorded on the manager's
+    compute stream around the step (the kernels' own time, whatever the host does meanwhile);
+    elsewhere the step runs synchronously and its wall time stands in for it. The host's share of
+    a step is the rest of the period: time the device waits for the host.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        import torch
+
+        self.manager = manager
+        self.cuda = manager.model.device.type == "cuda"
+        self.starts: list[float] = []
+        self.walls: list[float] = []  # seconds, off CUDA
+        self.events: list[tuple[Any, Any]] = []  # (begin, end), on CUDA
+        step = manager._generation_step  # AttributeError if transformers renames it
+
+        def timed() -> None:
+            self.starts.append(time.perf_counter())
+            if not self.cuda:
+                step()
+                self.walls.append(time.perf_counter() - self.starts[-1])
+                return
+            stream = getattr(manager.batch_processor.inputs_and_outputs, "compute_stream", None)
+            stream = stream or torch.cuda.current_stream()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
+            step()
+            end.record(stream)
+            self.events.append((begin, end))
+
+        manager._generation_step = timed
+
+    def reset(self) -> None:
+        """Forget the steps so far (the warm-up's)."""
+        self.starts, self.walls, self.events = [], [], []
+
+    def summary(self) -> dict[str, Any]:
+        """Medians in ms over the steps since `reset`: period, device, host (period - device), and
+        the device's busy share of the steps' total time."""
+        if self.cuda:
+            for _, end in self.events:
+                end.synchronize()
+            device = [begin.elapsed_time(end) for begin, end in self.events]
+        else:
+            device = [wall * 1000 for wall in self.walls]
+        periods = [(b - a) * 1000 for a, b in zip(self.starts, self.starts[1:], strict=False)]
+        device = device[: len(periods)]  # the last step has no next start
+        host = [p - d for p, d in zip(periods, device, strict=True)]
+        return {
+            "steps": len(periods),
+            "step_period_ms_p50": round(percentile(periods, 50), 3),
+            "step_device_ms_p50": round(percentile(device, 50), 3),
+            "step_host_ms_p50": round(percentile(host, 50), 3),
+            "device_busy": round(sum(device) / sum(periods), 3) if periods else float("nan"),
+            "device_clock": "cuda events" if self.cuda else "step wall time (no device clock)",
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +110,13 @@ def cb_round(
     cuda_graphs: bool | None = None,
     sampling_hook: bool = False,
     attention: str = "sdpa",
+    async_batching: bool = False,
 ) -> Row:
     """The requests straight through transformers' ContinuousBatchingManager, sized like the server
-    (`attention="varlen"`: with the server's `--attention varlen` function, for this round only)."""
+    (`attention="varlen"`: with the server's `--attention varlen` function, for this round only;
+    `async_batching`: transformers' double-buffered loop, which prepares a step while the device
+    runs the one before; CUDA only, and not with the server's sampling hook, whose graph-mode
+    buffers serve one step at a time)."""
     from transformers import GenerationConfig
 
     from entity_llm_server.engine import BatchingEngine, BatchingSettings
@@ -69,10 +137,10 @@ def cb_round(
         from entity_llm_server.engine import attention as varlen
 
         varlen.install(model)
+    config = sized.batching.cb_config()
+    config.use_async_batching = async_batching
     try:
-        manager = model.init_continuous_batching(
-            generation_config=generation, continuous_batching_config=sized.batching.cb_config()
-        )
+        manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
     finally:  # the manager has resolved its settings from the model's implementation: the next side starts clean
         model.config._attn_implementation = original
     if sampling_hook:  # what the server installs: per-request sampling in the logits hook
@@ -86,11 +154,13 @@ def cb_round(
             rows=settings.max_batch_size,
         )
     manager.warmup()
+    clock = StepClock(manager)
     manager.start()
     try:
         manager.add_request(batch[0].ids, request_id="warm", max_new_tokens=WARM_TOKENS)
         while (out := manager.get_result(timeout=600)) is None or not out.is_finished():
             pass
+        clock.reset()
         first: dict[str, float] = {}
         counts: dict[str, int] = {}
         started = time.perf_counter()
@@ -109,15 +179,16 @@ def cb_round(
         manager.stop(block=True, timeout=60)
     if sampling_hook:
         method = "cb + sampling hook"
-    elif attention != "sdpa":
-        method = f"cb, --attention {attention}"
+    elif attention != "sdpa" or async_batching:
+        method = f"cb, --attention {attention}" + (", async batching" if async_batching else "")
     elif cuda_graphs is None:
         method = "cb (raw, in process)"
     else:
         method = f"cb (cuda_graphs={cuda_graphs})"
     ttft = [(t - started) * 1000 for t in first.values()]
     per_request = [counts[f"r{i}"] for i in range(len(batch))]
-    return Row("model", method, len(batch), sum(per_request), seconds, ttft, {"per_request_tokens": per_request})
+    extra = {"per_request_tokens": per_request, **clock.summary()}
+    return Row("model", method, len(batch), sum(per_request), seconds, ttft, extra)
 
 
 def sequential_round(model: Any, batch: list[Prompt], new_tokens: int, limit: int = 0) -> Row:

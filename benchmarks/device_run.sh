@@ -9,7 +9,10 @@
 #       grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client==0.26.0
 #
 # At most about 6 minutes (the timeouts below add up to 350 s). model_path
-# compares raw CB and the server with `--attention varlen` too (cuda_check checks it first). STREAMS
+# compares raw CB as the server sizes it, with the sampling hook, with `--attention varlen`
+# (cuda_check checks it first) and with async batching (sdpa and varlen), and the server (engine
+# process, varlen); each raw CB side prints CUDA-event device time per step against the
+# host's share of the step. STREAMS
 # (default 64) picks model_path's concurrencies, the target's first; then
 # engine replicas 1, 2 and 4 on the one GPU at 64 and 256 streams. A run cut
 # short keeps the settings it finished in model_path_cuda.json and
@@ -30,7 +33,7 @@ python3 -c "import sys, torch, transformers, grpc; print(sys.version.split()[0],
 timeout 60 python3 benchmarks/cuda_check.py --device cuda 2>&1 | grep -v "it/s]" | tee "$OUT/cuda_check.log"
 timeout 175 python3 benchmarks/model_path.py --device cuda --dtype bfloat16 --models qwen2-0.5b \
     --streams "${STREAMS:-64}" --new-tokens "${NEW_TOKENS:-128}" --sequential-limit 4 --repeat 2 \
-    --compare-in-process --compare-no-graphs --compare-sampling --compare-attention 2>&1 | grep -v "it/s]" | tee "$OUT/cuda.log"
+    --compare-sampling --compare-attention --compare-async 2>&1 | grep -v "it/s]" | tee "$OUT/cuda.log"
 cp benchmarks/results/model_path_cuda.json "$OUT/" 2>/dev/null
 timeout 115 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --models qwen2-0.5b --replicas 1,2,4 \
     --streams "${SCALE_STREAMS:-64,256}" --tp-streams none --pods none --new-tokens "${NEW_TOKENS:-128}" --prompt-tokens 64 \

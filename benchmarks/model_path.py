@@ -183,6 +183,13 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
             best[side].extra["server_startup_s"] = round(server.startup_s, 2)
         for row in best.values():
             row.bench = name
+            if "steps" in row.extra:  # raw CB's steps: the device's time against the host's
+                e = row.extra
+                print(
+                    f"{name} {row.method} at {streams}: {e['steps']} steps, p50 {e['step_period_ms_p50']} ms a step:"
+                    f" device {e['step_device_ms_p50']} ms, host {e['step_host_ms_p50']} ms;"
+                    f" device busy {e['device_busy']:.0%} of the time ({e['device_clock']})"
+                )
         ratios: list[dict[str, Any]] = []
         grpc_row, cb, seq = best["grpc"], best["cb"], best["sequential"]
         # The issue's targets are set at 32 streams; below that the ratios are reported only.
@@ -210,6 +217,10 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
         if "cb varlen" in best:
             ratios.append(ratio(f"{name} cb varlen / sdpa attention at {streams}", best["cb varlen"], cb))
             ratios.append(ratio(f"{name} grpc varlen / cb varlen at {streams}", best["grpc varlen"], best["cb varlen"]))
+        if "cb async" in best:
+            ratios.append(ratio(f"{name} cb async / sync batching at {streams}", best["cb async"], cb))
+        if "cb varlen async" in best:
+            ratios.append(ratio(f"{name} cb varlen async / cb sdpa sync at {streams}", best["cb varlen async"], cb))
         if "cb no graphs" in best:
             ratios.append(ratio(f"{name} cb with / without CUDA graphs at {streams}", cb, best["cb no graphs"]))
         yield list(best.values()), ratios
@@ -292,9 +303,25 @@ def sides_for(
         sides["grpc constrained"] = lambda: grpc_round(target, batch, new, "grpc, JSON schema", schema)
     if args.compare_attention:
         sides["cb varlen"] = lambda: cb_round(model, tokenizer, batch, new, attention="varlen")
+    if args.compare_async and args.device.startswith("cuda"):
+        sides["cb async"] = lambda: survived(lambda: cb_round(model, tokenizer, batch, new, async_batching=True))
+        if args.compare_attention:
+            sides["cb varlen async"] = lambda: survived(
+                lambda: cb_round(model, tokenizer, batch, new, attention="varlen", async_batching=True)
+            )
     if args.compare_no_graphs:
         sides["cb no graphs"] = lambda: cb_round(model, tokenizer, batch, new, cuda_graphs=False)
     return sides
+
+
+def survived(side: Callable[[], Row]) -> Row:
+    """A side that has never run where it runs (async batching, CUDA only): if it fails, a row of
+    no tokens that says why, and the run goes on to measure the rest."""
+    try:
+        return side()
+    except Exception as exc:
+        print(f"a side failed: {type(exc).__name__}: {exc}")
+        return Row("model", "failed", 0, 0, 1.0, [], {"error": f"{type(exc).__name__}: {exc}"})
 
 
 def results_name(args: argparse.Namespace) -> str:
@@ -337,6 +364,12 @@ def main() -> None:
         help="also run raw CB and a server with --attention varlen (each sequence over its own keys, no batch mask)",
     )
     parser.add_argument(
+        "--compare-async",
+        action="store_true",
+        help="also run raw CB with async (double-buffered) batching, with --compare-attention varlen too"
+        " (CUDA only: elsewhere transformers has no async batching and the sides are left out)",
+    )
+    parser.add_argument(
         "--compare-constrained", action="store_true", help="also stream every request under one JSON schema"
     )
     parser.add_argument(
@@ -347,6 +380,8 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.compare_async and not args.device.startswith("cuda"):
+        print(f"--compare-async: transformers batches asynchronously on CUDA only; left out on {args.device}")
     if args.threads:
         import torch
 
