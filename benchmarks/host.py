@@ -10,11 +10,15 @@ batching core, the sampling hook) in interleaved rounds, two ways:
   made is out of the collector's reach (`engine.core.settle`: gc.freeze), as the server runs;
 
 - the sampled rows' Gumbel noise: drawn for every row and masked (before), or for the sampled
-  rows only (after).
+  rows only (after);
+- each request's arguments: worked out for every row at every step (before: the hook's memo of
+  admitted requests cleared before each step), or once, when the request first has a row (after).
 
 Reported: tokens/s of each (target: after >= before, the cuts cost nothing), the collector's time
-in each run (gc.callbacks), and the hook's per-step work alone (`rows.warp`, then `rows.noisy`) on
-a step's [streams, vocab] logits, before and after.
+in each run (gc.callbacks), the hook's per-step work alone (`rows.warp`, then `rows.noisy`) on
+a step's [streams, vocab] logits, before and after, and the hook's preparation of a step alone
+(`prepare_tensor_args` on `--streams` requests of the manager's own request states), eager and
+graph mode, before and after.
 """
 
 from __future__ import annotations
@@ -52,6 +56,35 @@ class CollectorClock:
         self.seconds, self.full = 0.0, 0
 
 
+def preparation(streams: int, vocab: int, sampling: Callable[[int], Any], calls: int = 200) -> dict[str, Row]:
+    """The sampling hook's preparation of one step of `streams` decoding requests, timed `calls`
+    times in eager and graph mode, with (after) and without (before) its memo of admitted requests."""
+    import torch
+    from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
+
+    from entity_llm_server.engine.cb_sampling import SamplingProcessors
+
+    timed: dict[str, Row] = {}
+    for mode, eager in (("eager", True), ("graph mode", False)):
+        hook = SamplingProcessors(vocab, frozenset({0}), "cpu", eager=eager, rows=streams)
+        states = []
+        for i in range(streams):
+            state = RequestState(f"r{i}", list(range(64)), logit_processor_kwargs={"sampling": sampling(i)})
+            state.position_offset, state.generated_tokens = 64 + i, list(range(i))
+            states.append(FutureRequestState(state, True, {}, 1))
+        storage = torch.zeros((hook.tensors_required, streams), dtype=torch.int32)
+        for side, forget in (("before", True), ("after", False)):
+            hook.prepare_tensor_args(states, storage)  # warm
+            started = time.perf_counter()
+            for _ in range(calls):
+                if forget:
+                    hook._admitted.clear()
+                hook.prepare_tensor_args(states, storage)
+            name = f"prepare, {mode}, {side}"
+            timed[name] = Row("hook", name, streams, calls, time.perf_counter() - started, [], {})
+    return timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-35m", help="demo, or a model_path.py shape")
@@ -68,6 +101,7 @@ def main() -> None:
     from entity_llm_server import EngineRequest, UnifiedLLMResource
     from entity_llm_server.engine import BatchingSettings, Finished, Sampling
     from entity_llm_server.engine import rows as r
+    from entity_llm_server.engine.cb_sampling import SamplingProcessors
     from entity_llm_server.engine.core import settle
 
     clock = CollectorClock()
@@ -110,11 +144,18 @@ def main() -> None:
         async def every() -> list[int]:
             return list(await asyncio.gather(*(one(q) for q in requests)))
 
+        shipped_prepare = SamplingProcessors.prepare_tensor_args
+
+        def forgetting(self: Any, *a: Any, **k: Any) -> Any:  # the hook before the cut: nobody admitted before
+            self._admitted.clear()
+            return shipped_prepare(self, *a, **k)
+
         def rounds(loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], Row]]:
-            def run(name: str, filtering: Any, noisy: Any, frozen: bool) -> Row:
+            def run(name: str, filtering: Any, noisy: Any, after: bool) -> Row:
                 r.filtering, r.noisy = filtering, noisy
+                SamplingProcessors.prepare_tensor_args = shipped_prepare if after else forgetting  # type: ignore[method-assign]
                 gc.unfreeze()
-                if frozen:
+                if after:
                     settle()
                 loop.run_until_complete(one(requests[0]))  # warm, as every round
                 clock.reset()
@@ -125,8 +166,8 @@ def main() -> None:
                 return Row(args.model, name, args.streams, sum(tokens), seconds, [], extra)
 
             return {
-                "before": lambda: run("hook: every row; nothing frozen", every_row, every_row_noise, False),
-                "after": lambda: run("hook: the rows that use it; frozen", shipped, shipped_noise, True),
+                "before": lambda: run("hook: every row, every step; nothing frozen", every_row, every_row_noise, False),
+                "after": lambda: run("hook: the rows that use it, admitted once; frozen", shipped, shipped_noise, True),
             }
 
         loop = asyncio.new_event_loop()
@@ -136,7 +177,9 @@ def main() -> None:
             loop.run_until_complete(engine.close())
         finally:
             r.filtering, r.noisy = shipped, shipped_noise
+            SamplingProcessors.prepare_tensor_args = shipped_prepare  # type: ignore[method-assign]
             loop.close()
+        timed = {**preparation(args.streams, vocab, sampling)}
 
         # warp alone: one step's logits, as before the cut (every row, for a filter any row uses) and after.
         samplings = [sampling(i) for i in range(args.streams)]
@@ -148,7 +191,6 @@ def main() -> None:
             "hook step, before": (*every_row(samplings), True),
             "hook step, after": (sort, filters, drawn),
         }
-        timed: dict[str, Row] = {}
         for name, (s, f, d) in sides.items():
             started, calls = time.perf_counter(), 50
             for _ in range(calls + 1):
@@ -158,8 +200,17 @@ def main() -> None:
             timed[name] = Row(args.model, name, args.streams, calls, time.perf_counter() - started, [], {})
 
     rows_out = [*best.values(), *timed.values()]
+    ratios: list[dict[str, Any]] = []
+    for mode in ("eager", "graph mode"):
+        ratios.append(
+            ratio(
+                f"{args.model} the hook's preparation of a step ({mode}), before / after at {args.streams}",
+                timed[f"prepare, {mode}, after"],
+                timed[f"prepare, {mode}, before"],
+            )
+        )
     before, after = best["before"], best["after"]
-    ratios = [
+    ratios += [
         ratio(f"{args.model} engine in process, host cuts after / before at {args.streams}", after, before, 1.0),
         # Steps per second: the time before over the time after.
         ratio(

@@ -91,8 +91,8 @@ MUTATIONS = (
         "seed-per-request",
         "a seed reproduces a text, whatever else is in the batch",
         "engine/rows.py",
-        "step_key(sampling.seed or 0, step) if sampled else 0,",
-        "step_key(0, step) if sampled else 0,",
+        "return step_key(sampling.seed or 0, step) if sampled else 0, flags",
+        "return step_key(0, step) if sampled else 0, flags",
         ("tests/model/test_sampling.py", "-k", "seed"),
     ),
     Mutation(
@@ -313,6 +313,14 @@ MUTATIONS = (
         "visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(length_k - length_q)",
         "visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(0)",
         ("tests/model/test_attention.py",),
+    ),
+    Mutation(
+        "admitted-step",
+        "a request's arguments, worked out at admission, still follow its steps (seeded keys, min_new_tokens)",
+        "engine/cb_sampling.py",
+        "return [*self.arguments[:_KEY], *r.step_values(self.sampling, step)]",
+        "return self.arguments",
+        ("tests/model/test_sampling.py", "-k", "worked_out or alone_among"),
     ),
     Mutation(
         "selected-rows",

@@ -432,3 +432,51 @@ def test_a_fault_in_one_requests_sampling_fails_that_request_alone(monkeypatch):
     assert greedy[1].generated_tokens == 12
     assert good[1].generated_tokens == 24
     assert healthy  # the batching thread lived on
+
+
+def test_each_requests_arguments_are_worked_out_once_and_follow_its_steps(monkeypatch):
+    """The hook works a request's sampling parameters out when the request first has a row, and
+    at every later step writes exactly what `rows.row_values` gives for that step (the seeded key,
+    min_new_tokens' hold on EOS), in eager and in graph mode; a request whose parameters change
+    (the same id, another request) is worked out again."""
+    from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
+
+    from entity_llm_server.engine.cb_sampling import SamplingProcessors, _bits
+
+    vocab, prompt = 97, [5, 6, 7]
+    samplings = [
+        Sampling(),
+        Sampling(temperature=0.7, top_p=0.9, seed=11),
+        Sampling(min_new_tokens=2),
+        Sampling(temperature=1.2, top_k=5, min_new_tokens=3, seed=3, repetition_penalty=1.2),
+        Sampling(logprobs=True, top_logprobs=2),
+    ]
+    calls: list[Sampling] = []
+    real = r.row_values
+    monkeypatch.setattr(r, "row_values", lambda x, step, v: calls.append(x) or real(x, step, v))
+
+    def expected(sampling: Sampling, step: int) -> list[int]:
+        values = real(sampling, step, vocab)
+        return [int(_bits([float(v)])[0]) if i in (0, 2, 3, 4, 5) else int(v) for i, v in enumerate(values)]
+
+    for eager in (True, False):
+        hook = SamplingProcessors(vocab, frozenset({1}), "cpu", eager=eager, rows=8)
+        calls.clear()
+        states = [
+            RequestState(f"r{i}", list(prompt), logit_processor_kwargs={"sampling": x, "prompt_len": len(prompt)})
+            for i, x in enumerate(samplings)
+        ]
+        storage = torch.zeros((8, 8), dtype=torch.int32)
+        for step in range(5):
+            if step == 3:  # r1 is now another request, with other parameters
+                states[1] = RequestState("r1", list(prompt), logit_processor_kwargs={"sampling": Sampling(seed=4)})
+                states[1].generated_tokens = [9] * 3
+            for state in states:
+                state.position_offset = len(prompt) + step
+            hook.prepare_tensor_args([FutureRequestState(x, True, {}, 1) for x in states], storage)
+            for row, state in enumerate(states):
+                want = expected(state.logit_processor_kwargs["sampling"], step)
+                assert storage[:, row].tolist() == want, (eager, step, row)
+            for state in states:
+                state.generated_tokens.append(9)
+        assert calls == [*samplings, states[1].logit_processor_kwargs["sampling"]]

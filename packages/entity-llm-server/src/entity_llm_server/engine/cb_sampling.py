@@ -25,6 +25,8 @@ step by step, which is how the tests check it.
 from __future__ import annotations
 
 import math
+import struct
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,6 +75,41 @@ def _bits(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(torch.int32)
 
 
+_FLOATS = struct.Struct(f"<{len(_FLOAT_ROWS)}f")
+_FLOAT_BITS = struct.Struct(f"<{len(_FLOAT_ROWS)}i")
+
+
+def _encoded(values: r.RowValues) -> list[int]:
+    """A row's arguments as the int32s of the manager's argument tensor (floats as their float32
+    bits, as `_bits` makes them); OverflowError for a float float32 cannot hold."""
+    floats = _FLOAT_BITS.unpack(_FLOATS.pack(*(values[i] for i in _FLOAT_ROWS)))
+    encoded = [int(v) for v in values]
+    for index, bits in zip(_FLOAT_ROWS, floats, strict=True):
+        encoded[index] = bits
+    return encoded
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """What a request's rows need from its sampling parameters, worked out once, when the request
+    first has a row (admission), and kept while it has one every step: its arguments as int32s
+    (those of step 0: `rows.step_values` gives the ones that change) and what its row uses."""
+
+    sampling: s.Sampling
+    prompt_len: int
+    arguments: list[int]
+    stepwise: bool  # its key or flags change from step to step
+    penalised: bool
+    adjusted: bool
+    wants: int | None  # how many alternatives it wants with its logprobs; None: no logprobs
+
+    def at(self, step: int) -> list[int]:
+        """Its int32 arguments at generation step `step`."""
+        if not self.stepwise:
+            return self.arguments
+        return [*self.arguments[:_KEY], *r.step_values(self.sampling, step)]
+
+
 class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
     """The manager's logits processing: every request's warpers and sampler.
 
@@ -101,6 +138,9 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.eos_mask = r.eos_mask(eos_ids, vocab_size, device)
         # The arguments of a plain greedy row: the tensor's defaults, and a faulty row's stand-in.
         self._greedy_row = r.row_values(s.GREEDY, 0, vocab_size)
+        self._greedy_arguments = _encoded(self._greedy_row)
+        # request id -> what its rows need (`_Admitted`), for the requests of the last step.
+        self._admitted: dict[str, _Admitted] = {}
         self.logprobs: dict[str, list[s.TokenLogprob]] = {}
         # request id -> why its sampling parameters could not be applied; the
         # engine fails those requests (the batching thread carries on).
@@ -135,33 +175,26 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
 
     def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
         rows = [r for r in requests_in_batch if r.has_new_token]  # the logits' rows, in order
-        columns: list[list[float | int]] = [[] for _ in range(_ARGS)]
-        seen: list[list[int] | None] = []
-        samplings: list[s.Sampling] = []
+        known, self._admitted = self._admitted, {}
+        entries: list[_Admitted] = []
         steps: list[int] = []
-        wanted: list[tuple[str, int] | None] = []
+        arguments: list[list[int]] = []
         bitmask: torch.Tensor | None = None
         constrained: list[tuple[Follower, int, str]] = []  # (follower, row, request id)
         for index, future in enumerate(rows):
             state = future.state
-            kwargs = state.logit_processor_kwargs
-            sampling: s.Sampling = kwargs.get("sampling", s.GREEDY)
-            try:
-                # position_offset already counts this step's input: the new token's index follows.
-                step = state.position_offset - kwargs.get("prompt_len", len(state.initial_tokens))
-                values = r.row_values(sampling, step, self.vocab_size)
-                _check_row(values)
-            except Exception as exc:  # this runs on the batching thread: never let it die
-                # One request's fault stays its own: its row decodes greedily
-                # this step and the engine fails that request alone.
-                self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
-                values, sampling, step = self._greedy_row, s.GREEDY, 0
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-            samplings.append(sampling)
+            sampling = state.logit_processor_kwargs.get("sampling", s.GREEDY)
+            entry = known.get(state.request_id)
+            if entry is None or entry.sampling is not sampling:
+                entry = self._admit(state, sampling)
+            # Kept for its next step (a faulty request's greedy stand-in is not its sampling: it is
+            # admitted again, and fails again, until the engine has failed it).
+            self._admitted[state.request_id] = entry
+            # position_offset already counts this step's input: the new token's index follows.
+            step = state.position_offset - entry.prompt_len
+            entries.append(entry)
             steps.append(step)
-            seen.append(state.initial_tokens + state.generated_tokens if sampling.penalised else None)
-            wanted.append((state.request_id, sampling.top_logprobs) if sampling.wants_logprobs else None)
+            arguments.append(entry.at(step))
             if (follower := self.followers.get(state.request_id)) is not None:
                 if bitmask is None:
                     bitmask = torch.full((len(rows), c.words(self.vocab_size)), -1, dtype=torch.int32)
@@ -169,33 +202,37 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                     constrained.append((follower, index, state.request_id))
         if bitmask is not None:
             self._fill(constrained, bitmask)
+        seen = [
+            rows[i].state.initial_tokens + rows[i].state.generated_tokens if e.penalised else None
+            for i, e in enumerate(entries)
+        ]
+        wanted = [(rows[i].state.request_id, e.wants) if e.wants is not None else None for i, e in enumerate(entries)]
+        samplings = [entry.sampling for entry in entries]
         if self.eager:
-            self._added = r.adjust_rows(
-                samplings,
-                steps,
-                lambda row: _generated(rows[row].state),
-                self.vocab_size,
-                arg_storage.device,
-                fault=lambda row, exc: self._fault(rows[row].state, exc),
-            )
+            self._added = None
+            if any(entry.adjusted for entry in entries):
+                self._added = r.adjust_rows(
+                    samplings,
+                    steps,
+                    lambda row: _generated(rows[row].state),
+                    self.vocab_size,
+                    arg_storage.device,
+                    fault=lambda row, exc: self._fault(rows[row].state, exc),
+                )
             # A step where every row is plain greedy (no sampling, no EOS held off, no penalty,
             # nothing added, no logprobs, no constraint) keeps the model's scores as they are.
-            self._plain = not (any(columns[_FLAGS]) or any(seen) or any(wanted)) and bitmask is None
+            self._plain = not (any(a[_FLAGS] for a in arguments) or any(seen) or any(wanted)) and bitmask is None
             self._plain &= self._added is None
             if self._plain:
                 return arg_storage
             self._allowed = None if bitmask is None else c.allowed(bitmask.to(arg_storage.device), self.vocab_size)
-        if rows:
-            for index, column in enumerate(columns):
-                if index in _FLOAT_ROWS:
-                    row = _bits([float(v) for v in column])
-                else:
-                    row = torch.tensor(column, dtype=torch.int32)
-                arg_storage[index, : len(rows)] = row.to(arg_storage.device)
+        if rows:  # one copy of every row's arguments
+            table = torch.tensor(arguments, dtype=torch.int32).T
+            arg_storage[:, : len(rows)].copy_(table.to(arg_storage.device))
         if self.eager:
             self._seen = seen
             self._sort, self._filters = r.filtering(samplings)
-            self._sampled = [i for i, v in enumerate(columns[_FLAGS]) if int(v) & r.SAMPLED]
+            self._sampled = [i for i, a in enumerate(arguments) if a[_FLAGS] & r.SAMPLED]
         else:
             self.collect()  # a step whose outputs went nowhere (none should): its records first
             # Only penalised rows need their mask right: the others' penalty of 1 changes nothing.
@@ -214,7 +251,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 self._bitmask[index].copy_(bitmask[index])
             self._masked = masked
             # Rows that add to their logits get this step's values; rows that did and do not, zeros again.
-            adjusted = {i for i, x in enumerate(samplings) if x.adjusted}
+            adjusted = {i for i, entry in enumerate(entries) if entry.adjusted}
             for index in self._adjusted | adjusted:
                 self._adjust_rows[index].zero_()
             for index in adjusted:
@@ -222,6 +259,29 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self._adjusted = adjusted
         self._wanted = wanted
         return arg_storage
+
+    def _admit(self, state: Any, sampling: s.Sampling) -> _Admitted:
+        """A request's `_Admitted`; if its parameters do not fit the argument tensor, a greedy
+        stand-in, and the request fails alone."""
+        prompt_len = state.logit_processor_kwargs.get("prompt_len", len(state.initial_tokens))
+        try:
+            values = r.row_values(sampling, 0, self.vocab_size)
+            _check_row(values)
+            arguments = _encoded(values)
+        except Exception as exc:  # this runs on the batching thread: never let it die
+            # One request's fault stays its own: its row decodes greedily
+            # this step and the engine fails that request alone.
+            self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
+            return _Admitted(s.GREEDY, prompt_len, self._greedy_arguments, False, False, False, None)
+        return _Admitted(
+            sampling,
+            prompt_len,
+            arguments,
+            r.stepwise(sampling),
+            sampling.penalised,
+            sampling.adjusted,
+            sampling.top_logprobs if sampling.wants_logprobs else None,
+        )
 
     def _adjust(self, state: Any, sampling: s.Sampling, step: int, row: torch.Tensor) -> None:
         """Write one request's additions to its logits into `row` (zeros); a fault fails the request alone."""

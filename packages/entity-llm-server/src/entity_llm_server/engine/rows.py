@@ -63,8 +63,6 @@ RowValues = tuple[float, int, float, float, float, float, int, int]
 def row_values(sampling: Sampling, step: int, vocab: int) -> RowValues:
     """One row's arguments at generation step `step` (`RowValues`)."""
     sampled = sampling.sampled
-    held = step < sampling.min_new_tokens and not sampling.ignore_eos
-    flags = (SAMPLED if sampled else 0) | (NO_EOS if held else 0)
     return (
         sampling.temperature if sampled else 1.0,
         min(sampling.top_k, vocab) if sampled and sampling.top_k else vocab,  # fits the int32 argument row
@@ -72,9 +70,22 @@ def row_values(sampling: Sampling, step: int, vocab: int) -> RowValues:
         sampling.min_p if sampled else 0.0,
         sampling.typical_p if sampled else 1.0,
         sampling.repetition_penalty,
-        step_key(sampling.seed or 0, step) if sampled else 0,
-        flags,
+        *step_values(sampling, step),
     )
+
+
+def step_values(sampling: Sampling, step: int) -> tuple[int, int]:
+    """The arguments of a row that change from step to step: (key, flags). The others stay as
+    `row_values` gave them at any step."""
+    sampled = sampling.sampled
+    held = step < sampling.min_new_tokens and not sampling.ignore_eos
+    flags = (SAMPLED if sampled else 0) | (NO_EOS if held else 0)
+    return step_key(sampling.seed or 0, step) if sampled else 0, flags
+
+
+def stepwise(sampling: Sampling) -> bool:
+    """Whether `step_values` changes with the step (its arguments at step 0 serve every step if not)."""
+    return sampling.sampled or (sampling.min_new_tokens > 0 and not sampling.ignore_eos)
 
 
 def adjustments(sampling: Sampling, step: int, generated: list[int], row: torch.Tensor) -> None:
