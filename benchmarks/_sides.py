@@ -139,20 +139,33 @@ def cb_round(
         varlen.install(model)
     config = sized.batching.cb_config()
     config.use_async_batching = async_batching
-    try:
-        manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
-    finally:  # the manager has resolved its settings from the model's implementation: the next side starts clean
+    try:  # the model runs with the round's attention until its manager stops: the next side starts clean
+        hook = sized.batching.sampling_hook() if sampling_hook else None
+        row = _timed_cb(model, batch, new_tokens, generation, config, hook)
+    finally:
         model.config._attn_implementation = original
-    if sampling_hook:  # what the server installs: per-request sampling in the logits hook
-        from entity_llm_server.engine.cb_sampling import SamplingProcessors
+    if sampling_hook:
+        row.method = "cb + sampling hook"
+    elif attention != "sdpa" or async_batching:
+        row.method = f"cb, --attention {attention}" + (", async batching" if async_batching else "")
+    elif cuda_graphs is not None:
+        row.method = f"cb (cuda_graphs={cuda_graphs})"
+    return row
 
-        manager.logit_processor = SamplingProcessors(
-            int(model.config.vocab_size),
-            sized.eos_ids,
-            model.device,
-            eager=not sized.batching.cuda_graphs,
-            rows=settings.max_batch_size,
-        )
+
+def _timed_cb(
+    model: Any,
+    batch: list[Prompt],
+    new_tokens: int,
+    generation: Any,
+    config: Any,
+    hook: Any,
+) -> Row:
+    """`cb_round`'s manager, built from `config` (with `hook`, the server's sampling hook, when
+    not None), warmed up, and timed over the batch."""
+    manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+    if hook is not None:
+        manager.logit_processor = hook
     manager.warmup()
     clock = StepClock(manager)
     manager.start()
@@ -177,18 +190,10 @@ def cb_round(
         seconds = time.perf_counter() - started
     finally:
         manager.stop(block=True, timeout=60)
-    if sampling_hook:
-        method = "cb + sampling hook"
-    elif attention != "sdpa" or async_batching:
-        method = f"cb, --attention {attention}" + (", async batching" if async_batching else "")
-    elif cuda_graphs is None:
-        method = "cb (raw, in process)"
-    else:
-        method = f"cb (cuda_graphs={cuda_graphs})"
     ttft = [(t - started) * 1000 for t in first.values()]
     per_request = [counts[f"r{i}"] for i in range(len(batch))]
     extra = {"per_request_tokens": per_request, **clock.summary()}
-    return Row("model", method, len(batch), sum(per_request), seconds, ttft, extra)
+    return Row("model", "cb (raw, in process)", len(batch), sum(per_request), seconds, ttft, extra)
 
 
 def sequential_round(model: Any, batch: list[Prompt], new_tokens: int, limit: int = 0) -> Row:

@@ -88,6 +88,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         "word_embed_proj_dim": 512,
         "vocab_size": 16000,
     },
+    # A model whose forward pass costs almost nothing on the CPU: what is left of a step is the
+    # host's work, as on a GPU whose step the host bounds (`--models llama-tiny`, the step clock).
+    "llama-tiny": {
+        "kind": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 16000,
+    },
     # Qwen2-0.5B's shape, random weights.
     "qwen2-0.5b": {
         "kind": "qwen2",

@@ -310,8 +310,8 @@ MUTATIONS = (
         "varlen-boundaries",
         "--attention varlen gives what SDPA gives",
         "engine/attention.py",
-        "visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(length_k - length_q)",
-        "visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(0)",
+        "visible = real_k[:, None, :] & (at_k[None, None, :] <= at_q[None, :, None] + (lk - lq)[:, None, None])",
+        "visible = real_k[:, None, :] & (at_k[None, None, :] <= at_q[None, :, None])",
         ("tests/model/test_attention.py",),
     ),
     Mutation(

@@ -48,11 +48,12 @@ def masked_reference(query, key, value, cu_q, cu_k, scale):
 def test_the_reference_is_causal_from_the_end_with_grouped_heads_and_zero_padding():
     torch.manual_seed(0)
     heads, kv_heads, dim = 8, 2, 16
-    # Three sequences: a decode (1 query over 9 keys), a prefill chunk over cached keys (4 over
-    # 10), a fresh prompt (5 over 5); then 3 padding rows past the last sequence.
-    cu_q, cu_k = [0, 1, 5, 10], [0, 9, 19, 24]
-    query = torch.randn(1, heads, 13, dim)
-    key, value = torch.randn(1, kv_heads, 24, dim), torch.randn(1, kv_heads, 24, dim)
+    # Five sequences: a decode (1 query over 9 keys), a prefill chunk over cached keys (4 over
+    # 10), a fresh prompt (5 over 5), two more decodes (1 over 3, 1 over 1); then 3 padding rows
+    # past the last sequence. Decodes and the others run as two batches, each padded to its longest.
+    cu_q, cu_k = [0, 1, 5, 10, 11, 12], [0, 9, 19, 24, 27, 28]
+    query = torch.randn(1, heads, 15, dim)
+    key, value = torch.randn(1, kv_heads, 28, dim), torch.randn(1, kv_heads, 28, dim)
     out, _ = a.varlen_attention(
         None,
         query,
@@ -65,11 +66,11 @@ def test_the_reference_is_causal_from_the_end_with_grouped_heads_and_zero_paddin
         max_length_q=5,
         max_length_k=10,
     )
-    assert out.shape == (1, 13, heads, dim)
+    assert out.shape == (1, 15, heads, dim)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     expected = masked_reference(q, k, v, cu_q, cu_k, dim**-0.5)
-    torch.testing.assert_close(out[0, :10], expected[:10])
-    assert torch.count_nonzero(out[0, 10:]) == 0
+    torch.testing.assert_close(out[0, :12], expected[:12])
+    assert torch.count_nonzero(out[0, 12:]) == 0
     # The decode's one query sees all 9 keys: the mean of the values when every score is equal.
     flat_q = torch.zeros_like(query)
     out, _ = a.varlen_attention(

@@ -6,8 +6,8 @@ with a mask it also leaves async batching off. An attention implementation whose
 is handed the sequences' boundaries instead (`cu_seq_lens_q`, `cu_seq_lens_k`), and no mask is
 built. No flash-attn wheel installs here, but torch ships FlashAttention-2's variable-length kernel
 (`aten._flash_attention_forward`); `varlen_attention` calls it on CUDA in half precision, and
-otherwise computes the same thing in plain PyTorch, one sequence at a time (the reference the tests
-compare with SDPA on CPU).
+otherwise computes the same thing in plain PyTorch: the sequences as a batch, each over its own
+keys (the reference the tests compare with SDPA on CPU).
 
 `install(model)` registers the function with transformers' `AttentionInterface` (public) under
 `NAME` and sets the model's implementation to it. transformers' `set_attn_implementation` would
@@ -18,6 +18,8 @@ after its checks (`PretrainedConfig._attn_implementation`, a property of transfo
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -30,6 +32,46 @@ NAME = "entity_varlen_flash"
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Sequences of a step that run as one batch, each padded to the group's longest: which rows of
+    the step's queries and keys each reads (padding reads row 0, then is dropped) and what each of
+    its queries sees."""
+
+    rows_q: torch.Tensor  # [sequences, width_q]
+    rows_k: torch.Tensor  # [sequences, width_k]
+    real_q: torch.Tensor  # [sequences, width_q]: a query of the sequence, not padding
+    visible: torch.Tensor  # [sequences, 1, width_q, width_k]
+
+
+@functools.lru_cache(maxsize=4)
+def _plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...], device: torch.device) -> tuple[_Group, ...]:
+    """A step's groups: the decoding sequences (one query each) and the others (prefill chunks).
+    Every layer of a step has the same boundaries: worked out once a step, not once a layer."""
+    spans = [(q0, q1 - q0, k0, k1 - k0) for (q0, q1), (k0, k1) in zip(pairwise(cu_q), pairwise(cu_k), strict=True)]
+    groups = []
+    for group in ([x for x in spans if x[1] == 1], [x for x in spans if x[1] > 1]):
+        if not group:
+            continue
+        q0, lq, k0, lk = (torch.tensor(column, device=device) for column in zip(*group, strict=True))
+        at_q = torch.arange(int(lq.max()), device=device)
+        at_k = torch.arange(int(lk.max()), device=device)
+        real_q = at_q[None, :] < lq[:, None]
+        real_k = at_k[None, :] < lk[:, None]
+        # Bottom-right causal: query i of a sequence sees its keys up to i + (keys - queries).
+        visible = real_k[:, None, :] & (at_k[None, None, :] <= at_q[None, :, None] + (lk - lq)[:, None, None])
+        visible |= ~real_q[:, :, None]  # a padding query sees every key (no row all masked); it is dropped
+        groups.append(
+            _Group(
+                rows_q=(q0[:, None] + at_q[None, :]).masked_fill(~real_q, 0),
+                rows_k=(k0[:, None] + at_k[None, :]).masked_fill(~real_k, 0),
+                real_q=real_q,
+                visible=visible[:, None],
+            )
+        )
+    return tuple(groups)
+
+
 def _reference(
     query: torch.Tensor,  # [tokens_q, heads, dim]
     key: torch.Tensor,  # [tokens_k, kv_heads, dim]
@@ -40,19 +82,22 @@ def _reference(
 ) -> torch.Tensor:
     """Each sequence's queries attend to its own keys, causally, aligned at the end (bottom-right):
     a sequence's last query sees every one of its keys, its queries before that one key fewer each.
-    Query rows past the last sequence (padding) come out zero."""
+    Query rows past the last sequence (padding) come out zero.
+
+    The sequences run as a batch, each padded to the longest of its group (`_plan`): the decoding
+    ones in one SDPA call, the others in another, so a step's work grows with its sequences' own
+    lengths, not with the whole step's keys for every query as the mask over the batch makes it."""
     out = torch.zeros_like(query)
-    groups = query.shape[1] // key.shape[1]
-    for (q0, q1), (k0, k1) in zip(pairwise(cu_q), pairwise(cu_k), strict=True):
-        if q1 == q0:
-            continue
-        q = query[q0:q1].transpose(0, 1)  # [heads, lq, dim]
-        k = key[k0:k1].transpose(0, 1).repeat_interleave(groups, dim=0)
-        v = value[k0:k1].transpose(0, 1).repeat_interleave(groups, dim=0)
-        length_q, length_k = q1 - q0, k1 - k0
-        visible = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril(length_k - length_q)
-        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
-        out[q0:q1] = attended.transpose(0, 1)
+    for group in _plan(tuple(cu_q), tuple(cu_k), query.device):
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            query[group.rows_q].transpose(1, 2),  # [sequences, heads, width_q, dim]
+            key[group.rows_k].transpose(1, 2),
+            value[group.rows_k].transpose(1, 2),
+            attn_mask=group.visible,
+            scale=scale,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        out[group.rows_q[group.real_q]] = attended.transpose(1, 2)[group.real_q]
     return out
 
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import DEFAULT_MAX_NEW_TOKENS, BatchingUnsupportedError, CoreState, EngineError, InvalidRequestError
 from .constraints import Grammars
@@ -39,6 +39,9 @@ from .prefix import PrefixHits
 from .probe import prove
 from .scoring import Scoring
 from .settings import BatchingSettings
+
+if TYPE_CHECKING:
+    from .cb_sampling import SamplingProcessors
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ class BatchingCore:
         self.settings = settings
         self.pad_token_id = pad_token_id
         self.default_max_new_tokens = default_max_new_tokens
-        self.sampling: Any = None  # the manager's SamplingProcessors, once launched
+        self.sampling: Any = None  # the manager's SamplingProcessors (`sampling_hook`), once launched
         self._manager: Any = None
         self._pump: threading.Thread | None = None
         self._closing = threading.Event()
@@ -175,16 +178,10 @@ class BatchingCore:
         manager = self.model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=self.cb_config()
         )
-        from .cb_sampling import Recorder, SamplingProcessors  # deferred: imports torch and transformers
+        from .cb_sampling import Recorder  # deferred: imports torch and transformers
 
         # Replaced before warmup() builds the batch processor that uses them.
-        self.sampling = SamplingProcessors(
-            int(self.model.config.vocab_size),
-            frozenset(self.facts.eos_ids),
-            self.model.device,
-            eager=not self.cuda_graphs,
-            rows=self.settings.max_batch_size,
-        )
+        self.sampling = self.sampling_hook()
         manager.logit_processor = self.sampling
         manager.output_router = Recorder(self.sampling)
         manager.warmup()
@@ -218,6 +215,19 @@ class BatchingCore:
             target=self._pump_results, args=(manager, deliver, fail), name="entity-llm-cb-results", daemon=True
         )
         self._pump.start()
+
+    def sampling_hook(self) -> SamplingProcessors:
+        """A logits hook for this core's manager: every request's sampling, sized by its settings
+        (benchmarks install the same one in raw continuous batching)."""
+        from .cb_sampling import SamplingProcessors  # deferred: imports torch and transformers
+
+        return SamplingProcessors(
+            int(self.model.config.vocab_size),
+            frozenset(self.facts.eos_ids),
+            self.model.device,
+            eager=not self.cuda_graphs,
+            rows=self.settings.max_batch_size,
+        )
 
     def _use_varlen(self) -> None:
         from . import attention  # deferred: imports torch
