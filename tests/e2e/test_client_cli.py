@@ -68,6 +68,8 @@ def test_tokenize_and_info(console_server):
     plain = _cli("--target", console_server.target, "info").stdout.splitlines()
     assert "context_length: 512" in plain
     assert "default_max_new_tokens: 32" in plain
+    assert "eos_token_ids: 0" in plain  # not a Python tuple's repr
+    assert "constraint_kinds: json_schema, json_object, regex, choice, grammar" in plain
 
 
 @pytest.mark.model  # the console server loads the default model

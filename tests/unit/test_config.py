@@ -96,3 +96,14 @@ def test_bad_values_name_the_flag(argv, env, needle, capsys):
         parse_config(argv, env=env)
     assert exited.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "printed"),
+    [("[::]", "[::]"), ("::", "[::]"), ("::1", "[::1]"), ("127.0.0.2", "127.0.0.2"), ("localhost", "localhost")],
+)
+def test_the_listening_line_prints_an_address_a_client_can_dial(host, printed):
+    """The default host, [::], was printed as ":::50051", which no client can dial."""
+    from entity_llm_server.server import printable_host
+
+    assert printable_host(host) == printed

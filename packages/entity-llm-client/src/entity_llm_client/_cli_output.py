@@ -89,4 +89,7 @@ def print_info(info: ModelInfo, *, as_json: bool) -> None:
         print(json.dumps(jsonable(info)))
     else:
         for field in dataclasses.fields(info):
-            print(f"{field.name}: {getattr(info, field.name)}")
+            value = getattr(info, field.name)
+            if isinstance(value, tuple):  # a list of ids or names, as a person writes it
+                value = ", ".join(str(item) for item in value) or "(none)"
+            print(f"{field.name}: {value}")

@@ -66,6 +66,13 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+def printable_host(host: str) -> str:
+    """`host` as it goes before `:port` in an address: an IPv6 literal in brackets ("[::]"), any
+    other host as it is, so that the address printed is one a client can dial."""
+    bare = host.strip("[]")
+    return f"[{bare}]" if ":" in bare else bare
+
+
 def server_options(
     max_connection_age: float = MAX_CONNECTION_AGE, max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
 ) -> list[tuple[str, int]]:
@@ -304,7 +311,7 @@ async def _serve(
         max_streams_per_peer=config.max_streams_per_peer,
         stalled_stream_timeout=config.stalled_stream_timeout,
     )
-    host = config.host.strip("[]")
+    host = printable_host(config.host)
     # Bind first: a taken port fails in a moment, not after loading a model.
     port = server.add_port(f"{config.host}:{config.port}", credentials)
     # Signals are handled from now on, the model's load included: as a
