@@ -12,13 +12,15 @@ batching core, the sampling hook) in interleaved rounds, two ways:
 - the sampled rows' Gumbel noise: drawn for every row and masked (before), or for the sampled
   rows only (after);
 - each request's arguments: worked out for every row at every step (before: the hook's memo of
-  admitted requests cleared before each step), or once, when the request first has a row (after).
+  admitted requests cleared before each step), or once, when the request first has a row (after);
+- graph mode's seen mask (repetition penalties): every penalised row cleared and refilled with
+  its whole sequence every step (before), or only the tokens that came since (after).
 
 Reported: tokens/s of each (target: after >= before, the cuts cost nothing), the collector's time
 in each run (gc.callbacks), the hook's per-step work alone (`rows.warp`, then `rows.noisy`) on
 a step's [streams, vocab] logits, before and after, and the hook's preparation of a step alone
 (`prepare_tensor_args` on `--streams` requests of the manager's own request states), eager and
-graph mode, before and after.
+graph mode, and graph mode with every request penalised, before and after.
 """
 
 from __future__ import annotations
@@ -57,28 +59,43 @@ class CollectorClock:
 
 
 def preparation(streams: int, vocab: int, sampling: Callable[[int], Any], calls: int = 200) -> dict[str, Row]:
-    """The sampling hook's preparation of one step of `streams` decoding requests, timed `calls`
-    times in eager and graph mode, with (after) and without (before) its memo of admitted requests."""
+    """The sampling hook's preparation of one step of `streams` decoding requests (each a token longer
+    every step, as decoding makes them), timed `calls` times: in eager and graph mode with
+    `sampling`, and in graph mode with every request penalised (`repetition_penalty`, whose tokens
+    graph mode keeps in a static mask); before, the hook's memos (requests admitted, the mask's
+    rows' owners) are cleared before every step, after, they are kept."""
     import torch
     from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
 
+    from entity_llm_server.engine import Sampling
     from entity_llm_server.engine.cb_sampling import SamplingProcessors
 
+    def penalised(i: int) -> Any:
+        return Sampling(repetition_penalty=1.2)
+
     timed: dict[str, Row] = {}
-    for mode, eager in (("eager", True), ("graph mode", False)):
+    for mode, eager, of in (
+        ("eager", True, sampling),
+        ("graph mode", False, sampling),
+        ("penalised", False, penalised),
+    ):
         hook = SamplingProcessors(vocab, frozenset({0}), "cpu", eager=eager, rows=streams)
-        states = []
-        for i in range(streams):
-            state = RequestState(f"r{i}", list(range(64)), logit_processor_kwargs={"sampling": sampling(i)})
-            state.position_offset, state.generated_tokens = 64 + i, list(range(i))
-            states.append(FutureRequestState(state, True, {}, 1))
-        storage = torch.zeros((hook.tensors_required, streams), dtype=torch.int32)
         for side, forget in (("before", True), ("after", False)):
+            states = []
+            for i in range(streams):
+                state = RequestState(f"r{i}", list(range(64)), logit_processor_kwargs={"sampling": of(i)})
+                state.position_offset, state.generated_tokens = 64 + i, list(range(i))
+                states.append(FutureRequestState(state, True, {}, 1))
+            storage = torch.zeros((hook.tensors_required, streams), dtype=torch.int32)
             hook.prepare_tensor_args(states, storage)  # warm
             started = time.perf_counter()
-            for _ in range(calls):
+            for call in range(calls):
+                for future in states:
+                    future.state.generated_tokens.append(100 + call)
+                    future.state.position_offset += 1
                 if forget:
                     hook._admitted.clear()
+                    hook._seen_owners.clear()
                 hook.prepare_tensor_args(states, storage)
             name = f"prepare, {mode}, {side}"
             timed[name] = Row("hook", name, streams, calls, time.perf_counter() - started, [], {})
@@ -201,7 +218,7 @@ def main() -> None:
 
     rows_out = [*best.values(), *timed.values()]
     ratios: list[dict[str, Any]] = []
-    for mode in ("eager", "graph mode"):
+    for mode in ("eager", "graph mode", "penalised"):
         ratios.append(
             ratio(
                 f"{args.model} the hook's preparation of a step ({mode}), before / after at {args.streams}",

@@ -227,6 +227,14 @@ MUTATIONS = (
         ("tests/model/test_sampling.py", "-k", "graph_mode"),
     ),
     Mutation(
+        "graph-seen-owner",
+        "repetition_penalty with CUDA graphs sees each request's own tokens as rows change hands between steps",
+        "engine/cb_sampling.py",
+        "if owner != rid or marked > len(tokens):",
+        "if False:",
+        ("tests/model/test_sampling.py", "-k", "change_hands or graph_mode"),
+    ),
+    Mutation(
         "restart-unavailable",
         "with --on-engine-failure restart, a call to a failed engine gets UNAVAILABLE (retryable), not INTERNAL",
         "service.py",

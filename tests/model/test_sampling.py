@@ -480,3 +480,28 @@ def test_each_requests_arguments_are_worked_out_once_and_follow_its_steps(monkey
             for state in states:
                 state.generated_tokens.append(9)
         assert calls == [*samplings, states[1].logit_processor_kwargs["sampling"]]
+
+
+def test_graph_modes_seen_mask_follows_each_request_as_rows_change_hands():
+    """Graph mode keeps each penalised row's seen tokens from step to step and adds only the new
+    ones; a row whose request changed (one ended, the others moved up) is cleared and refilled."""
+    from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
+
+    from entity_llm_server.engine.cb_sampling import SamplingProcessors
+
+    vocab = 50
+    hook = SamplingProcessors(vocab, frozenset({1}), "cpu", eager=False, rows=4)
+    penalised = {"sampling": Sampling(repetition_penalty=1.3), "prompt_len": 2}
+    a, b, c = (RequestState(rid, [3, 4 + i], logit_processor_kwargs=dict(penalised)) for i, rid in enumerate("abc"))
+    plain = RequestState("p", [7, 8], logit_processor_kwargs={"prompt_len": 2})
+    storage = torch.zeros((8, 4), dtype=torch.int32)
+    steps = [[a, b, plain], [a, b, plain], [b, c, plain], [plain, c, b], [c, b]]
+    for step, states in enumerate(steps):
+        for i, state in enumerate(states):
+            state.generated_tokens.append(10 + 3 * step + i)
+            state.position_offset = 2 + len(state.generated_tokens)
+        hook.prepare_tensor_args([FutureRequestState(x, True, {}, 1) for x in states], storage)
+        for row, state in enumerate(states):
+            if state is not plain:
+                want = r.seen_mask([state.initial_tokens + state.generated_tokens], vocab, "cpu")[0]
+                assert torch.equal(hook._seen_rows[row], want), (step, row)

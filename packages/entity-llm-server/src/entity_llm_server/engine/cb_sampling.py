@@ -158,6 +158,8 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.masks = c.Masks()
         self._allowed: torch.Tensor | None = None  # eager: the step's allowed tokens, when a row is constrained
         self._masked: set[int] = set()  # graph mode: rows of the bitmask buffer that are not all ones
+        # Graph mode: seen-mask row -> (the request whose tokens it holds, how many of them).
+        self._seen_owners: dict[int, tuple[str, int]] = {}
         self._adjusted: set[int] = set()  # graph mode: rows of the adjustment buffer that are not zeros
         if not eager:  # graph mode's static buffers, read and written inside the step
             self._bitmask = torch.full((rows, c.words(vocab_size)), -1, dtype=torch.int32, device=device)
@@ -235,11 +237,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self._sampled = [i for i, a in enumerate(arguments) if a[_FLAGS] & r.SAMPLED]
         else:
             self.collect()  # a step whose outputs went nowhere (none should): its records first
-            # Only penalised rows need their mask right: the others' penalty of 1 changes nothing.
-            for index, tokens in enumerate(seen):
-                if tokens is not None:
-                    self._seen_rows[index].zero_()
-                    self._seen_rows[index, torch.tensor(tokens, device=self._seen_rows.device)] = True
+            self._mark_seen(rows, seen)
             # Constrained rows get their bitmask; rows constrained before and not now, all ones again.
             masked = (
                 set() if bitmask is None else {i for i, f in enumerate(rows) if f.state.request_id in self.followers}
@@ -259,6 +257,33 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self._adjusted = adjusted
         self._wanted = wanted
         return arg_storage
+
+    def _mark_seen(self, rows: list[Any], seen: list[list[int] | None]) -> None:
+        """Graph mode: the penalised rows' tokens in the static seen mask. Only penalised rows need
+        their mask right (the others' penalty of 1 changes nothing). A row that holds the request it
+        held last step gets only the tokens that came since; any other is cleared and filled; all
+        of them in one write."""
+        owners: dict[int, tuple[str, int]] = {}
+        cleared: list[int] = []
+        at_rows: list[int] = []
+        at_tokens: list[int] = []
+        for index, tokens in enumerate(seen):
+            if tokens is None:
+                continue
+            rid = rows[index].state.request_id
+            owner, marked = self._seen_owners.get(index, ("", 0))
+            if owner != rid or marked > len(tokens):
+                cleared.append(index)
+                marked = 0
+            at_rows += [index] * (len(tokens) - marked)
+            at_tokens += tokens[marked:]
+            owners[index] = (rid, len(tokens))
+        self._seen_owners = owners
+        device = self._seen_rows.device
+        if cleared:
+            self._seen_rows[torch.tensor(cleared, device=device)] = False
+        if at_rows:
+            self._seen_rows[torch.tensor(at_rows, device=device), torch.tensor(at_tokens, device=device)] = True
 
     def _admit(self, state: Any, sampling: s.Sampling) -> _Admitted:
         """A request's `_Admitted`; if its parameters do not fit the argument tensor, a greedy
