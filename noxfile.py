@@ -210,6 +210,7 @@ BENCH = (
     "benchmarks/features.py --repeat 3",
     "benchmarks/features.py --repeat 3 --max-batch-tokens 2048",
     "benchmarks/host.py --repeat 3",
+    "benchmarks/host.py --model llama-tiny --streams 128 --new-tokens 64 --repeat 3",
 )
 
 

@@ -243,7 +243,7 @@ def main() -> None:
     ]
     for row in best.values():
         print(f"{row.method}: the collector ran {row.extra['gc_seconds']} s ({row.extra['gc_full_collections']} full)")
-    report("host", rows_out, ratios, {"args": vars(args)})
+    report("host" if args.model == "llama-35m" else f"host_{args.model}", rows_out, ratios, {"args": vars(args)})
 
 
 if __name__ == "__main__":
