@@ -325,8 +325,8 @@ MUTATIONS = (
     Mutation(
         "admitted-step",
         "a request's arguments, worked out at admission, still follow its steps (seeded keys, min_new_tokens)",
-        "engine/cb_sampling.py",
-        "return [*self.arguments[:_KEY], *r.step_values(self.sampling, step)]",
+        "engine/cb_arguments.py",
+        "return [*self.arguments[:KEY], *r.step_values(self.sampling, step)]",
         "return self.arguments",
         ("tests/model/test_sampling.py", "-k", "worked_out or alone_among"),
     ),

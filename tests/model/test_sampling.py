@@ -441,7 +441,7 @@ def test_each_requests_arguments_are_worked_out_once_and_follow_its_steps(monkey
     (the same id, another request) is worked out again."""
     from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
 
-    from entity_llm_server.engine.cb_sampling import SamplingProcessors, _bits
+    from entity_llm_server.engine.cb_sampling import SamplingProcessors
 
     vocab, prompt = 97, [5, 6, 7]
     samplings = [
@@ -457,7 +457,8 @@ def test_each_requests_arguments_are_worked_out_once_and_follow_its_steps(monkey
 
     def expected(sampling: Sampling, step: int) -> list[int]:
         values = real(sampling, step, vocab)
-        return [int(_bits([float(v)])[0]) if i in (0, 2, 3, 4, 5) else int(v) for i, v in enumerate(values)]
+        bits = [int(torch.tensor([float(v)]).view(torch.int32)[0]) for v in values]  # floats as float32 bits
+        return [bits[i] if i in (0, 2, 3, 4, 5) else int(v) for i, v in enumerate(values)]
 
     for eager in (True, False):
         hook = SamplingProcessors(vocab, frozenset({1}), "cpu", eager=eager, rows=8)

@@ -25,8 +25,6 @@ step by step, which is how the tests check it.
 from __future__ import annotations
 
 import math
-import struct
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,25 +34,12 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 
+from . import cb_arguments as a
 from . import constraints as c
 from . import rows as r
 from . import sampling as s
+from .cb_arguments import Admitted
 from .constraints import Follower
-
-# The rows of the manager's int32 argument tensor (`sampling.RowValues`; floats travel as their bits).
-_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _TYPICAL_P, _PENALTY, _KEY, _FLAGS = range(8)
-_ARGS = 8
-_FLOAT_ROWS = (_TEMPERATURE, _TOP_P, _MIN_P, _TYPICAL_P, _PENALTY)
-
-
-def _check_row(values: r.RowValues) -> None:
-    """Refuse a row the int32 argument tensor cannot hold (it would kill the batching thread)."""
-    for index, value in enumerate(values):
-        if index in _FLOAT_ROWS:
-            if not math.isfinite(value):
-                raise ValueError(f"{value} is not a finite sampling parameter")
-        elif not -(2**31) <= value < 2**31:
-            raise OverflowError(f"{value} does not fit the manager's int32 arguments")
 
 
 def _padded(mask: torch.Tensor, rows: int, *, fill: bool) -> torch.Tensor:
@@ -69,45 +54,6 @@ def _generated(state: Any) -> list[int]:
     into its initial tokens."""
     tokens: list[int] = state.initial_tokens + state.generated_tokens
     return tokens[state.logit_processor_kwargs.get("prompt_len", len(state.initial_tokens)) :]
-
-
-def _bits(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(torch.int32)
-
-
-_FLOATS = struct.Struct(f"<{len(_FLOAT_ROWS)}f")
-_FLOAT_BITS = struct.Struct(f"<{len(_FLOAT_ROWS)}i")
-
-
-def _encoded(values: r.RowValues) -> list[int]:
-    """A row's arguments as the int32s of the manager's argument tensor (floats as their float32
-    bits, as `_bits` makes them); OverflowError for a float float32 cannot hold."""
-    floats = _FLOAT_BITS.unpack(_FLOATS.pack(*(values[i] for i in _FLOAT_ROWS)))
-    encoded = [int(v) for v in values]
-    for index, bits in zip(_FLOAT_ROWS, floats, strict=True):
-        encoded[index] = bits
-    return encoded
-
-
-@dataclass(slots=True)
-class _Admitted:
-    """What a request's rows need from its sampling parameters, worked out once, when the request
-    first has a row (admission), and kept while it has one every step: its arguments as int32s
-    (those of step 0: `rows.step_values` gives the ones that change) and what its row uses."""
-
-    sampling: s.Sampling
-    prompt_len: int
-    arguments: list[int]
-    stepwise: bool  # its key or flags change from step to step
-    penalised: bool
-    adjusted: bool
-    wants: int | None  # how many alternatives it wants with its logprobs; None: no logprobs
-
-    def at(self, step: int) -> list[int]:
-        """Its int32 arguments at generation step `step`."""
-        if not self.stepwise:
-            return self.arguments
-        return [*self.arguments[:_KEY], *r.step_values(self.sampling, step)]
 
 
 class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
@@ -128,7 +74,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
 
     def __init__(self, vocab_size: int, eos_ids: frozenset[int], device: Any, *, eager: bool, rows: int = 0) -> None:
         super().__init__(LogitsProcessorList())
-        self.tensors_required = _ARGS
+        self.tensors_required = a.ROWS
         self.do_processing = True
         self.supported_keys = {"sampling": s.Sampling, "prompt_len": int}
         self.ignored_keys = set()
@@ -136,11 +82,9 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         self.eos_ids = eos_ids
         self.eager = eager
         self.eos_mask = r.eos_mask(eos_ids, vocab_size, device)
-        # The arguments of a plain greedy row: the tensor's defaults, and a faulty row's stand-in.
-        self._greedy_row = r.row_values(s.GREEDY, 0, vocab_size)
-        self._greedy_arguments = _encoded(self._greedy_row)
-        # request id -> what its rows need (`_Admitted`), for the requests of the last step.
-        self._admitted: dict[str, _Admitted] = {}
+        self._greedy = a.greedy(vocab_size)
+        # request id -> what its rows need (`cb_arguments.Admitted`), for the requests of the last step.
+        self._admitted: dict[str, Admitted] = {}
         self.logprobs: dict[str, list[s.TokenLogprob]] = {}
         # request id -> why its sampling parameters could not be applied; the
         # engine fails those requests (the batching thread carries on).
@@ -172,13 +116,13 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             self._top_ids = torch.zeros((rows, s.MAX_TOP_LOGPROBS), dtype=torch.int64, device=device)
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        for index, value in enumerate(self._greedy_row):
-            int32_tensor[index] = _bits([value]) if index in _FLOAT_ROWS else value
+        for index, value in enumerate(self._greedy.arguments):
+            int32_tensor[index] = value
 
     def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> torch.Tensor:
         rows = [r for r in requests_in_batch if r.has_new_token]  # the logits' rows, in order
         known, self._admitted = self._admitted, {}
-        entries: list[_Admitted] = []
+        entries: list[Admitted] = []
         steps: list[int] = []
         arguments: list[list[int]] = []
         bitmask: torch.Tensor | None = None
@@ -223,7 +167,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
                 )
             # A step where every row is plain greedy (no sampling, no EOS held off, no penalty,
             # nothing added, no logprobs, no constraint) keeps the model's scores as they are.
-            self._plain = not (any(a[_FLAGS] for a in arguments) or any(seen) or any(wanted)) and bitmask is None
+            self._plain = not (any(row[a.FLAGS] for row in arguments) or any(seen) or any(wanted)) and bitmask is None
             self._plain &= self._added is None
             if self._plain:
                 return arg_storage
@@ -234,7 +178,7 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         if self.eager:
             self._seen = seen
             self._sort, self._filters = r.filtering(samplings)
-            self._sampled = [i for i, a in enumerate(arguments) if a[_FLAGS] & r.SAMPLED]
+            self._sampled = [i for i, row in enumerate(arguments) if row[a.FLAGS] & r.SAMPLED]
         else:
             self.collect()  # a step whose outputs went nowhere (none should): its records first
             self._mark_seen(rows, seen)
@@ -285,28 +229,17 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         if at_rows:
             self._seen_rows[torch.tensor(at_rows, device=device), torch.tensor(at_tokens, device=device)] = True
 
-    def _admit(self, state: Any, sampling: s.Sampling) -> _Admitted:
-        """A request's `_Admitted`; if its parameters do not fit the argument tensor, a greedy
+    def _admit(self, state: Any, sampling: s.Sampling) -> Admitted:
+        """A request's `Admitted`; if its parameters do not fit the argument tensor, a greedy
         stand-in, and the request fails alone."""
         prompt_len = state.logit_processor_kwargs.get("prompt_len", len(state.initial_tokens))
         try:
-            values = r.row_values(sampling, 0, self.vocab_size)
-            _check_row(values)
-            arguments = _encoded(values)
+            return a.admitted(sampling, prompt_len, self.vocab_size)
         except Exception as exc:  # this runs on the batching thread: never let it die
             # One request's fault stays its own: its row decodes greedily
             # this step and the engine fails that request alone.
             self.faults[state.request_id] = f"{type(exc).__name__}: {exc}"
-            return _Admitted(s.GREEDY, prompt_len, self._greedy_arguments, False, False, False, None)
-        return _Admitted(
-            sampling,
-            prompt_len,
-            arguments,
-            r.stepwise(sampling),
-            sampling.penalised,
-            sampling.adjusted,
-            sampling.top_logprobs if sampling.wants_logprobs else None,
-        )
+            return self._greedy
 
     def _adjust(self, state: Any, sampling: s.Sampling, step: int, row: torch.Tensor) -> None:
         """Write one request's additions to its logits into `row` (zeros); a fault fails the request alone."""
@@ -369,14 +302,14 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
         n = scores.shape[0]
         args = logits_processor_args[:, :n]
         rows = r.Rows(
-            temperature=args[_TEMPERATURE].view(torch.float32),
-            top_k=args[_TOP_K],
-            top_p=args[_TOP_P].view(torch.float32),
-            min_p=args[_MIN_P].view(torch.float32),
-            typical_p=args[_TYPICAL_P].view(torch.float32),
-            penalty=args[_PENALTY].view(torch.float32),
-            key=args[_KEY],
-            flags=args[_FLAGS],
+            temperature=args[a.TEMPERATURE].view(torch.float32),
+            top_k=args[a.TOP_K],
+            top_p=args[a.TOP_P].view(torch.float32),
+            min_p=args[a.MIN_P].view(torch.float32),
+            typical_p=args[a.TYPICAL_P].view(torch.float32),
+            penalty=args[a.PENALTY].view(torch.float32),
+            key=args[a.KEY],
+            flags=args[a.FLAGS],
         )
         if not self.eager:  # one static computation for a captured graph
             rows.seen = self._seen_rows[:n]
