@@ -116,7 +116,8 @@ class ServerThread:
     reach it; `call()` runs a coroutine on the server's loop (to inspect the
     engine, for example). `server` is the LLMServer (its `health`, `metrics`,
     `gate`); `credentials` makes its port TLS; `address` is where it listens
-    (port 0 picks one); `options` go to LLMServer.
+    (port 0 picks one); `options` go to LLMServer. Stopping it closes the
+    service's engine.
     """
 
     def __init__(
@@ -161,6 +162,9 @@ class ServerThread:
         self._started.set()
         await self._stop.wait()
         await server.stop(grace=1)
+        # The engine stops here, on the loop it ran on: its threads (or its process) end with the server.
+        if (engine := self.service.current_engine) is not None:
+            await engine.close()
 
     def start(self) -> ServerThread:
         self._thread.start()
@@ -176,6 +180,20 @@ class ServerThread:
         if self._stop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    """Close the engines a test made with tests/engines.py once it is over (after its servers
+    stopped): a started engine keeps its batching threads, or its core process, until closed."""
+    made = sys.modules.get(f"{__package__}.engines")
+    before = len(made.MADE) if made is not None else 0
+    yield
+    made = sys.modules.get(f"{__package__}.engines")
+    if made is not None:
+        for engine in made.MADE[before:]:
+            asyncio.run(engine.close())
+        del made.MADE[before:]
 
 
 @pytest.fixture

@@ -24,6 +24,11 @@ ENGINE_KINDS = ("batching", "process", "padded", "sequential")
 
 T = TypeVar("T")
 
+# Every engine made here, in order: tests/conftest.py's `_close_engines` closes
+# those a test made once it is over (a started engine keeps threads, and a core
+# process, until it is closed).
+MADE: list[FrontEnd] = []
+
 
 def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_tokens: int = 16) -> FrontEnd:
     """The engine `kind` (one of ENGINE_KINDS) on the embedded default model, not started."""
@@ -36,6 +41,7 @@ def load_engine(kind: str, max_batch_size: int = 8, max_queue: int = 8, max_new_
     )
     engine = resource.load_engine()
     assert isinstance(engine, FrontEnd)
+    MADE.append(engine)
     names = {"batching": "BatchingEngine", "process": "ProcessEngine", "padded": "PaddedEngine"}
     assert type(engine).__name__ == names.get(kind, "TransformersEngine")
     return engine
@@ -70,6 +76,7 @@ def batching_engine(max_batch_size: int = 8, max_queue: int = 8, max_new_tokens:
     settings = BatchingSettings(max_batch_size=max_batch_size, max_queue=max_queue)
     engine = UnifiedLLMResource(default_max_new_tokens=max_new_tokens, batching=settings).load_engine()
     assert isinstance(engine, BatchingEngine)
+    MADE.append(engine)
     return engine
 
 

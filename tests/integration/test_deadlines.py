@@ -1,12 +1,20 @@
-"""A call's own `timeout=` wins over the client's default deadline, in every method."""
+"""A call's own `timeout=` wins over the client's default deadline, in every method; and a call
+ends by its deadline even when gRPC does not end it."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from entity_llm_client import AsyncLLMClient, LLMClient
+import grpc
+import pytest
 
-from .capturing import CapturingServicer, running
+from entity_llm_client import AsyncLLMClient, DeadlineExceededError, LLMClient, LLMError
+
+from ..conftest import wait_until
+from .capturing import REPLY, CapturingServicer, running
 
 METHODS = ["Generate", "Generate", "Tokenize", "GetModelInfo"]
 
@@ -61,3 +69,147 @@ def test_without_a_default_a_call_has_no_deadline_unless_it_sets_one():
     (_, unset), (_, own) = servicer.deadlines
     assert unset is None
     assert _own(own)
+
+
+class Endless(CapturingServicer):
+    """Answers nothing, or a stream's first message and then nothing, until the call is cancelled;
+    `cancelled` counts the calls it saw cancelled (their handlers freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+
+    async def _wait(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def reply(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        yield REPLY[0]
+        await self._wait()
+
+    async def Tokenize(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._record("Tokenize", context)
+        await self._wait()
+
+    async def GetModelInfo(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._record("GetModelInfo", context)
+        await self._wait()
+
+
+def _undated(details: Any) -> Any:
+    # The call's details without its deadline: gRPC then never ends the call, as when it fails to.
+    return details._replace(timeout=None)
+
+
+class _DropDeadline(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_undated(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_undated(details), request)
+
+
+# grpc.aio files an interceptor under one kind of call only: one class each.
+class _AioDropUnaryDeadline(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_undated(details), request)
+
+
+class _AioDropStreamDeadline(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_undated(details), request)
+
+
+SHORT = 0.3
+
+
+def _overdue(outcome: list[object]) -> bool:
+    # The client's own error for a call it cancelled past its deadline.
+    return [type(o) for o in outcome] == [DeadlineExceededError] and "the client cancelled it" in str(outcome[0])
+
+
+def _ends(call: Callable[[], object]) -> list[object]:
+    """What `call` raised (or returned), if it ends within a hang guard far beyond SHORT + OVERDUE."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert outcome, "the call outlived its deadline"
+    return outcome
+
+
+def test_a_sync_call_grpc_does_not_end_at_its_deadline_is_ended_by_the_client():
+    servicer = Endless()
+    with running(servicer) as target, grpc.insecure_channel(target) as plain:
+        channel = grpc.intercept_channel(plain, _DropDeadline())
+        with LLMClient(target, channel=channel) as client:
+            outcomes = [
+                _ends(lambda: client.complete("x", timeout=SHORT)),
+                _ends(lambda: list(client.generate("x", timeout=SHORT))),
+                _ends(lambda: client.tokenize("x", timeout=SHORT)),
+                _ends(lambda: client.model_info(timeout=SHORT)),
+            ]
+        assert all(_overdue(o) for o in outcomes), outcomes
+        assert [left for _, left in servicer.deadlines] == [None] * 4  # the server was sent none
+        assert wait_until(lambda: servicer.cancelled == 4)  # each call was cancelled, not left open
+
+
+def test_an_async_call_grpc_does_not_end_at_its_deadline_is_ended_by_the_client():
+    servicer = Endless()
+
+    async def run(target: str) -> list[object]:
+        interceptors = [_AioDropUnaryDeadline(), _AioDropStreamDeadline()]
+        async with grpc.aio.insecure_channel(target, interceptors=interceptors) as channel:
+            client = AsyncLLMClient(target, channel=channel)
+            outcomes: list[object] = []
+            for call in (
+                lambda: client.complete("x", timeout=SHORT),
+                lambda: client.tokenize("x", timeout=SHORT),
+                lambda: client.model_info(timeout=SHORT),
+            ):
+                try:
+                    outcomes.append(await asyncio.wait_for(call(), 30))
+                except (LLMError, TimeoutError) as error:
+                    outcomes.append(error)
+            return outcomes
+
+    with running(servicer) as target:
+        outcomes = asyncio.run(run(target))
+        assert all(_overdue([o]) for o in outcomes), outcomes
+        assert [left for _, left in servicer.deadlines] == [None] * 3
+        assert wait_until(lambda: servicer.cancelled == 3)
+
+
+def test_grpc_ends_a_call_at_its_deadline_before_the_client_would():
+    # With the deadline on the wire, gRPC's DEADLINE_EXCEEDED comes first; the client's backstop stays quiet.
+    servicer = Endless()
+    with running(servicer) as target, LLMClient(target) as client:
+        outcome = _ends(lambda: client.complete("x", timeout=SHORT))
+    assert [type(o) for o in outcome] == [DeadlineExceededError]
+    assert not _overdue(outcome), outcome
+
+
+def test_cancelling_the_task_of_an_async_call_with_a_deadline_is_a_cancellation():
+    servicer = Endless()
+
+    async def run(target: str) -> None:
+        async with AsyncLLMClient(target) as client:
+            task = asyncio.create_task(client.complete("x", timeout=60))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    with running(servicer) as target:
+        asyncio.run(run(target))
+    assert wait_until(lambda: servicer.cancelled == 1)

@@ -140,13 +140,13 @@ def process_server(serve):
         service = LLMService(resource)
         server = serve(service, health_check_interval=0.1).start()
         engine = server.call(service.engine(), timeout=120)
-        started.append(engine)
+        started.append((server, engine))
         return server, engine
 
     yield start
-    for engine in started:
-        if engine.child.alive:
-            engine.child.kill()
+    for server, engine in started:
+        server.call(engine.close(), timeout=60)  # on the loop it runs on (its pipe's reader is there)
+        assert not engine.child.alive
 
 
 LONG = {"max_new_tokens": 500, "min_new_tokens": 500}  # no early EOS: only a cancel ends these soon

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 from typing import Any, Unpack
@@ -9,7 +10,7 @@ from typing import Any, Unpack
 import grpc
 
 from . import _transport as t
-from ._calls import Call, Metadata, deadline
+from ._calls import Alarm, Call, Metadata, deadline
 from ._connection import ChannelOptions, Pem, auth_metadata, connect
 from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
 from ._types import Chunk, Completion, GenerateOptions, ModelInfo, SampleOptions, TokenLogprob, Tokens
@@ -89,12 +90,18 @@ class AsyncLLMClient:
     ) -> AsyncGenerator[Chunk, None]:
         call = Call("Generate", self._connection)
         responses: Any = self._methods.generate(request, timeout=timeout, metadata=(*metadata, *call.metadata))
+        alarm = Alarm(timeout, responses.cancel, aio=True)
         try:
             async for response in responses:
                 yield call.chunk(response)
         except grpc.RpcError as error:
             raise call.failed(error) from None
+        except asyncio.CancelledError:
+            if not alarm.rang:  # this task was cancelled
+                raise
+            raise call.overdue(timeout or 0) from None
         finally:
+            alarm.end()
             responses.cancel()
             call.end()
 
@@ -165,12 +172,23 @@ class AsyncLLMClient:
     async def _unary(self, name: str, method: Any, request: Any, timeout: float | None) -> Any:
         """One unary call, traced, its failure translated."""
         call = Call(name, self._connection)
+        timeout = deadline(self.timeout, timeout)
+        pending: Any = method(request, timeout=timeout, metadata=call.metadata)
+        alarm = Alarm(timeout, pending.cancel, aio=True)
         try:
-            response = await method(request, timeout=deadline(self.timeout, timeout), metadata=call.metadata)
+            response = await pending
         except grpc.RpcError as error:
             failure = call.failed(error)
             call.end()
             raise failure from None
+        except asyncio.CancelledError:
+            if not alarm.rang:  # this task was cancelled
+                raise
+            failure = call.overdue(timeout or 0)
+            call.end()
+            raise failure from None
+        finally:
+            alarm.end()
         call.end()
         return response
 

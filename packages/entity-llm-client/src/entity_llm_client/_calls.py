@@ -2,23 +2,127 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from . import _transport as t
 from ._connection import Connection
-from ._errors import LLMError, from_rpc_error
+from ._errors import DeadlineExceededError, LLMError, from_rpc_error
 from ._gen.entity.grpc import GenerateResponse
 from ._tracing import Traced, outcome
 from ._types import Chunk
 
 Metadata = Sequence[tuple[str, str]]
 
+# gRPC ends a call at its deadline. A call it has not ended OVERDUE seconds
+# later (a channel whose interceptor dropped the deadline, or a fault in the
+# transport: a sync stream once sat in grpcio 300 s past its 10 s deadline
+# after every balanced replica was killed) is cancelled by the client, which
+# raises DeadlineExceededError: a timeout is a promise to the caller.
+OVERDUE = 1.0
+
 
 def deadline(default: float | None, timeout: float | None) -> float | None:
     """A call's own timeout wins over the client's default, even when it is 0."""
     return default if timeout is None else timeout
+
+
+class Alarm:
+    """A call's backstop: it cancels the call if the call is still going
+    OVERDUE seconds after its deadline (never, without a deadline). An aio
+    call's alarm rings on the running event loop; a sync call's on the
+    process's deadline thread.
+
+    `rang` is set (before the cancel) when it rang while the call was going:
+    a cancellation the call then ends with is the alarm's.
+    """
+
+    __slots__ = ("_cancel", "_handle", "_watched", "ended", "rang")
+
+    def __init__(self, timeout: float | None, cancel: Callable[[], object], *, aio: bool = False) -> None:
+        self._cancel = cancel
+        self._handle: asyncio.TimerHandle | None = None
+        self._watched = False
+        self.ended = timeout is None
+        self.rang = False
+        if timeout is None:
+            return
+        if aio:
+            self._handle = asyncio.get_running_loop().call_later(max(timeout, 0) + OVERDUE, self.ring)
+        else:
+            self._watched = True
+            _WATCH.add(self, max(timeout, 0) + OVERDUE)
+
+    def ring(self) -> None:
+        if not self.ended:
+            self.rang = True
+            self._cancel()
+
+    def end(self) -> None:
+        """The call is over: the alarm never rings."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._handle is not None:
+            self._handle.cancel()
+        elif self._watched:
+            _WATCH.ended()
+
+
+class _Watch:
+    """The alarms of this process's sync calls, rung by one daemon thread (started with the first)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has no such thread
+
+    def _reset(self) -> None:
+        self._due: list[tuple[float, int, Alarm]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition(threading.Lock())
+        self._ended = 0  # alarms ended but still in `_due`
+        self._thread: threading.Thread | None = None
+
+    def add(self, alarm: Alarm, seconds: float) -> None:
+        with self._changed:
+            heapq.heappush(self._due, (time.monotonic() + seconds, next(self._order), alarm))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="entity-llm-deadlines", daemon=True)
+                self._thread.start()
+            if self._due[0][2] is alarm:
+                self._changed.notify()
+
+    def ended(self) -> None:
+        with self._changed:
+            self._ended += 1
+            if self._ended > 64 and self._ended * 2 > len(self._due):  # most are over: drop them now
+                self._due = [entry for entry in self._due if not entry[2].ended]
+                heapq.heapify(self._due)
+                self._ended = 0
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    while self._due and self._due[0][2].ended:
+                        heapq.heappop(self._due)
+                        self._ended = max(self._ended - 1, 0)
+                    wait = self._due[0][0] - time.monotonic() if self._due else None
+                    if wait is not None and wait <= 0:
+                        alarm = heapq.heappop(self._due)[2]
+                        break
+                    self._changed.wait(wait)
+            alarm.ring()  # outside the lock: cancelling a call runs gRPC's callbacks
+
+
+_WATCH = _Watch()
 
 
 class Call:
@@ -49,6 +153,14 @@ class Call:
     def failed(self, error: grpc.RpcError) -> LLMError:
         """The call's failure: the LLMError subclass for its status, which `end()` records."""
         self.failure = from_rpc_error(error, balanced=self._balanced)
+        return self.failure
+
+    def overdue(self, timeout: float) -> LLMError:
+        """The failure of a call the client cancelled past its deadline (its Alarm rang)."""
+        self.failure = DeadlineExceededError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the call was still going {OVERDUE:g} s past its {timeout:g} s deadline: the client cancelled it",
+        )
         return self.failure
 
     def end(self) -> None:

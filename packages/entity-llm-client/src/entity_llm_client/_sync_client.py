@@ -8,7 +8,7 @@ from typing import Any, Unpack
 import grpc
 
 from . import _transport as t
-from ._calls import Call, Metadata, deadline
+from ._calls import Alarm, Call, Metadata, deadline
 from ._connection import ChannelOptions, Pem, auth_metadata, connect
 from ._gen.entity.grpc import GenerateRequest, GetModelInfoRequest
 from ._types import Chunk, Completion, GenerateOptions, ModelInfo, SampleOptions, TokenLogprob, Tokens
@@ -189,12 +189,16 @@ class LLMClient:
     ) -> Generator[Chunk, None, None]:
         call = Call("Generate", self._connection)
         responses: Any = self._methods.generate(request, timeout=timeout, metadata=(*metadata, *call.metadata))
+        alarm = Alarm(timeout, responses.cancel)
         try:
             for response in responses:
                 yield call.chunk(response)
         except grpc.RpcError as error:
+            if alarm.rang and error.code() is grpc.StatusCode.CANCELLED:
+                raise call.overdue(timeout or 0) from None
             raise call.failed(error) from None
         finally:
+            alarm.end()
             responses.cancel()
             call.end()
 
@@ -300,12 +304,21 @@ class LLMClient:
     def _unary(self, name: str, method: Any, request: Any, timeout: float | None) -> Any:
         """One unary call, traced, its failure translated."""
         call = Call(name, self._connection)
+        timeout = deadline(self.timeout, timeout)
+        future = method.future(request, timeout=timeout, metadata=call.metadata)
+        alarm = Alarm(timeout, future.cancel)
         try:
-            response = method(request, timeout=deadline(self.timeout, timeout), metadata=call.metadata)
+            response = future.result()
         except grpc.RpcError as error:
             failure = call.failed(error)
             call.end()
             raise failure from None
+        except grpc.FutureCancelledError:  # only the alarm cancels it
+            failure = call.overdue(timeout or 0)
+            call.end()
+            raise failure from None
+        finally:
+            alarm.end()
         call.end()
         return response
 

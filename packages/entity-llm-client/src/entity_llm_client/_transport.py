@@ -56,12 +56,19 @@ class _WithMetadata:
         self._metadata = metadata
 
     def __call__(self, request: Any, *, metadata: Iterable[tuple[str, str]] = (), **kwargs: Any) -> Any:
+        return self._call(request, metadata=self._joined(metadata), **kwargs)
+
+    def future(self, request: Any, *, metadata: Iterable[tuple[str, str]] = (), **kwargs: Any) -> Any:
+        """A sync unary call as a grpc.Future."""
+        return self._call.future(request, metadata=self._joined(metadata), **kwargs)
+
+    def _joined(self, metadata: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
         extra = tuple(metadata)
         # A call's own `authorization` replaces the client's key: the server
         # refuses a call that carries two.
         keys = {name.lower() for name, _ in extra}
         own = tuple(entry for entry in self._metadata if entry[0] not in keys)
-        return self._call(request, metadata=(*own, *extra), **kwargs)
+        return (*own, *extra)
 
 
 class Methods:
