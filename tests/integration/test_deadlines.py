@@ -213,3 +213,22 @@ def test_cancelling_the_task_of_an_async_call_with_a_deadline_is_a_cancellation(
     with running(servicer) as target:
         asyncio.run(run(target))
     assert wait_until(lambda: servicer.cancelled == 1)
+
+
+def test_an_endless_timeout_is_no_deadline_and_later_calls_alarms_still_ring():
+    # gRPC fails a call at once when its deadline overflows (past 9e9 s, or infinite): the client
+    # sends none. And the sync calls' alarms share one thread, which such a timeout must not end.
+    servicer = CapturingServicer()
+    with running(servicer) as target, LLMClient(target, timeout=float("inf")) as client:
+        assert client.model_info().model_id == "capturing"
+        assert client.model_info(timeout=1e10).model_id == "capturing"
+        assert client.tokenize("x", timeout=5e9).ids == (5,)
+        with pytest.raises(ValueError, match="timeout"):
+            client.model_info(timeout=float("nan"))
+    assert [left for _, left in servicer.deadlines[:2]] == [None, None]
+    servicer = Endless()
+    with running(servicer) as target, grpc.insecure_channel(target) as plain:
+        channel = grpc.intercept_channel(plain, _DropDeadline())
+        with LLMClient(target, channel=channel) as client:
+            outcome = _ends(lambda: client.tokenize("x", timeout=SHORT))
+        assert _overdue(outcome), outcome

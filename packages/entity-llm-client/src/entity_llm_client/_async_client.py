@@ -97,7 +97,7 @@ class AsyncLLMClient:
         except grpc.RpcError as error:
             raise call.failed(error) from None
         except asyncio.CancelledError:
-            if not alarm.rang:  # this task was cancelled
+            if not alarm.overdue():  # this task was cancelled
                 raise
             raise call.overdue(timeout or 0) from None
         finally:
@@ -182,7 +182,7 @@ class AsyncLLMClient:
             call.end()
             raise failure from None
         except asyncio.CancelledError:
-            if not alarm.rang:  # this task was cancelled
+            if not alarm.overdue():  # this task was cancelled
                 raise
             failure = call.overdue(timeout or 0)
             call.end()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
+import math
 import os
 import threading
 import time
@@ -21,6 +23,8 @@ from ._types import Chunk
 
 Metadata = Sequence[tuple[str, str]]
 
+log = logging.getLogger(__name__)
+
 # gRPC ends a call at its deadline. A call it has not ended OVERDUE seconds
 # later (a channel whose interceptor dropped the deadline, or a fault in the
 # transport: a sync stream once sat in grpcio 300 s past its 10 s deadline
@@ -29,9 +33,24 @@ Metadata = Sequence[tuple[str, str]]
 OVERDUE = 1.0
 
 
+# gRPC's deadlines overflow a little past 9e9 s (and at infinity): such a call
+# fails at once with DEADLINE_EXCEEDED. A timeout this long means none.
+FOREVER = 1e9
+
+
 def deadline(default: float | None, timeout: float | None) -> float | None:
-    """A call's own timeout wins over the client's default, even when it is 0."""
-    return default if timeout is None else timeout
+    """A call's own timeout wins over the client's default, even when it is 0; an infinite
+    one (or one of FOREVER seconds or more, over 31 years) is no deadline.
+
+    Raises:
+        ValueError: a timeout that is not a number (NaN).
+    """
+    chosen = default if timeout is None else timeout
+    if chosen is None:
+        return None
+    if math.isnan(chosen):
+        raise ValueError("timeout must be a number of seconds or None, got nan")
+    return None if chosen >= FOREVER else chosen
 
 
 class Alarm:
@@ -65,15 +84,26 @@ class Alarm:
             self.rang = True
             self._cancel()
 
+    def overdue(self) -> bool:
+        """For an aio call that raised CancelledError: the alarm's cancel, not its task's."""
+        task = asyncio.current_task()
+        return self.rang and not (task is not None and task.cancelling())
+
     def end(self) -> None:
-        """The call is over: the alarm never rings."""
+        """The call is over: the alarm never rings. Takes no lock: it also runs when the garbage
+        collector closes an abandoned stream, which may happen while this thread holds one."""
         if self.ended:
             return
         self.ended = True
+        self._cancel = _nothing  # the ended call is not kept alive until its alarm's time
         if self._handle is not None:
             self._handle.cancel()
         elif self._watched:
-            _WATCH.ended()
+            _WATCH.ended += 1
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Watch:
@@ -87,11 +117,16 @@ class _Watch:
         self._due: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()
         self._changed = threading.Condition(threading.Lock())
-        self._ended = 0  # alarms ended but still in `_due`
         self._thread: threading.Thread | None = None
+        # Alarms ended since the last count (approximately: Alarm.end() adds to it without the lock).
+        self.ended = 0
 
     def add(self, alarm: Alarm, seconds: float) -> None:
         with self._changed:
+            if self.ended > 64 and self.ended * 2 > len(self._due):  # most are over: drop them now
+                self._due = [entry for entry in self._due if not entry[2].ended]
+                heapq.heapify(self._due)
+                self.ended = 0
             heapq.heappush(self._due, (time.monotonic() + seconds, next(self._order), alarm))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="entity-llm-deadlines", daemon=True)
@@ -99,27 +134,21 @@ class _Watch:
             if self._due[0][2] is alarm:
                 self._changed.notify()
 
-    def ended(self) -> None:
-        with self._changed:
-            self._ended += 1
-            if self._ended > 64 and self._ended * 2 > len(self._due):  # most are over: drop them now
-                self._due = [entry for entry in self._due if not entry[2].ended]
-                heapq.heapify(self._due)
-                self._ended = 0
-
     def _run(self) -> None:
         while True:
             with self._changed:
                 while True:
                     while self._due and self._due[0][2].ended:
                         heapq.heappop(self._due)
-                        self._ended = max(self._ended - 1, 0)
                     wait = self._due[0][0] - time.monotonic() if self._due else None
                     if wait is not None and wait <= 0:
                         alarm = heapq.heappop(self._due)[2]
                         break
-                    self._changed.wait(wait)
-            alarm.ring()  # outside the lock: cancelling a call runs gRPC's callbacks
+                    self._changed.wait(None if wait is None else min(wait, threading.TIMEOUT_MAX))
+            try:
+                alarm.ring()  # outside the lock: cancelling a call runs gRPC's callbacks
+            except Exception:  # a channel's own cancel() (an interceptor's) must not end the thread
+                log.exception("cancelling a call past its deadline failed")
 
 
 _WATCH = _Watch()

@@ -21,8 +21,8 @@ class LLMClient:
         target: the server: `host:port` or any gRPC target (`dns:///name:port`,
             `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `xds:///name`); or several
             servers' `ip:port` addresses, as a list or one string with commas.
-        timeout: the default deadline of each call, in seconds (None: none);
-            a call's own `timeout` overrides it.
+        timeout: the default deadline of each call, in seconds (None, or
+            infinity: none); a call's own `timeout` overrides it.
         channel: an existing grpcio channel to use instead of opening one;
             the client does not close a channel it was given. It excludes
             the TLS arguments and `options`.
