@@ -99,7 +99,7 @@ class AsyncLLMClient:
         except asyncio.CancelledError:
             if not alarm.overdue():  # this task was cancelled
                 raise
-            raise call.overdue(timeout or 0) from None
+            raise call.overdue(timeout) from None
         finally:
             alarm.end()
             responses.cancel()
@@ -176,21 +176,16 @@ class AsyncLLMClient:
         pending: Any = method(request, timeout=timeout, metadata=call.metadata)
         alarm = Alarm(timeout, pending.cancel, aio=True)
         try:
-            response = await pending
+            return await pending
         except grpc.RpcError as error:
-            failure = call.failed(error)
-            call.end()
-            raise failure from None
+            raise call.failed(error) from None
         except asyncio.CancelledError:
             if not alarm.overdue():  # this task was cancelled
                 raise
-            failure = call.overdue(timeout or 0)
-            call.end()
-            raise failure from None
+            raise call.overdue(timeout) from None
         finally:
             alarm.end()
-        call.end()
-        return response
+            call.end()
 
     async def close(self) -> None:
         """Close the channel (if this client opened it)."""

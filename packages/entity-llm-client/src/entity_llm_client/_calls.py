@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 # raises DeadlineExceededError: a timeout is a promise to the caller.
 OVERDUE = 1.0
 
-
 # gRPC's deadlines overflow a little past 9e9 s (and at infinity): such a call
 # fails at once with DEADLINE_EXCEEDED. A timeout this long means none.
 FOREVER = 1e9
@@ -184,11 +183,11 @@ class Call:
         self.failure = from_rpc_error(error, balanced=self._balanced)
         return self.failure
 
-    def overdue(self, timeout: float) -> LLMError:
-        """The failure of a call the client cancelled past its deadline (its Alarm rang)."""
+    def overdue(self, timeout: float | None) -> LLMError:
+        """The failure of a call the client cancelled past its deadline (its Alarm rang, so it had one)."""
         self.failure = DeadlineExceededError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"the call was still going {OVERDUE:g} s past its {timeout:g} s deadline: the client cancelled it",
+            f"the call was still going {OVERDUE:g} s past its {timeout or 0:g} s deadline: the client cancelled it",
         )
         return self.failure
 

@@ -195,7 +195,7 @@ class LLMClient:
                 yield call.chunk(response)
         except grpc.RpcError as error:
             if alarm.rang and error.code() is grpc.StatusCode.CANCELLED:
-                raise call.overdue(timeout or 0) from None
+                raise call.overdue(timeout) from None
             raise call.failed(error) from None
         finally:
             alarm.end()
@@ -308,19 +308,14 @@ class LLMClient:
         future = method.future(request, timeout=timeout, metadata=call.metadata)
         alarm = Alarm(timeout, future.cancel)
         try:
-            response = future.result()
+            return future.result()
         except grpc.RpcError as error:
-            failure = call.failed(error)
-            call.end()
-            raise failure from None
+            raise call.failed(error) from None
         except grpc.FutureCancelledError:  # only the alarm cancels it
-            failure = call.overdue(timeout or 0)
-            call.end()
-            raise failure from None
+            raise call.overdue(timeout) from None
         finally:
             alarm.end()
-        call.end()
-        return response
+            call.end()
 
     def close(self) -> None:
         """Close the channel (if this client opened it)."""
