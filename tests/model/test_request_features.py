@@ -354,7 +354,8 @@ def test_the_new_fields_travel_the_wire(server):
     penalised = dict(presence_penalty=0.5, frequency_penalty=0.5)
     first = generate(server, prompt=PROMPT, **sampled, **penalised)
     again = generate(server, prompt=PROMPT, **sampled, **penalised)
-    assert [m.token for m in first] == [m.token for m in again]
+    # Text, not messages: under load a stream that falls behind gets several steps in one message.
+    assert "".join(m.token for m in first) == "".join(m.token for m in again)
 
 
 async def tokens(server, text: str) -> list[int]:
