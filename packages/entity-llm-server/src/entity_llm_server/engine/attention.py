@@ -90,15 +90,22 @@ def _reference(
     out = torch.zeros_like(query)
     for group in _plan(tuple(cu_q), tuple(cu_k), query.device):
         attended = torch.nn.functional.scaled_dot_product_attention(
-            query[group.rows_q].transpose(1, 2),  # [sequences, heads, width_q, dim]
-            key[group.rows_k].transpose(1, 2),
-            value[group.rows_k].transpose(1, 2),
+            _rows(query, group.rows_q).transpose(1, 2),  # [sequences, heads, width_q, dim]
+            _rows(key, group.rows_k).transpose(1, 2),
+            _rows(value, group.rows_k).transpose(1, 2),
             attn_mask=group.visible,
             scale=scale,
             enable_gqa=query.shape[1] != key.shape[1],
         )
         out[group.rows_q[group.real_q]] = attended.transpose(1, 2)[group.real_q]
     return out
+
+
+def _rows(tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`tokens[rows]` ([sequences, width, heads, dim]) by `index_select` on the flattened rows: whole
+    rows copied at once, where advanced indexing's general kernel (the same result) took three times
+    as long on the CPU, a third of a decode step with long prompts."""
+    return tokens.index_select(0, rows.flatten()).view(*rows.shape, *tokens.shape[1:])
 
 
 def _flash(
