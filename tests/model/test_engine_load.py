@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
 from entity_llm_server import EngineRequest
 from entity_llm_server.engine import Sampling
+from entity_llm_server.engine.allocator import operator_choice
 
 from ..conftest import wait_until
 from ..engines import batching_engine, load_engine
@@ -61,3 +66,20 @@ def test_sequential_engine_load_counts_one_decoding_and_the_rest_waiting():
     assert (1, 2) in seen, seen
     assert all(active <= 1 and active + waiting <= 3 for active, waiting in seen)
     assert seen[-1] == (0, 0)
+
+
+def test_the_process_that_loads_the_model_keeps_what_its_steps_free():
+    """Loading the model sets the allocator up for its steps (engine/allocator.py: tests/unit/test_allocator.py
+    shows what that does), in the engine process and in a server that runs the model itself alike."""
+    code = (
+        "from entity_llm_server import UnifiedLLMResource\n"
+        "from entity_llm_server.engine import allocator\n"
+        "assert allocator.state() is None, allocator.state()\n"
+        "UnifiedLLMResource().load_model()\n"
+        "print(allocator.state())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if operator_choice({k: v}) is None}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = "freed memory kept (mmap and trim thresholds set)" if platform.libc_ver()[0] == "glibc" else "left alone"
+    assert out.stdout.strip().startswith(expected), out.stdout

@@ -15,6 +15,7 @@ from .engine import (
     Engine,
     PaddedEngine,
     TransformersEngine,
+    allocator,
 )
 from .engine.base import BatchingUnsupportedError
 from .engine.frontend import FrontEnd
@@ -185,6 +186,8 @@ class UnifiedLLMResource:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
+        # This process runs the model: its steps reuse what the last one freed (`engine.allocator`).
+        allocator.keep_freed_memory()
         # A server logs; it does not draw progress bars. (transformers leaves this unannotated.)
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         try:
