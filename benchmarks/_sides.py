@@ -111,20 +111,22 @@ def cb_round(
     sampling_hook: bool = False,
     attention: str = "sdpa",
     async_batching: bool = False,
+    prefix_caching: bool = False,
 ) -> Row:
     """The requests straight through transformers' ContinuousBatchingManager, sized like the server
     (`attention="varlen"`: with the server's `--attention varlen` function, for this round only;
     `async_batching`: transformers' double-buffered loop, which prepares a step while the device
     runs the one before; CUDA only, and not with the server's sampling hook, whose graph-mode
-    buffers serve one step at a time)."""
+    buffers serve one step at a time; `prefix_caching`: with block sharing, as a server with
+    `--prefix-caching on`)."""
     from transformers import GenerationConfig
 
     from entity_llm_server.engine import BatchingEngine, BatchingSettings
 
     prompt_tokens = max(len(p.ids) for p in batch)
-    # As the servers of the distinct-prompt workload: no prefix cache (`model_path.bench_model`).
+    # By default as the servers of the distinct-prompt workload: no prefix cache (`model_path.bench_model`).
     sizes = cb_settings(len(batch), new_tokens, prompt_tokens)
-    settings = BatchingSettings(**sizes, cuda_graphs=cuda_graphs, prefix_caching=False)
+    settings = BatchingSettings(**sizes, cuda_graphs=cuda_graphs, prefix_caching=prefix_caching)
     sized = BatchingEngine(model, tokenizer, settings=settings)  # only to size the manager as the server does
     generation = GenerationConfig(
         do_sample=False,
@@ -150,6 +152,8 @@ def cb_round(
         row.method = f"cb, --attention {attention}" + (", async batching" if async_batching else "")
     elif cuda_graphs is not None:
         row.method = f"cb (cuda_graphs={cuda_graphs})"
+    elif prefix_caching:
+        row.method = "cb, prefix cache on"
     return row
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import Row, ratio, report, write_results
-from model_path import SHAPES
+from _models import SHAPES
 from scale import Layout, bench_model, markdown, server_options
 
 TARGET = 4.0  # padded / sequential at TARGET_STREAMS and more

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 from _common import Row, ServerProcess, interleaved, ratio, report
-from model_path import materialise, prompts
+from _models import materialise, prompts
 
 from entity_llm_server._gen.entity.grpc import llm_pb2, llm_pb2_grpc
 from entity_llm_server.engine.sampling import sample_seed

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import Row, interleaved, ratio, report
-from model_path import materialise, prompts
+from _models import materialise, prompts
 
 
 class CollectorClock:

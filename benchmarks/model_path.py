@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import Row, ServerProcess, interleaved, percentile, ratio, report, write_results
+from _models import SHAPES, materialise, prompts, shared_prompts
 from _sides import Prompt, cb_round, cb_settings, check_prompts, grpc_round, sequential_round
 
 # Structured output that cannot end within the run (a string of at least 4,000 characters): every
@@ -57,113 +58,6 @@ OPEN_SCHEMA = {
     "required": ["text"],
     "additionalProperties": False,
 }
-
-SHAPES: dict[str, dict[str, Any]] = {
-    # ~34M parameters: the issue's 30-40M random-weight Llama.
-    "llama-35m": {
-        "kind": "llama",
-        "hidden_size": 512,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-        "intermediate_size": 1376,
-        "vocab_size": 16000,
-    },
-    # The 35M shape in two architectures continuous batching cannot run
-    # (benchmarks/engines.py: padded batches against one at a time).
-    "gpt-neox-35m": {
-        "kind": "gpt_neox",
-        "hidden_size": 512,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "intermediate_size": 1376,
-        "vocab_size": 16000,
-    },
-    "opt-35m": {
-        "kind": "opt",
-        "hidden_size": 512,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "ffn_dim": 1376,
-        "word_embed_proj_dim": 512,
-        "vocab_size": 16000,
-    },
-    # A model whose forward pass costs almost nothing on the CPU: what is left of a step is the
-    # host's work, as on a GPU whose step the host bounds (`--models llama-tiny`, the step clock).
-    "llama-tiny": {
-        "kind": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "intermediate_size": 128,
-        "vocab_size": 16000,
-    },
-    # Qwen2-0.5B's shape, random weights.
-    "qwen2-0.5b": {
-        "kind": "qwen2",
-        "hidden_size": 896,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "intermediate_size": 4864,
-        "vocab_size": 151936,
-    },
-}
-
-
-def materialise(name: str, folder: Path, dtype: str) -> Path:
-    """A model folder for `name`: the demo model itself, or random weights + the demo tokenizer."""
-    from entity_llm_server import default_model_path
-
-    if name == "demo":
-        return default_model_path()
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    shape = dict(SHAPES[name])
-    kind = shape.pop("kind")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    # Random weights pick ids across the whole vocabulary: pad the demo's
-    # 4,096-token tokenizer to it, so every id decodes to text (as with a real
-    # model) and streams carry a message per token rather than only at the end.
-    tokenizer.add_tokens([f"<r{i}>" for i in range(shape["vocab_size"] - len(tokenizer))])
-    common = {
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    torch.manual_seed(0)
-    if kind == "llama":
-        model: Any = LlamaForCausalLM(LlamaConfig(**shape, **common))
-    elif kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, **common))
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **shape, **common))
-    if dtype != "auto":
-        model = model.to(getattr(torch, dtype))
-    target = folder / name
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"# {name}: {params / 1e6:.1f}M parameters (random weights)")
-    return target
-
-
-def prompts(tokenizer: Any, count: int, length: int) -> list[Prompt]:
-    """`count` distinct prompts of about `length` tokens, each with the ids the server makes of its text.
-
-    The server encodes a prompt as `tokenizer(text)` does (with the start
-    token); the in-process sides get exactly those ids.
-    """
-    source = tokenizer(Path(__file__).read_text() * 4, add_special_tokens=False)["input_ids"]
-    specials = len(tokenizer("")["input_ids"])
-    texts = [tokenizer.decode(source[i * 7 : i * 7 + length - specials]) for i in range(count)]
-    return [Prompt(text, list(tokenizer(text)["input_ids"])) for text in texts]
 
 
 def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[tuple[list[Row], list[dict[str, Any]]]]:
@@ -237,21 +131,17 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[
         yield list(best.values()), ratios
 
 
-def shared_prompts(tokenizer: Any, count: int, prefix: int, length: int, salt: int) -> list[Prompt]:
-    """`count` prompts that begin with the same `prefix` tokens and end with about `length` of their own,
-    marked with `salt` right after the prefix (so no two rounds share more than the prefix)."""
-    source = tokenizer(Path(__file__).read_text() * 4, add_special_tokens=False)["input_ids"]
-    head = tokenizer.decode(source[-prefix:])
-    tails = [f" [{salt}.{i}] " + tokenizer.decode(source[i * 7 : i * 7 + length]) for i in range(count)]
-    return [Prompt(head + tail, list(tokenizer(head + tail)["input_ids"])) for tail in tails]
-
-
 def bench_shared_prefix(name: str, args: argparse.Namespace, scratch: Path) -> Iterator[tuple[list[Row], Any]]:
-    """The prefix cache on and off, at each concurrency, on prompts that share a system prompt."""
-    from transformers import AutoTokenizer
+    """The prefix cache on and off, at each concurrency, on prompts that share a system prompt: through
+    the server and through raw continuous batching in process, so the server's ratio has
+    transformers' own beside it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = materialise(name, scratch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch_dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(args.device).eval()
     for streams in (int(s) for s in args.streams.split(",")):
         longest = max(len(p.ids) for p in shared_prompts(tokenizer, streams, args.shared_prefix, args.prompt_tokens, 0))
         sizes = cb_settings(streams, args.new_tokens, longest + 16)
@@ -274,18 +164,31 @@ def bench_shared_prefix(name: str, args: argparse.Namespace, scratch: Path) -> I
                     return grpc_round(target, batch, args.new_tokens, method)
 
                 sides[side] = run
+            for side, caching in (("cb prefix cache", True), ("cb no prefix cache", False)):
+
+                def raw(caching: bool = caching, streams: int = streams, salts: Iterator[int] = salts) -> Row:
+                    batch = shared_prompts(tokenizer, streams, args.shared_prefix, args.prompt_tokens, next(salts))
+                    return cb_round(model, tokenizer, batch, args.new_tokens, prefix_caching=caching)
+
+                sides[side] = raw
             best = interleaved(sides, args.repeat)
         for row in best.values():
             row.bench = name
             row.extra["shared_prefix_tokens"] = args.shared_prefix
         on, off = best["grpc prefix cache"], best["grpc no prefix cache"]
+        raw_on, raw_off = best["cb prefix cache"], best["cb no prefix cache"]
         big = streams >= 32
         label = f"{name} prefix cache on / off, {args.shared_prefix}-token shared prefix, at {streams}"
         ttft = percentile(off.ttft_ms, 50) / max(percentile(on.ttft_ms, 50), 1e-9)
+        raw_ttft = percentile(raw_off.ttft_ms, 50) / max(percentile(raw_on.ttft_ms, 50), 1e-9)
         ratios = [
             ratio(f"{label}: tokens/s", on, off, 2.0 if big else 0.0),
             # TTFT p50 on <= 0.3x off, said the other way round: off / on >= 3.33.
             {"name": f"{label}: TTFT p50 off / on", "value": ttft, "target": round(1 / 0.3, 2) if big else 0.0},
+            # transformers' own, for comparison: what the cache buys before any server is involved.
+            ratio(f"{label}: raw CB tokens/s", raw_on, raw_off),
+            {"name": f"{label}: raw CB TTFT p50 off / on", "value": raw_ttft, "target": 0.0},
+            ratio(f"{label}: gRPC / raw CB, cache on", on, raw_on),
         ]
         yield list(best.values()), ratios
 

@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import Row, ServerProcess, interleaved, percentile, ratio, report, write_results
+from _models import SHAPES, materialise, prompts
 from _sides import WARM_TOKENS, Prompt, cb_settings
-from model_path import SHAPES, materialise, prompts
 
 
 def target(name: str, device: str, replicas: int, streams: int, *, largest: bool) -> float:
