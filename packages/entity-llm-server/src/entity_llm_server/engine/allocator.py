@@ -5,7 +5,7 @@ A step of the model on the CPU allocates and frees the same few-megabyte tensors
 its mmap threshold with a fresh mapping and returns them to the kernel when freed, and it gives
 back the free top of a heap above its trim threshold: the next step then takes a page fault for
 every page it touches again. Its own remedy, raising the thresholds as it sees large blocks freed,
-did not happen in a server process (measured on llama-35m, 32 streams, `--attention varlen`:
+did not help in the server's model process (measured on llama-35m, 32 streams, `--attention varlen`:
 115 tokens/s there against 195 for the same steps in a benchmark's process; 207 with the
 thresholds set). `keep_freed_memory` sets both thresholds once, so freed blocks stay in the
 process: its resident size stays at its high-water mark instead of shrinking between steps,
