@@ -66,9 +66,15 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def materialise(name: str, folder: Path, dtype: str) -> Path:
-    """A model folder for `name`: the demo model itself, or random weights + the demo tokenizer."""
-    from entity_llm_server import default_model_path
+    """A model folder for `name`: the demo model itself, or random weights + the demo tokenizer.
 
+    The benchmark's own process runs models too (raw continuous batching, sequential generate): it
+    gets the allocator policy of the server's model process, so that their ratios compare steps,
+    not malloc's moods (`entity_llm_server.engine.allocator`)."""
+    from entity_llm_server import default_model_path
+    from entity_llm_server.engine import allocator
+
+    allocator.keep_freed_memory()
     if name == "demo":
         return default_model_path()
     import torch
