@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import threading
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ M_MMAP_THRESHOLD = -3
 KEEP = 2**31 - 1
 
 _lock = threading.Lock()
-_state: list[str] = []  # what the first call decided, for later calls and for the log
+_decided: str | None = None  # what the first call did
 
 
-def operator_choice(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+def operator_choice(environ: Mapping[str, str] = os.environ) -> str | None:
     """What in the environment already chose the allocator's settings, or None."""
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         if name in environ:
@@ -51,17 +52,17 @@ def operator_choice(environ: dict[str, str] | os._Environ[str] = os.environ) -> 
 
 def keep_freed_memory() -> str:
     """Set glibc malloc's mmap and trim thresholds for this process, once; says what it did."""
+    global _decided
     with _lock:
-        if not _state:
-            _state.append(_apply())
-            log.debug("allocator: %s", _state[0])
-        return _state[0]
+        if _decided is None:
+            _decided = _apply()
+            log.debug("allocator: %s", _decided)
+        return _decided
 
 
 def state() -> str | None:
     """What `keep_freed_memory` did in this process, or None before it was called."""
-    with _lock:
-        return _state[0] if _state else None
+    return _decided
 
 
 def _apply() -> str:
